@@ -1,0 +1,1 @@
+//! placeholder: the admission webhook (issue 5)

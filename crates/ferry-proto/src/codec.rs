@@ -1,0 +1,671 @@
+//! Framing and (de)serialisation of [`Message`]s with bounds checked first.
+
+use crate::path::{PathError, RelPath, MAX_LINK_LEN, MAX_PATH_LEN};
+use crate::*;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// Why bytes from a peer could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
+    FrameTooLarge(usize),
+    #[error("frame is empty (no message kind)")]
+    EmptyFrame,
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("message is truncated: {0} needs more bytes than the frame holds")]
+    Truncated(&'static str),
+    #[error("message has {0} trailing bytes")]
+    Trailing(usize),
+    #[error("field {field} is {len} bytes, over its {max}-byte limit")]
+    FieldTooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("field {0} is not valid UTF-8")]
+    NotUtf8(&'static str),
+    #[error("invalid value {value} for {field}")]
+    BadValue { field: &'static str, value: u64 },
+    #[error("bad path: {0}")]
+    BadPath(#[from] PathError),
+}
+
+mod kind {
+    pub const HELLO: u8 = 1;
+    pub const WELCOME: u8 = 2;
+    pub const REFUSE: u8 = 3;
+    pub const MANIFEST_REQUEST: u8 = 4;
+    pub const MANIFEST_ENTRY: u8 = 5;
+    pub const MANIFEST_END: u8 = 6;
+    pub const BATCH_BEGIN: u8 = 7;
+    pub const OP_MKDIR: u8 = 8;
+    pub const OP_SYMLINK: u8 = 9;
+    pub const OP_DELETE: u8 = 10;
+    pub const OP_RENAME: u8 = 11;
+    pub const OP_SETMETA: u8 = 12;
+    pub const FILE_BEGIN: u8 = 13;
+    pub const FILE_DATA: u8 = 14;
+    pub const FILE_END: u8 = 15;
+    pub const FILE_ABORT: u8 = 16;
+    pub const BATCH_END: u8 = 17;
+    pub const ACK: u8 = 18;
+}
+
+/// Appends one framed message to `out`.
+pub fn encode(msg: &Message, out: &mut BytesMut) {
+    let start = out.len();
+    out.put_u32(0); // length, patched below
+    match msg {
+        Message::Hello(h) => {
+            out.put_u8(kind::HELLO);
+            out.put_u16(h.version);
+            put_str(out, &h.node);
+            out.put_u64(h.epoch);
+            out.put_u64(h.last_seq);
+        }
+        Message::Welcome(w) => {
+            out.put_u8(kind::WELCOME);
+            put_str(out, &w.node);
+            out.put_u64(w.epoch);
+            out.put_u64(w.applied_epoch);
+            out.put_u64(w.applied_seq);
+        }
+        Message::Refuse(r) => {
+            out.put_u8(kind::REFUSE);
+            out.put_u16(r.code as u16);
+            out.put_u64(r.epoch);
+            let msg = truncate_utf8(&r.message, MAX_TEXT);
+            put_str(out, msg);
+        }
+        Message::ManifestRequest => out.put_u8(kind::MANIFEST_REQUEST),
+        Message::ManifestEntry(e) => {
+            out.put_u8(kind::MANIFEST_ENTRY);
+            put_path(out, &e.path);
+            out.put_u8(match e.kind {
+                EntryKind::File => 0,
+                EntryKind::Dir => 1,
+                EntryKind::Symlink => 2,
+            });
+            out.put_u32(e.mode);
+            out.put_u64(e.size);
+            put_mtime(out, e.mtime);
+            put_bytes16(out, &e.target);
+        }
+        Message::ManifestEnd { count } => {
+            out.put_u8(kind::MANIFEST_END);
+            out.put_u64(*count);
+        }
+        Message::BatchBegin(b) => {
+            out.put_u8(kind::BATCH_BEGIN);
+            out.put_u64(b.epoch);
+            out.put_u64(b.seq);
+            out.put_u64(b.sealed_at_ns);
+            out.put_u8(u8::from(b.exact) | (u8::from(b.resync) << 1));
+        }
+        Message::Op(op) => match op {
+            Op::Mkdir { path, mode } => {
+                out.put_u8(kind::OP_MKDIR);
+                put_path(out, path);
+                out.put_u32(*mode);
+            }
+            Op::Symlink {
+                path,
+                target,
+                mtime,
+            } => {
+                out.put_u8(kind::OP_SYMLINK);
+                put_path(out, path);
+                put_bytes16(out, target);
+                put_mtime(out, *mtime);
+            }
+            Op::Delete { path } => {
+                out.put_u8(kind::OP_DELETE);
+                put_path(out, path);
+            }
+            Op::Rename { from, to } => {
+                out.put_u8(kind::OP_RENAME);
+                put_path(out, from);
+                put_path(out, to);
+            }
+            Op::SetMeta { path, mode, mtime } => {
+                out.put_u8(kind::OP_SETMETA);
+                put_path(out, path);
+                out.put_u32(*mode);
+                put_mtime(out, *mtime);
+            }
+        },
+        Message::FileBegin(f) => {
+            out.put_u8(kind::FILE_BEGIN);
+            put_path(out, &f.path);
+            out.put_u32(f.mode);
+            put_mtime(out, f.mtime);
+            out.put_u64(f.size);
+        }
+        Message::FileData(d) => {
+            out.put_u8(kind::FILE_DATA);
+            out.put_slice(d);
+        }
+        Message::FileEnd { hash } => {
+            out.put_u8(kind::FILE_END);
+            out.put_slice(hash);
+        }
+        Message::FileAbort => out.put_u8(kind::FILE_ABORT),
+        Message::BatchEnd { seq } => {
+            out.put_u8(kind::BATCH_END);
+            out.put_u64(*seq);
+        }
+        Message::Ack { epoch, seq } => {
+            out.put_u8(kind::ACK);
+            out.put_u64(*epoch);
+            out.put_u64(*seq);
+        }
+    }
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn put_str(out: &mut BytesMut, s: &str) {
+    put_bytes16(out, s.as_bytes());
+}
+fn put_bytes16(out: &mut BytesMut, b: &[u8]) {
+    out.put_u16(b.len() as u16);
+    out.put_slice(b);
+}
+fn put_path(out: &mut BytesMut, p: &RelPath) {
+    put_bytes16(out, p.as_bytes());
+}
+fn put_mtime(out: &mut BytesMut, m: Mtime) {
+    out.put_i64(m.secs);
+    out.put_u32(m.nanos);
+}
+
+/// Incremental decoder: feed bytes with [`FrameDecoder::extend`], pull
+/// messages with [`FrameDecoder::next`]. Never buffers more than one frame
+/// beyond what was already fed, and refuses a frame length over the limit
+/// before waiting for its bytes.
+#[derive(Default)]
+pub struct FrameDecoder {
+    buf: BytesMut,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Adds received bytes.
+    pub fn extend(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+    /// Bytes buffered and not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+    /// The next whole message, `Ok(None)` when more bytes are needed.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Result<Option<Message>, ProtoError> {
+        decode_frame(&mut self.buf)
+    }
+    /// How many more bytes are needed for the frame in progress (at least 1).
+    pub fn wanted(&self) -> Result<usize, ProtoError> {
+        if self.buf.len() < 4 {
+            return Ok(4 - self.buf.len());
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > MAX_FRAME {
+            return Err(ProtoError::FrameTooLarge(len));
+        }
+        Ok((4 + len).saturating_sub(self.buf.len()).max(1))
+    }
+}
+
+/// Decodes one frame from the front of `buf`, consuming it.
+pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtoError::FrameTooLarge(len));
+    }
+    if len == 0 {
+        return Err(ProtoError::EmptyFrame);
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    buf.advance(4);
+    let frame = buf.split_to(len).freeze();
+    decode_message(frame).map(Some)
+}
+
+struct Rd {
+    b: Bytes,
+}
+
+impl Rd {
+    fn need(&self, n: usize, what: &'static str) -> Result<(), ProtoError> {
+        if self.b.remaining() < n {
+            Err(ProtoError::Truncated(what))
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self, what: &'static str) -> Result<u8, ProtoError> {
+        self.need(1, what)?;
+        Ok(self.b.get_u8())
+    }
+    fn u16(&mut self, what: &'static str) -> Result<u16, ProtoError> {
+        self.need(2, what)?;
+        Ok(self.b.get_u16())
+    }
+    fn u32(&mut self, what: &'static str) -> Result<u32, ProtoError> {
+        self.need(4, what)?;
+        Ok(self.b.get_u32())
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, ProtoError> {
+        self.need(8, what)?;
+        Ok(self.b.get_u64())
+    }
+    fn bytes16(&mut self, what: &'static str, max: usize) -> Result<Bytes, ProtoError> {
+        let len = self.u16(what)? as usize;
+        if len > max {
+            return Err(ProtoError::FieldTooLong {
+                field: what,
+                len,
+                max,
+            });
+        }
+        self.need(len, what)?;
+        Ok(self.b.split_to(len))
+    }
+    fn string(&mut self, what: &'static str, max: usize) -> Result<String, ProtoError> {
+        let b = self.bytes16(what, max)?;
+        String::from_utf8(b.to_vec()).map_err(|_| ProtoError::NotUtf8(what))
+    }
+    fn path(&mut self, what: &'static str) -> Result<RelPath, ProtoError> {
+        let b = self.bytes16(what, MAX_PATH_LEN)?;
+        Ok(RelPath::new(b.to_vec())?)
+    }
+    fn mtime(&mut self) -> Result<Mtime, ProtoError> {
+        self.need(12, "mtime")?;
+        let secs = self.b.get_i64();
+        let nanos = self.b.get_u32();
+        if nanos >= 1_000_000_000 {
+            return Err(ProtoError::BadValue {
+                field: "mtime nanoseconds",
+                value: nanos as u64,
+            });
+        }
+        Ok(Mtime { secs, nanos })
+    }
+    fn done(self) -> Result<(), ProtoError> {
+        if self.b.has_remaining() {
+            Err(ProtoError::Trailing(self.b.remaining()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn decode_message(frame: Bytes) -> Result<Message, ProtoError> {
+    let mut r = Rd { b: frame };
+    let k = r.u8("kind")?;
+    let msg = match k {
+        kind::HELLO => Message::Hello(Hello {
+            version: r.u16("version")?,
+            node: r.string("node", MAX_NAME)?,
+            epoch: r.u64("epoch")?,
+            last_seq: r.u64("last_seq")?,
+        }),
+        kind::WELCOME => Message::Welcome(Welcome {
+            node: r.string("node", MAX_NAME)?,
+            epoch: r.u64("epoch")?,
+            applied_epoch: r.u64("applied_epoch")?,
+            applied_seq: r.u64("applied_seq")?,
+        }),
+        kind::REFUSE => Message::Refuse(Refuse {
+            code: RefuseCode::from_u16(r.u16("code")?),
+            epoch: r.u64("epoch")?,
+            message: r.string("message", MAX_TEXT)?,
+        }),
+        kind::MANIFEST_REQUEST => Message::ManifestRequest,
+        kind::MANIFEST_ENTRY => {
+            let path = r.path("path")?;
+            let kind = match r.u8("entry kind")? {
+                0 => EntryKind::File,
+                1 => EntryKind::Dir,
+                2 => EntryKind::Symlink,
+                v => {
+                    return Err(ProtoError::BadValue {
+                        field: "entry kind",
+                        value: v as u64,
+                    })
+                }
+            };
+            Message::ManifestEntry(Entry {
+                path,
+                kind,
+                mode: r.u32("mode")?,
+                size: r.u64("size")?,
+                mtime: r.mtime()?,
+                target: r.bytes16("target", MAX_LINK_LEN)?.to_vec(),
+            })
+        }
+        kind::MANIFEST_END => Message::ManifestEnd {
+            count: r.u64("count")?,
+        },
+        kind::BATCH_BEGIN => {
+            let epoch = r.u64("epoch")?;
+            let seq = r.u64("seq")?;
+            let sealed_at_ns = r.u64("sealed_at")?;
+            let flags = r.u8("flags")?;
+            if flags & !3 != 0 {
+                return Err(ProtoError::BadValue {
+                    field: "batch flags",
+                    value: flags as u64,
+                });
+            }
+            Message::BatchBegin(BatchHeader {
+                epoch,
+                seq,
+                sealed_at_ns,
+                exact: flags & 1 != 0,
+                resync: flags & 2 != 0,
+            })
+        }
+        kind::OP_MKDIR => Message::Op(Op::Mkdir {
+            path: r.path("path")?,
+            mode: r.u32("mode")?,
+        }),
+        kind::OP_SYMLINK => Message::Op(Op::Symlink {
+            path: r.path("path")?,
+            target: r.bytes16("target", MAX_LINK_LEN)?.to_vec(),
+            mtime: r.mtime()?,
+        }),
+        kind::OP_DELETE => Message::Op(Op::Delete {
+            path: r.path("path")?,
+        }),
+        kind::OP_RENAME => Message::Op(Op::Rename {
+            from: r.path("from")?,
+            to: r.path("to")?,
+        }),
+        kind::OP_SETMETA => Message::Op(Op::SetMeta {
+            path: r.path("path")?,
+            mode: r.u32("mode")?,
+            mtime: r.mtime()?,
+        }),
+        kind::FILE_BEGIN => {
+            let path = r.path("path")?;
+            let mode = r.u32("mode")?;
+            let mtime = r.mtime()?;
+            let size = r.u64("size")?;
+            if size > MAX_FILE_SIZE {
+                return Err(ProtoError::BadValue {
+                    field: "file size",
+                    value: size,
+                });
+            }
+            Message::FileBegin(FileHeader {
+                path,
+                mode,
+                mtime,
+                size,
+            })
+        }
+        kind::FILE_DATA => {
+            let len = r.b.remaining();
+            if len > MAX_DATA {
+                return Err(ProtoError::FieldTooLong {
+                    field: "file data",
+                    len,
+                    max: MAX_DATA,
+                });
+            }
+            let d = r.b.split_to(len);
+            Message::FileData(d)
+        }
+        kind::FILE_END => {
+            r.need(32, "hash")?;
+            let mut hash = [0u8; 32];
+            r.b.copy_to_slice(&mut hash);
+            Message::FileEnd { hash }
+        }
+        kind::FILE_ABORT => Message::FileAbort,
+        kind::BATCH_END => Message::BatchEnd {
+            seq: r.u64("seq")?,
+        },
+        kind::ACK => Message::Ack {
+            epoch: r.u64("epoch")?,
+            seq: r.u64("seq")?,
+        },
+        other => return Err(ProtoError::UnknownKind(other)),
+    };
+    r.done()?;
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Hello(Hello {
+                version: VERSION,
+                node: "eu-west".into(),
+                epoch: 3,
+                last_seq: 99,
+            }),
+            Message::Welcome(Welcome {
+                node: "us-east".into(),
+                epoch: 3,
+                applied_epoch: 2,
+                applied_seq: 7,
+            }),
+            Message::Refuse(Refuse {
+                code: RefuseCode::StaleEpoch,
+                epoch: 4,
+                message: "stale".into(),
+            }),
+            Message::ManifestRequest,
+            Message::ManifestEntry(Entry {
+                path: p("a/b"),
+                kind: EntryKind::Symlink,
+                mode: 0,
+                size: 3,
+                mtime: Mtime { secs: -5, nanos: 7 },
+                target: b"../c".to_vec(),
+            }),
+            Message::ManifestEnd { count: 12 },
+            Message::BatchBegin(BatchHeader {
+                epoch: 1,
+                seq: 2,
+                sealed_at_ns: 3,
+                exact: true,
+                resync: true,
+            }),
+            Message::Op(Op::Mkdir {
+                path: p("d"),
+                mode: 0o755,
+            }),
+            Message::Op(Op::Symlink {
+                path: p("l"),
+                target: b"x".to_vec(),
+                mtime: Mtime::default(),
+            }),
+            Message::Op(Op::Delete { path: p("x/y") }),
+            Message::Op(Op::Rename {
+                from: p("a"),
+                to: p("b"),
+            }),
+            Message::Op(Op::SetMeta {
+                path: p("f"),
+                mode: 0o600,
+                mtime: Mtime { secs: 1, nanos: 2 },
+            }),
+            Message::FileBegin(FileHeader {
+                path: p("f"),
+                mode: 0o644,
+                mtime: Mtime { secs: 9, nanos: 0 },
+                size: 5,
+            }),
+            Message::FileData(Bytes::from_static(b"hello")),
+            Message::FileEnd { hash: [7; 32] },
+            Message::FileAbort,
+            Message::BatchEnd { seq: 2 },
+            Message::Ack { epoch: 1, seq: 2 },
+        ]
+    }
+
+    #[test]
+    fn round_trip_all_kinds() {
+        let mut buf = BytesMut::new();
+        for m in samples() {
+            encode(&m, &mut buf);
+        }
+        let mut dec = FrameDecoder::new();
+        // Feed one byte at a time: partial frames must wait, not fail.
+        let all = buf.freeze();
+        let mut out = Vec::new();
+        for b in all.iter() {
+            dec.extend(&[*b]);
+            while let Some(m) = dec.next().unwrap() {
+                out.push(m);
+            }
+        }
+        assert_eq!(out, samples());
+        assert_eq!(dec.buffered(), 0);
+    }
+
+    #[test]
+    fn oversized_frame_rejected_before_buffering() {
+        let mut buf = BytesMut::new();
+        buf.put_u32((MAX_FRAME + 1) as u32);
+        let mut dec = FrameDecoder::new();
+        dec.extend(&buf);
+        assert_eq!(dec.wanted(), Err(ProtoError::FrameTooLarge(MAX_FRAME + 1)));
+        assert_eq!(dec.next(), Err(ProtoError::FrameTooLarge(MAX_FRAME + 1)));
+        let mut huge = BytesMut::new();
+        huge.put_u32(u32::MAX);
+        assert!(matches!(
+            decode_frame(&mut huge),
+            Err(ProtoError::FrameTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn truncated_and_garbage_rejected() {
+        // Every strict prefix of a message's payload, framed as if whole, is refused.
+        for m in samples() {
+            let mut buf = BytesMut::new();
+            encode(&m, &mut buf);
+            let payload = buf[4..].to_vec();
+            for cut in 1..payload.len() {
+                if matches!(m, Message::FileData(_)) {
+                    continue; // any length of data is a valid data frame
+                }
+                let mut f = BytesMut::new();
+                f.put_u32(cut as u32);
+                f.put_slice(&payload[..cut]);
+                let r = decode_frame(&mut f);
+                assert!(r.is_err(), "{m:?} cut at {cut} decoded as {r:?}");
+            }
+            // trailing garbage
+            if !matches!(m, Message::FileData(_)) {
+                let mut f = BytesMut::new();
+                f.put_u32(payload.len() as u32 + 1);
+                f.put_slice(&payload);
+                f.put_u8(0xAA);
+                assert_eq!(decode_frame(&mut f), Err(ProtoError::Trailing(1)));
+            }
+        }
+        let mut f = BytesMut::from(&[0, 0, 0, 1, 200][..]);
+        assert_eq!(decode_frame(&mut f), Err(ProtoError::UnknownKind(200)));
+        let mut f = BytesMut::from(&[0, 0, 0, 0][..]);
+        assert_eq!(decode_frame(&mut f), Err(ProtoError::EmptyFrame));
+    }
+
+    #[test]
+    fn hostile_fields_rejected() {
+        // a path that climbs out
+        let mut f = BytesMut::new();
+        f.put_u32(1 + 2 + 5 + 4);
+        f.put_u8(kind::OP_MKDIR);
+        f.put_u16(5);
+        f.put_slice(b"../x/");
+        f.put_u32(0o755);
+        assert!(matches!(
+            decode_frame(&mut f),
+            Err(ProtoError::BadPath(PathError::DotComponent))
+        ));
+        // an announced file size far over the limit
+        let mut buf = BytesMut::new();
+        encode(
+            &Message::FileBegin(FileHeader {
+                path: p("f"),
+                mode: 0,
+                mtime: Mtime::default(),
+                size: MAX_FILE_SIZE + 1,
+            }),
+            &mut buf,
+        );
+        assert!(matches!(
+            decode_frame(&mut buf),
+            Err(ProtoError::BadValue { .. })
+        ));
+        // a string length field larger than its limit
+        let mut f = BytesMut::new();
+        f.put_u32(1 + 2 + 2);
+        f.put_u8(kind::HELLO);
+        f.put_u16(1);
+        f.put_u16(u16::MAX);
+        assert!(matches!(
+            decode_frame(&mut f),
+            Err(ProtoError::FieldTooLong { .. })
+        ));
+    }
+
+    proptest! {
+        /// Arbitrary bytes never panic the decoder, and it never holds more
+        /// than what it was fed.
+        #[test]
+        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let mut dec = FrameDecoder::new();
+            dec.extend(&data);
+            for _ in 0..64 {
+                match dec.next() {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            prop_assert!(dec.buffered() <= data.len());
+        }
+
+        #[test]
+        fn file_data_round_trips(data in proptest::collection::vec(any::<u8>(), 0..4096), epoch in any::<u64>(), seq in any::<u64>()) {
+            let msgs = vec![Message::FileData(Bytes::from(data)), Message::Ack { epoch, seq }];
+            let mut buf = BytesMut::new();
+            for m in &msgs { encode(m, &mut buf); }
+            let mut got = Vec::new();
+            while let Some(m) = decode_frame(&mut buf).unwrap() { got.push(m); }
+            prop_assert_eq!(got, msgs);
+        }
+    }
+}

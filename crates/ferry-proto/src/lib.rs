@@ -1,0 +1,205 @@
+//! ferry's wire format: messages, framing, versioning and limits. No I/O.
+//!
+//! Layer: the bottom of the stack; both the primary's sender and the
+//! replica's receiver speak only the types defined here. Start reading at
+//! [`Message`], then [`codec`] for how a frame is laid out and bounded.
+//!
+//! Every frame is `u32 length (big-endian) | u8 kind | payload`. The length is
+//! checked against [`MAX_FRAME`] before a single byte is buffered, and every
+//! variable-size field inside a payload is checked against its own limit
+//! before anything is allocated: no size a peer sends can make us allocate
+//! more than [`MAX_FRAME`].
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod path;
+
+pub use codec::{decode_frame, encode, FrameDecoder, ProtoError};
+pub use path::{check_link_target, mode_ok, PathError, RelPath};
+
+use bytes::Bytes;
+
+/// Protocol version carried in [`Hello`]. Bumped on any incompatible change.
+pub const VERSION: u16 = 1;
+/// ALPN identifier negotiated by TLS.
+pub const ALPN: &[u8] = b"ferry/1";
+/// Largest file-data payload in one frame.
+pub const MAX_DATA: usize = 1 << 20;
+/// Largest frame accepted (data plus headroom for headers).
+pub const MAX_FRAME: usize = MAX_DATA + 64 * 1024;
+/// Longest node name.
+pub const MAX_NAME: usize = 253;
+/// Longest free-text message in a [`Refuse`].
+pub const MAX_TEXT: usize = 4096;
+/// Largest file size a peer may announce (1 TiB).
+pub const MAX_FILE_SIZE: u64 = 1 << 40;
+
+/// Modification time: seconds and nanoseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct Mtime {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+/// What kind of entry a path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// One entry of a node's manifest, as exchanged for an initial sync or resync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub path: RelPath,
+    pub kind: EntryKind,
+    /// Permission bits (0 for symlinks).
+    pub mode: u32,
+    pub size: u64,
+    pub mtime: Mtime,
+    /// Symlink target (empty for other kinds).
+    pub target: Vec<u8>,
+}
+
+/// Primary → replica, first message on a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub node: String,
+    pub epoch: u64,
+    /// The primary's last sealed batch.
+    pub last_seq: u64,
+}
+
+/// Replica → primary, answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    pub node: String,
+    /// Highest epoch the replica has seen.
+    pub epoch: u64,
+    /// Epoch of the last batch the replica applied.
+    pub applied_epoch: u64,
+    /// Last batch the replica applied (0: none).
+    pub applied_seq: u64,
+}
+
+/// Why a peer refused or aborted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum RefuseCode {
+    /// The sender's epoch is older than one the receiver has seen (G7).
+    StaleEpoch = 1,
+    /// The receiver is itself primary and takes no batches.
+    NotReplica = 2,
+    /// Protocol version mismatch.
+    Version = 3,
+    /// A message broke the protocol (order, size, hash, path rule).
+    Protocol = 4,
+    /// The replica could not apply a batch (disk full, I/O error).
+    Apply = 5,
+    /// The replica's content disagrees with the batch; a resync is needed.
+    Inconsistent = 6,
+    /// Anything else.
+    Other = 7,
+}
+
+impl RefuseCode {
+    fn from_u16(v: u16) -> RefuseCode {
+        match v {
+            1 => RefuseCode::StaleEpoch,
+            2 => RefuseCode::NotReplica,
+            3 => RefuseCode::Version,
+            4 => RefuseCode::Protocol,
+            5 => RefuseCode::Apply,
+            6 => RefuseCode::Inconsistent,
+            _ => RefuseCode::Other,
+        }
+    }
+}
+
+/// A refusal or an abort, with the receiver's epoch and a sentence saying why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refuse {
+    pub code: RefuseCode,
+    pub epoch: u64,
+    pub message: String,
+}
+
+/// Header of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchHeader {
+    pub epoch: u64,
+    pub seq: u64,
+    /// When the primary sealed the batch (Unix nanoseconds).
+    pub sealed_at_ns: u64,
+    /// No change arrived while the batch was read: a state the source had.
+    pub exact: bool,
+    /// A manifest-diff resync: after it the replica is at `seq`.
+    pub resync: bool,
+}
+
+/// A metadata-only operation inside a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Ensure a directory exists with this mode (replacing a non-directory).
+    Mkdir { path: RelPath, mode: u32 },
+    /// Create or replace a symlink.
+    Symlink {
+        path: RelPath,
+        target: Vec<u8>,
+        mtime: Mtime,
+    },
+    /// Remove a file, link or whole tree; absent is fine.
+    Delete { path: RelPath },
+    /// Move an entry (file or directory) in one step.
+    Rename { from: RelPath, to: RelPath },
+    /// Change mode and mtime of an existing file.
+    SetMeta {
+        path: RelPath,
+        mode: u32,
+        mtime: Mtime,
+    },
+}
+
+/// Announces the content of one regular file; [`Message::FileData`] frames
+/// follow, then [`Message::FileEnd`] or [`Message::FileAbort`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileHeader {
+    pub path: RelPath,
+    pub mode: u32,
+    pub mtime: Mtime,
+    pub size: u64,
+}
+
+/// Every message of protocol version 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    Refuse(Refuse),
+    /// Primary asks the replica for its manifest.
+    ManifestRequest,
+    ManifestEntry(Entry),
+    ManifestEnd {
+        count: u64,
+    },
+    BatchBegin(BatchHeader),
+    Op(Op),
+    FileBegin(FileHeader),
+    FileData(Bytes),
+    /// End of a file; BLAKE3 of its content.
+    FileEnd {
+        hash: [u8; 32],
+    },
+    /// The file changed while it was read: drop what was received of it.
+    FileAbort,
+    BatchEnd {
+        seq: u64,
+    },
+    /// Replica → primary: batch `seq` of `epoch` is on stable storage.
+    Ack {
+        epoch: u64,
+        seq: u64,
+    },
+}
