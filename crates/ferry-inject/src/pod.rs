@@ -78,18 +78,6 @@ pub(crate) struct PortView {
 }
 
 impl PodView {
-    /// A name to show in logs and messages: the name, or `generateName*` for a
-    /// controller-created pod whose name the API server has not chosen yet.
-    pub(crate) fn display_name(&self) -> String {
-        if !self.metadata.name.is_empty() {
-            self.metadata.name.clone()
-        } else if !self.metadata.generate_name.is_empty() {
-            format!("{}*", self.metadata.generate_name)
-        } else {
-            "(unnamed)".to_owned()
-        }
-    }
-
     /// Every container of the pod, app and init alike.
     pub(crate) fn all_containers(&self) -> impl Iterator<Item = &ContainerView> {
         self.spec

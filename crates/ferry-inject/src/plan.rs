@@ -1,0 +1,303 @@
+//! Decides what to do with one Pod and computes the JSON Patch.
+//!
+//! Pure: raw Pod JSON in, an [`Outcome`] out. The patch is a handful of targeted
+//! `add` operations against the raw object, so nothing the injector does not touch
+//! can change (fields unknown to our Kubernetes types included).
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::pod::PodView;
+use crate::settings::{self, key, Problem, Settings, INJECT_LABEL, PREFIX, STATUS_ANNOTATION};
+use crate::sidecar::{self, CONTAINER_NAME, TLS_VOLUME};
+
+/// Volume sources the sidecar cannot write to: the kubelet mounts them read-only.
+const READ_ONLY_KINDS: &[&str] = &["configMap", "secret", "projected", "downwardAPI", "image"];
+
+/// The prefix of the annotations Prometheus' pod discovery reads by convention.
+const PROMETHEUS_PREFIX: &str = "prometheus.io/";
+
+/// What the injector decided for one Pod.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Allowed as it is: not opted in, or already injected.
+    Unchanged {
+        why: &'static str,
+        warnings: Vec<String>,
+    },
+    /// Allowed with this patch.
+    Inject {
+        patch: Patch,
+        warnings: Vec<String>,
+        status: InjectStatus,
+    },
+    /// Denied; every problem is listed.
+    Deny {
+        problems: Vec<Problem>,
+        warnings: Vec<String>,
+    },
+}
+
+/// What was injected, recorded as JSON in the `ferry.io/status` annotation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct InjectStatus {
+    /// The injector's version.
+    pub version: String,
+    /// `native-sidecar` or `container`.
+    pub mode: String,
+    pub container: String,
+    pub image: String,
+    pub volume: String,
+    #[serde(rename = "tlsVolume")]
+    pub tls_volume: String,
+}
+
+/// Plans the mutation of `pod` (the raw `request.object`). Fails only when the
+/// object is not shaped like a Pod.
+pub(crate) fn plan(pod: &Value, default_image: &str) -> Result<Outcome, serde_json::Error> {
+    let view = PodView::deserialize(pod)?;
+    let meta = &view.metadata;
+
+    match meta.labels.get(INJECT_LABEL).map(String::as_str) {
+        Some("true") => {}
+        None | Some("false") => {
+            return Ok(Outcome::Unchanged {
+                why: "not opted in",
+                warnings: Vec::new(),
+            })
+        }
+        Some(other) => {
+            return Ok(Outcome::Deny {
+                problems: vec![Problem {
+                    subject: format!("label {INJECT_LABEL}"),
+                    message: format!("{other:?} is neither \"true\" nor \"false\""),
+                }],
+                warnings: Vec::new(),
+            })
+        }
+    }
+
+    let has_sidecar = view.all_containers().any(|c| c.name == CONTAINER_NAME);
+    let has_status = meta.annotations.contains_key(STATUS_ANNOTATION);
+    if has_sidecar && has_status {
+        return Ok(Outcome::Unchanged {
+            why: "already injected",
+            warnings: Vec::new(),
+        });
+    }
+
+    let (settings, mut warnings) = match settings::parse(&meta.annotations, default_image) {
+        Ok(v) => v,
+        Err(problems) => {
+            return Ok(Outcome::Deny {
+                problems,
+                warnings: Vec::new(),
+            })
+        }
+    };
+
+    let problems = check_pod(&view, &settings, has_sidecar, &mut warnings);
+    if !problems.is_empty() {
+        return Ok(Outcome::Deny { problems, warnings });
+    }
+
+    let pod_sets_user = view.spec.security_context.run_as_user.is_some();
+    if !pod_sets_user {
+        warnings.push(format!(
+            "the pod sets no securityContext.runAsUser, so the ferry sidecar runs as UID {}; \
+             set spec.securityContext.runAsUser (and fsGroup) so it can read and write the app's files",
+            sidecar::DEFAULT_UID
+        ));
+    }
+    if !settings.native_sidecar && !matches!(view.spec.restart_policy.as_str(), "" | "Always") {
+        warnings.push(format!(
+            "{PREFIX}{}=\"false\" on a pod with restartPolicy {}: the ferry container keeps running, \
+             so the pod never completes; use native sidecars",
+            key::NATIVE_SIDECAR,
+            view.spec.restart_policy
+        ));
+    }
+
+    let status = InjectStatus {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        mode: if settings.native_sidecar {
+            "native-sidecar"
+        } else {
+            "container"
+        }
+        .to_owned(),
+        container: CONTAINER_NAME.to_owned(),
+        image: settings.image.clone(),
+        volume: settings.volume.clone(),
+        tls_volume: TLS_VOLUME.to_owned(),
+    };
+    let patch = build_patch(pod, &view, &settings, &status, pod_sets_user)?;
+    Ok(Outcome::Inject {
+        patch,
+        warnings,
+        status,
+    })
+}
+
+/// Checks the annotations against the pod itself.
+fn check_pod(
+    view: &PodView,
+    s: &Settings,
+    has_sidecar: bool,
+    warnings: &mut Vec<String>,
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let pod_problem = |message: String| Problem {
+        subject: "pod".to_owned(),
+        message,
+    };
+
+    if has_sidecar {
+        problems.push(pod_problem(format!(
+            "already has a container named {CONTAINER_NAME:?} that ferry did not inject \
+             (no {STATUS_ANNOTATION} annotation); rename that container"
+        )));
+    }
+    if view.spec.volumes.iter().any(|v| v.name == TLS_VOLUME) {
+        problems.push(pod_problem(format!(
+            "already has a volume named {TLS_VOLUME:?}, which ferry uses for its TLS Secret; rename that volume"
+        )));
+    }
+
+    match view.spec.volumes.iter().find(|v| v.name == s.volume) {
+        None => {
+            let names: Vec<&str> = view.spec.volumes.iter().map(|v| v.name.as_str()).collect();
+            problems.push(Problem::annotation(
+                key::VOLUME,
+                format!(
+                    "{:?} is not a volume of this pod; use one of spec.volumes: {}",
+                    s.volume,
+                    if names.is_empty() {
+                        "(the pod has none)".to_owned()
+                    } else {
+                        names.join(", ")
+                    }
+                ),
+            ));
+        }
+        Some(v) => {
+            let kind = v.kind().unwrap_or("");
+            if READ_ONLY_KINDS.contains(&kind) {
+                problems.push(Problem::annotation(
+                    key::VOLUME,
+                    format!(
+                        "{:?} is a {kind} volume, which is read-only; replicate a writable volume \
+                         such as a persistentVolumeClaim",
+                        s.volume
+                    ),
+                ));
+            } else if v.source_read_only() {
+                problems.push(Problem::annotation(
+                    key::VOLUME,
+                    format!(
+                        "{:?} is mounted with {kind}.readOnly: true; ferry must write to it (its \
+                         state dir lives there, and a replica applies changes); remove readOnly",
+                        s.volume
+                    ),
+                ));
+            } else if kind == "emptyDir" {
+                warnings.push(format!(
+                    "volume {:?} is an emptyDir: its data and ferry's state vanish with the pod, \
+                     so every restart is a full resync",
+                    s.volume
+                ));
+            }
+        }
+    }
+
+    for (port, port_key) in [(s.quic_port, key::QUIC_PORT), (s.metrics_port, key::METRICS_PORT)] {
+        if let Some(c) = view
+            .all_containers()
+            .find(|c| c.ports.iter().any(|p| p.container_port == i64::from(port)))
+        {
+            problems.push(Problem::annotation(
+                port_key,
+                format!(
+                    "port {port} is already declared by container {:?}; set {PREFIX}{port_key} to a free port",
+                    c.name
+                ),
+            ));
+        }
+    }
+    if view.spec.host_network {
+        warnings.push(format!(
+            "the pod uses hostNetwork: ferry's ports {} (UDP) and {} (TCP) are opened on the node",
+            s.quic_port, s.metrics_port
+        ));
+    }
+    problems
+}
+
+/// The targeted patch: the sidecar, the TLS volume, and annotations.
+fn build_patch(
+    raw: &Value,
+    view: &PodView,
+    s: &Settings,
+    status: &InjectStatus,
+    pod_sets_user: bool,
+) -> Result<Patch, serde_json::Error> {
+    let add = |tokens: &[&str], value: Value| {
+        PatchOperation::Add(AddOperation {
+            path: PointerBuf::from_tokens(tokens.iter().copied()),
+            value,
+        })
+    };
+    let is_array = |p: &str| raw.pointer(p).is_some_and(Value::is_array);
+    let mut ops = Vec::new();
+
+    let container = serde_json::to_value(sidecar::container(s, pod_sets_user))?;
+    if s.native_sidecar {
+        // First of the init containers: the data is in place before any other
+        // init container or the app runs.
+        if is_array("/spec/initContainers") {
+            ops.push(add(&["spec", "initContainers", "0"], container));
+        } else {
+            ops.push(add(&["spec", "initContainers"], Value::Array(vec![container])));
+        }
+    } else if is_array("/spec/containers") {
+        ops.push(add(&["spec", "containers", "-"], container));
+    } else {
+        ops.push(add(&["spec", "containers"], Value::Array(vec![container])));
+    }
+
+    let volume = serde_json::to_value(sidecar::tls_volume(s))?;
+    if is_array("/spec/volumes") {
+        ops.push(add(&["spec", "volumes", "-"], volume));
+    } else {
+        ops.push(add(&["spec", "volumes"], Value::Array(vec![volume])));
+    }
+
+    let mut annotations: Vec<(String, String)> =
+        vec![(STATUS_ANNOTATION.to_owned(), serde_json::to_string(status)?)];
+    let app_has_prometheus = view
+        .metadata
+        .annotations
+        .keys()
+        .any(|k| k.starts_with(PROMETHEUS_PREFIX));
+    if !app_has_prometheus {
+        annotations.extend([
+            ("prometheus.io/scrape".to_owned(), "true".to_owned()),
+            ("prometheus.io/port".to_owned(), s.metrics_port.to_string()),
+            ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
+        ]);
+    }
+    if raw.pointer("/metadata/annotations").is_some_and(Value::is_object) {
+        for (k, v) in annotations {
+            ops.push(add(&["metadata", "annotations", &k], Value::String(v)));
+        }
+    } else {
+        let map: serde_json::Map<String, Value> = annotations
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
+            .collect();
+        ops.push(add(&["metadata", "annotations"], Value::Object(map)));
+    }
+    Ok(Patch(ops))
+}

@@ -1,0 +1,202 @@
+//! Reading the state of entries under the root, never following symlinks.
+
+use crate::exclude::Excludes;
+use ferry_proto::{mode_ok, Entry, EntryKind, Mtime, RelPath, MODE_ALLOWED};
+use std::fs::Metadata;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// An entry as the primary sees it, with the identity used to detect a file
+/// that changed while it was read (G3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scanned {
+    pub entry: Entry,
+    pub dev: u64,
+    pub ino: u64,
+    pub ctime: (i64, i64),
+}
+
+/// Something the scanner saw and will not replicate, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    /// A device, FIFO or socket: never replicated (G6).
+    Special(RelPath),
+    /// setuid/setgid bits were dropped from the replicated mode.
+    SetuidDropped(RelPath),
+    /// A symlink whose target leaves the root: not replicated (G6).
+    LinkEscapes(RelPath),
+}
+
+/// The path on disk for `rel`.
+pub fn abs(root: &Path, rel: &RelPath) -> PathBuf {
+    root.join(std::ffi::OsStr::from_bytes(rel.as_bytes()))
+}
+
+/// Builds an [`Entry`] from `lstat` metadata; `None` for special files.
+pub fn entry_from_meta(
+    root: &Path,
+    rel: &RelPath,
+    md: &Metadata,
+    skipped: &mut Vec<Skip>,
+) -> io::Result<Option<Scanned>> {
+    let ft = md.file_type();
+    let mut mode = md.mode() & 0o7777;
+    let kind = if ft.is_file() {
+        EntryKind::File
+    } else if ft.is_dir() {
+        EntryKind::Dir
+    } else if ft.is_symlink() {
+        EntryKind::Symlink
+    } else {
+        debug_assert!(ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device());
+        skipped.push(Skip::Special(rel.clone()));
+        return Ok(None);
+    };
+    if !mode_ok(mode) {
+        skipped.push(Skip::SetuidDropped(rel.clone()));
+        mode &= MODE_ALLOWED;
+    }
+    let mut target = Vec::new();
+    if kind == EntryKind::Symlink {
+        target = std::fs::read_link(abs(root, rel))?.into_os_string().into_encoded_bytes();
+        if ferry_proto::check_link_target(rel, &target).is_err() {
+            skipped.push(Skip::LinkEscapes(rel.clone()));
+            return Ok(None);
+        }
+        mode = 0;
+    }
+    Ok(Some(Scanned {
+        entry: Entry {
+            path: rel.clone(),
+            kind,
+            mode,
+            size: if kind == EntryKind::File { md.len() } else { 0 },
+            mtime: Mtime {
+                secs: md.mtime(),
+                nanos: md.mtime_nsec().clamp(0, 999_999_999) as u32,
+            },
+            target,
+        },
+        dev: md.dev(),
+        ino: md.ino(),
+        ctime: (md.ctime(), md.ctime_nsec()),
+    }))
+}
+
+/// The state of one path: `None` when absent (or when a parent is not a
+/// real directory, so nothing is read through a symlink).
+pub fn lstat_entry(
+    root: &Path,
+    rel: &RelPath,
+    skipped: &mut Vec<Skip>,
+) -> io::Result<Option<Scanned>> {
+    if let Some(parent) = rel.parent() {
+        let mut cur = root.to_path_buf();
+        for c in parent.components() {
+            cur.push(std::ffi::OsStr::from_bytes(c));
+            match std::fs::symlink_metadata(&cur) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Ok(None),
+                Err(e) if gone(&e) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    match std::fs::symlink_metadata(abs(root, rel)) {
+        Ok(md) => entry_from_meta(root, rel, &md, skipped),
+        Err(e) if gone(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// True for the errors that mean "not there (any more)".
+pub fn gone(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
+}
+
+/// Appends every non-excluded entry at and below `start` (the whole root
+/// when `None`, the root itself not included) in walk order.
+pub fn scan_tree(
+    root: &Path,
+    start: Option<&RelPath>,
+    excludes: &Excludes,
+    out: &mut Vec<Scanned>,
+    skipped: &mut Vec<Skip>,
+) -> io::Result<()> {
+    let base = match start {
+        Some(s) => abs(root, s),
+        None => root.to_path_buf(),
+    };
+    let walker = walkdir::WalkDir::new(&base)
+        .follow_links(false)
+        .sort_by_file_name()
+        .min_depth(if start.is_some() { 0 } else { 1 });
+    let mut it = walker.into_iter();
+    while let Some(item) = it.next() {
+        let de = match item {
+            Ok(de) => de,
+            Err(e) => {
+                if let Some(io) = e.io_error() {
+                    if gone(io) {
+                        continue;
+                    }
+                }
+                let path = e.path().map(|p| p.display().to_string()).unwrap_or_default();
+                return Err(io::Error::other(format!("cannot read {path}: {e}")));
+            }
+        };
+        let Ok(rel_os) = de.path().strip_prefix(root) else {
+            continue;
+        };
+        let Ok(rel) = RelPath::new(rel_os.as_os_str().as_bytes().to_vec()) else {
+            continue;
+        };
+        let is_dir = de.file_type().is_dir();
+        if excludes.is_excluded(&rel, is_dir) {
+            if is_dir {
+                it.skip_current_dir();
+            }
+            continue;
+        }
+        let md = match de.metadata() {
+            Ok(m) => m,
+            Err(e) if e.io_error().is_some_and(gone) => continue,
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        };
+        if let Some(s) = entry_from_meta(root, &rel, &md, skipped)? {
+            out.push(s);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_in_walk_order_skipping_state_and_specials() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("a/b")).unwrap();
+        std::fs::write(r.join("a/b/f"), b"x").unwrap();
+        std::fs::write(r.join("a.txt"), b"y").unwrap();
+        std::fs::create_dir_all(r.join(".ferry")).unwrap();
+        std::fs::write(r.join(".ferry/state.a"), b"z").unwrap();
+        std::os::unix::fs::symlink("a.txt", r.join("link")).unwrap();
+        std::os::unix::fs::symlink("../../etc", r.join("bad")).unwrap();
+        let ex = Excludes::new(&[], Some(RelPath::new(".ferry").unwrap())).unwrap();
+        let mut out = Vec::new();
+        let mut skipped = Vec::new();
+        scan_tree(r, None, &ex, &mut out, &mut skipped).unwrap();
+        let names: Vec<String> = out.iter().map(|s| s.entry.path.display()).collect();
+        assert_eq!(names, ["a", "a/b", "a/b/f", "a.txt", "link"]);
+        assert_eq!(skipped, vec![Skip::LinkEscapes(RelPath::new("bad").unwrap())]);
+        // a path below a symlink is reported absent, never read through it
+        std::os::unix::fs::symlink("a", r.join("dirlink")).unwrap();
+        let got = lstat_entry(r, &RelPath::new("dirlink/b/f").unwrap(), &mut skipped).unwrap();
+        assert_eq!(got, None);
+    }
+}
