@@ -41,7 +41,8 @@ pub use tls::{CERT_FILE, KEY_FILE};
 
 /// The sidecar image injected when neither `--sidecar-image` nor the pod's
 /// `ferry.io/image` annotation names one: this release of ferry.
-pub const DEFAULT_SIDECAR_IMAGE: &str = concat!("ghcr.io/ferry-io/ferry:", env!("CARGO_PKG_VERSION"));
+pub const DEFAULT_SIDECAR_IMAGE: &str =
+    concat!("ghcr.io/ferry-io/ferry:", env!("CARGO_PKG_VERSION"));
 
 /// Settings of `ferry inject`.
 #[derive(Debug, Clone)]

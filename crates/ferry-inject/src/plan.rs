@@ -212,7 +212,10 @@ fn check_pod(
         }
     }
 
-    for (port, port_key) in [(s.quic_port, key::QUIC_PORT), (s.metrics_port, key::METRICS_PORT)] {
+    for (port, port_key) in [
+        (s.quic_port, key::QUIC_PORT),
+        (s.metrics_port, key::METRICS_PORT),
+    ] {
         if let Some(c) = view
             .all_containers()
             .find(|c| c.ports.iter().any(|p| p.container_port == i64::from(port)))
@@ -259,7 +262,10 @@ fn build_patch(
         if is_array("/spec/initContainers") {
             ops.push(add(&["spec", "initContainers", "0"], container));
         } else {
-            ops.push(add(&["spec", "initContainers"], Value::Array(vec![container])));
+            ops.push(add(
+                &["spec", "initContainers"],
+                Value::Array(vec![container]),
+            ));
         }
     } else if is_array("/spec/containers") {
         ops.push(add(&["spec", "containers", "-"], container));
@@ -288,7 +294,10 @@ fn build_patch(
             ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
         ]);
     }
-    if raw.pointer("/metadata/annotations").is_some_and(Value::is_object) {
+    if raw
+        .pointer("/metadata/annotations")
+        .is_some_and(Value::is_object)
+    {
         for (k, v) in annotations {
             ops.push(add(&["metadata", "annotations", &k], Value::String(v)));
         }

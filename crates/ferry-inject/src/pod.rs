@@ -22,10 +22,6 @@ pub(crate) struct PodView {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct MetaView {
     #[serde(default, deserialize_with = "null_default")]
-    pub name: String,
-    #[serde(default, deserialize_with = "null_default")]
-    pub generate_name: String,
-    #[serde(default, deserialize_with = "null_default")]
     pub labels: BTreeMap<String, String>,
     #[serde(default, deserialize_with = "null_default")]
     pub annotations: BTreeMap<String, String>,

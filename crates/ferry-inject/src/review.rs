@@ -60,7 +60,10 @@ pub fn mutate(review_json: &[u8], image: &str) -> Result<Vec<u8>, ReviewError> {
 /// Like [`mutate`], with what was decided.
 pub fn review(review_json: &[u8], image: &str) -> Result<Reviewed, ReviewError> {
     let value: Value = serde_json::from_slice(review_json).map_err(ReviewError::NotJson)?;
-    let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
     if api_version != API_VERSION || kind != KIND {
         return Err(ReviewError::NotAdmissionReview {
@@ -104,7 +107,14 @@ pub fn review(review_json: &[u8], image: &str) -> Result<Reviewed, ReviewError> 
     match outcome {
         Outcome::Unchanged { why, warnings } => {
             set_warnings(&mut response, warnings);
-            finish(response, None, &req, pod_name, Decision::Unchanged, why.to_owned())
+            finish(
+                response,
+                None,
+                &req,
+                pod_name,
+                Decision::Unchanged,
+                why.to_owned(),
+            )
         }
         Outcome::Deny { problems, warnings } => {
             let message = format!(
@@ -126,7 +136,8 @@ pub fn review(review_json: &[u8], image: &str) -> Result<Reviewed, ReviewError> 
             status,
         } => {
             set_warnings(&mut response, warnings);
-            let patch_bytes = serde_json::to_vec(&patch).map_err(|e| ReviewError::Internal(Box::new(e)))?;
+            let patch_bytes =
+                serde_json::to_vec(&patch).map_err(|e| ReviewError::Internal(Box::new(e)))?;
             let response = response
                 .with_patch(patch)
                 .map_err(|e| ReviewError::Internal(Box::new(e)))?;
@@ -162,7 +173,8 @@ fn finish(
     response
         .audit_annotations
         .insert("decision".to_owned(), decision.as_str().to_owned());
-    let mut value = serde_json::to_value(response.into_review()).map_err(|e| ReviewError::Internal(Box::new(e)))?;
+    let mut value = serde_json::to_value(response.into_review())
+        .map_err(|e| ReviewError::Internal(Box::new(e)))?;
     if let (Some(bytes), Some(slot)) = (patch, value.pointer_mut("/response/patch")) {
         *slot = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
     }

@@ -231,9 +231,13 @@ async fn reload_loop(store: Arc<CertStore>, every: Duration) {
         tick.tick().await;
         let s = store.clone();
         match tokio::task::spawn_blocking(move || s.reload()).await {
-            Ok(Ok(true)) => tracing::info!(tls_dir = %store.dir().display(), "Loaded a rotated serving certificate."),
+            Ok(Ok(true)) => {
+                tracing::info!(tls_dir = %store.dir().display(), "Loaded a rotated serving certificate.")
+            }
             Ok(Ok(false)) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "The serving certificate changed but cannot be loaded; keeping the previous one."),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "The serving certificate changed but cannot be loaded; keeping the previous one.")
+            }
             Err(error) => tracing::warn!(%error, "The certificate reload task failed."),
         }
     }
@@ -256,12 +260,18 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
         (_, "/mutate" | "/healthz" | "/readyz") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: the webhook path is /mutate\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: the webhook path is /mutate\n",
+        ),
     })
 }
 
 async fn mutate(req: Request<Incoming>, state: &State) -> Response<Body> {
-    let body = match Limited::new(req.into_body(), state.max_body_bytes).collect().await {
+    let body = match Limited::new(req.into_body(), state.max_body_bytes)
+        .collect()
+        .await
+    {
         Ok(b) => b.to_bytes(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
             return text(

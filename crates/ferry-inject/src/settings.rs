@@ -30,10 +30,13 @@ pub mod key {
     pub const EXCLUDE: &str = "exclude";
     /// The sidecar image.
     pub const IMAGE: &str = "image";
-    /// Resource quantities for the sidecar.
+    /// The sidecar's CPU request (a Kubernetes quantity).
     pub const CPU_REQUEST: &str = "cpu-request";
+    /// The sidecar's memory request.
     pub const MEMORY_REQUEST: &str = "memory-request";
+    /// The sidecar's CPU limit.
     pub const CPU_LIMIT: &str = "cpu-limit";
+    /// The sidecar's memory limit.
     pub const MEMORY_LIMIT: &str = "memory-limit";
     /// A tracing filter (`info`, `ferry=debug,info`).
     pub const LOG_LEVEL: &str = "log-level";
@@ -100,7 +103,7 @@ const MAX_IMAGE_LEN: usize = 512;
 
 /// Which way data flows; only seeds a fresh state dir (see DESIGN.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     Primary,
     Replica,
 }
@@ -187,11 +190,7 @@ pub(crate) fn parse(
 ) -> Result<(Settings, Vec<String>), Vec<Problem>> {
     let mut problems = Vec::new();
     let warnings = unknown_key_warnings(annotations);
-    let get = |k: &str| {
-        annotations
-            .get(&format!("{PREFIX}{k}"))
-            .map(|v| v.trim())
-    };
+    let get = |k: &str| annotations.get(&format!("{PREFIX}{k}")).map(|v| v.trim());
 
     let volume = match get(key::VOLUME) {
         None | Some("") => {
@@ -292,7 +291,12 @@ pub(crate) fn parse(
         (Some(cpu_request), Some(memory_request), Some(cpu_limit), Some(memory_limit)) => {
             for (req, lim, req_key, lim_key) in [
                 (&cpu_request, &cpu_limit, key::CPU_REQUEST, key::CPU_LIMIT),
-                (&memory_request, &memory_limit, key::MEMORY_REQUEST, key::MEMORY_LIMIT),
+                (
+                    &memory_request,
+                    &memory_limit,
+                    key::MEMORY_REQUEST,
+                    key::MEMORY_LIMIT,
+                ),
             ] {
                 if req.value_cmp(lim) == Ordering::Greater {
                     problems.push(Problem::annotation(
@@ -372,7 +376,10 @@ pub(crate) fn parse(
     if quic_port == metrics_port {
         problems.push(Problem::annotation(
             key::METRICS_PORT,
-            format!("{metrics_port} is also the QUIC port ({PREFIX}{}); pick two different ports", key::QUIC_PORT),
+            format!(
+                "{metrics_port} is also the QUIC port ({PREFIX}{}); pick two different ports",
+                key::QUIC_PORT
+            ),
         ));
     }
 
@@ -454,14 +461,10 @@ fn parse_peers(value: &str, own_name: Option<&str>) -> Result<Vec<Peer>, String>
                  e.g. \"us-east=ferry-app.us-east.example.com:7443\""
             )
         };
-        let (name, addr) = entry
-            .split_once('=')
-            .ok_or_else(|| bad("has no '='"))?;
+        let (name, addr) = entry.split_once('=').ok_or_else(|| bad("has no '='"))?;
         let (name, addr) = (name.trim(), addr.trim());
         check_node_name(name).map_err(|why| bad(&format!("has a NAME that {why}")))?;
-        let (host, port) = addr
-            .rsplit_once(':')
-            .ok_or_else(|| bad("has no ':PORT'"))?;
+        let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad("has no ':PORT'"))?;
         let port = match port.parse::<u16>() {
             Ok(p) if p > 0 => p,
             _ => return Err(bad("has a PORT that is not a number from 1 to 65535")),
@@ -504,7 +507,10 @@ fn parse_excludes(value: &str) -> Result<Vec<String>, String> {
     }
     for (i, g) in globs.iter().enumerate() {
         if g.len() > MAX_GLOB_LEN {
-            return Err(format!("glob {} is longer than {MAX_GLOB_LEN} bytes", i + 1));
+            return Err(format!(
+                "glob {} is longer than {MAX_GLOB_LEN} bytes",
+                i + 1
+            ));
         }
         if g.chars().any(char::is_control) {
             return Err(format!(
@@ -585,16 +591,17 @@ fn check_host(host: &str) -> Result<(), String> {
 /// The registry is the judge of the rest.
 fn check_image(image: &str) -> Result<(), String> {
     if image.is_empty() {
-        return Err("is empty: name an image, e.g. \"registry.example.com/ferry:0.1.0\"".to_owned());
+        return Err(
+            "is empty: name an image, e.g. \"registry.example.com/ferry:0.1.0\"".to_owned(),
+        );
     }
     if image.len() > MAX_IMAGE_LEN {
         return Err(format!("is longer than {MAX_IMAGE_LEN} characters"));
     }
-    if image
-        .chars()
-        .any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(format!("{image:?} contains whitespace; an image reference has none"));
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{image:?} contains whitespace; an image reference has none"
+        ));
     }
     Ok(())
 }
@@ -621,8 +628,7 @@ fn check_log_filter(filter: &str) -> Result<(), String> {
         }
         if let Some(t) = target {
             let ok = !t.is_empty()
-                && t
-                    .bytes()
+                && t.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':' || b == b'-');
             if !ok {
                 return Err(bad(d));
@@ -647,7 +653,10 @@ mod tests {
     }
 
     fn minimal() -> Vec<(&'static str, &'static str)> {
-        vec![("volume", "data"), ("peers", "us-east=ferry.us-east.example.com:7443")]
+        vec![
+            ("volume", "data"),
+            ("peers", "us-east=ferry.us-east.example.com:7443"),
+        ]
     }
 
     /// Parses `extra` on top of a minimal valid set; returns the problems' text.

@@ -125,7 +125,9 @@ fn certified_key(
         Err(e) => {
             return Err(InjectError::BadTls {
                 path: dir.to_owned(),
-                reason: format!("{KEY_FILE} does not belong to the certificate in {CERT_FILE}: {e}"),
+                reason: format!(
+                    "{KEY_FILE} does not belong to the certificate in {CERT_FILE}: {e}"
+                ),
             })
         }
     }
