@@ -94,7 +94,7 @@ pub(crate) fn container(s: &Settings, pod_sets_user: bool) -> Container {
             ..Default::default()
         },
         EnvVar {
-            name: "RUST_LOG".to_owned(),
+            name: "FERRY_LOG".to_owned(),
             value: Some(s.log_level.clone()),
             ..Default::default()
         },

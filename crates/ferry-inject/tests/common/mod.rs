@@ -189,11 +189,11 @@ pub fn check_injected(original: &Value, patched: &Value, default_image: &str) {
         env_field("POD_NAMESPACE"),
         Some(json!("metadata.namespace"))
     );
-    let rust_log = env
+    let log = env
         .iter()
-        .find(|e| e["name"] == "RUST_LOG")
-        .expect("RUST_LOG");
-    assert_eq!(rust_log["value"], a("log-level").unwrap_or("info"));
+        .find(|e| e["name"] == "FERRY_LOG")
+        .expect("FERRY_LOG");
+    assert_eq!(log["value"], a("log-level").unwrap_or("info"));
 
     assert_eq!(
         ferry["ports"],
