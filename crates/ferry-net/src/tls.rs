@@ -1,0 +1,206 @@
+//! rustls configuration: TLS 1.3 only, mutual authentication, ALPN
+//! `ferry/1`, no 0-RTT, and the peer-name check rustls does not do itself.
+
+use crate::NetError;
+use ferry_proto::ALPN;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The node's certificate chain, key and trusted CAs, loaded from a
+/// cert-manager style directory.
+pub struct TlsMaterial {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub roots: Arc<RootCertStore>,
+}
+
+impl Clone for TlsMaterial {
+    fn clone(&self) -> Self {
+        TlsMaterial {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            roots: self.roots.clone(),
+        }
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn file_err(path: &Path, reason: impl Into<String>) -> NetError {
+    NetError::TlsFile {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Loads `tls.crt`, `tls.key` and `ca.crt` from `dir` and checks that they
+/// fit together and that the certificate names `name`.
+pub fn load_tls(dir: &Path, name: &str) -> Result<TlsMaterial, NetError> {
+    let crt = dir.join("tls.crt");
+    let key = dir.join("tls.key");
+    let ca = dir.join("ca.crt");
+    for p in [&crt, &key, &ca] {
+        if !p.exists() {
+            return Err(file_err(
+                p,
+                "missing; create it with `ferry cert issue --ca CA_DIR --name NAME --out DIR` or mount the cert-manager Secret there",
+            ));
+        }
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&crt)
+        .map_err(|e| file_err(&crt, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(&crt, format!("not a PEM certificate: {e}")))?;
+    if chain.is_empty() {
+        return Err(file_err(&crt, "holds no certificate"));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(&key)
+        .map_err(|e| file_err(&key, format!("no PKCS#1, PKCS#8 or SEC1 private key: {e}")))?;
+    let mut roots = RootCertStore::empty();
+    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&ca)
+        .map_err(|e| file_err(&ca, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(&ca, format!("not a PEM certificate: {e}")))?;
+    if cas.is_empty() {
+        return Err(file_err(&ca, "holds no CA certificate"));
+    }
+    for c in cas {
+        roots
+            .add(c)
+            .map_err(|e| file_err(&ca, format!("not a usable CA certificate: {e}")))?;
+    }
+    // The key must belong to the certificate.
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key_der)
+        .map_err(|e| file_err(&key, format!("unsupported key: {e}")))?;
+    rustls::sign::CertifiedKey::new(chain.clone(), signer)
+        .keys_match()
+        .map_err(|_| file_err(&key, "does not match the certificate in tls.crt"))?;
+    // The certificate must chain to the CA and carry our name.
+    let roots = Arc::new(roots);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| NetError::TlsConfig(e.to_string()))?;
+    verifier
+        .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+        .map_err(|e| file_err(&crt, format!("is not valid under ca.crt: {e}")))?;
+    let sn = ServerName::try_from(name.to_owned())
+        .map_err(|_| NetError::TlsConfig(format!("node name {name:?} is not a valid DNS name")))?;
+    let ee = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| file_err(&crt, e.to_string()))?;
+    ee.verify_is_valid_for_subject_name(&sn)
+        .map_err(|_| file_err(&crt, format!("is not issued for the name {name:?} (--name); issue one with `ferry cert issue --name {name}`")))?;
+    Ok(TlsMaterial {
+        chain,
+        key: key_der,
+        roots,
+    })
+}
+
+/// Checks the chain (rustls' WebPKI verifier), then that the certificate is
+/// valid for one of the allowed peer names.
+#[derive(Debug)]
+struct NamedClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    allowed: Vec<ServerName<'static>>,
+}
+
+impl ClientCertVerifier for NamedClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        if matches_any(end_entity, &self.allowed).is_some() {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            ))
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn matches_any(cert: &CertificateDer<'_>, names: &[ServerName<'static>]) -> Option<usize> {
+    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
+    names
+        .iter()
+        .position(|n| ee.verify_is_valid_for_subject_name(n).is_ok())
+}
+
+pub(crate) fn server_config(tls: &TlsMaterial, allowed: &[String]) -> Result<rustls::ServerConfig, NetError> {
+    let inner = WebPkiClientVerifier::builder_with_provider(tls.roots.clone(), provider())
+        .build()
+        .map_err(|e| NetError::TlsConfig(e.to_string()))?;
+    let allowed = allowed
+        .iter()
+        .map(|n| {
+            ServerName::try_from(n.clone())
+                .map_err(|_| NetError::TlsConfig(format!("peer name {n:?} is not a valid DNS name")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::TlsConfig(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(NamedClientVerifier { inner, allowed }))
+        .with_single_cert(tls.chain.clone(), tls.key.clone_key())
+        .map_err(|e| NetError::TlsConfig(e.to_string()))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.max_early_data_size = 0; // no 0-RTT
+    Ok(cfg)
+}
+
+pub(crate) fn client_config(tls: &TlsMaterial) -> Result<rustls::ClientConfig, NetError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::TlsConfig(e.to_string()))?
+        .with_root_certificates(tls.roots.clone())
+        .with_client_auth_cert(tls.chain.clone(), tls.key.clone_key())
+        .map_err(|e| NetError::TlsConfig(e.to_string()))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.enable_early_data = false; // no 0-RTT
+    Ok(cfg)
+}
+
+/// Which allowed name the connected peer's certificate carries.
+pub(crate) fn peer_name(conn: &quinn::Connection, allowed: &[String]) -> Option<String> {
+    let id = conn.peer_identity()?;
+    let chain = id.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let names: Vec<ServerName<'static>> = allowed
+        .iter()
+        .filter_map(|n| ServerName::try_from(n.clone()).ok())
+        .collect();
+    let i = matches_any(chain.first()?, &names)?;
+    allowed.get(i).cloned()
+}

@@ -1,0 +1,394 @@
+//! Command-line surface (DESIGN.md): raw flags in, a validated
+//! [`NodeConfig`] out. A usage error exits 64 and lists every bad setting.
+
+use crate::config::*;
+use clap::{Args, Parser, Subcommand};
+use ferry_proto::RelPath;
+use ferry_store::Role;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Exit code for usage errors (BSD `EX_USAGE`).
+pub const EXIT_USAGE: i32 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about = "Makes a pod's data follow the pod: replicates a directory to other clusters over QUIC.")]
+pub struct Cli {
+    /// Log level (error, warn, info, debug, trace).
+    #[arg(long, env = "FERRY_LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// A primary and a replica on loopback with their own temporary CA: watch data arrive.
+    Demo(DemoArgs),
+    /// Make a CA and node certificates (cert-manager's tls.crt / tls.key / ca.crt layout).
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Run a ferry node.
+    Run(RunArgs),
+    /// Ask a running node for its role, epoch, peers and consistency point.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Stop by itself after this many seconds (default: run until Ctrl-C).
+    #[arg(long, env = "FERRY_DEMO_SECONDS")]
+    pub seconds: Option<u64>,
+    /// Keep the demo directories after exit.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertCommand {
+    /// Create a CA: DIR/ca.crt and DIR/ca.key.
+    Init {
+        #[arg(long, env = "FERRY_OUT")]
+        out: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "ferry CA")]
+        name: String,
+    },
+    /// Issue a node certificate: OUT/tls.crt, OUT/tls.key, OUT/ca.crt.
+    Issue {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long, env = "FERRY_CA")]
+        ca: PathBuf,
+        /// The node's name (a DNS SAN), e.g. eu-west.
+        #[arg(long, env = "FERRY_NAME")]
+        name: String,
+        #[arg(long, env = "FERRY_OUT")]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// The directory to replicate (the pod's volume mount).
+    #[arg(long, env = "FERRY_ROOT")]
+    pub root: Option<PathBuf>,
+    /// This node's name; must be a DNS SAN of its certificate.
+    #[arg(long, env = "FERRY_NAME")]
+    pub name: Option<String>,
+    /// Directory with tls.crt, tls.key and ca.crt.
+    #[arg(long, env = "FERRY_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// UDP address for QUIC.
+    #[arg(long, env = "FERRY_LISTEN", default_value = "0.0.0.0:7443")]
+    pub listen: String,
+    /// Role of a fresh node (primary or replica); existing state decides after that.
+    #[arg(long, env = "FERRY_ROLE")]
+    pub role: Option<String>,
+    /// Another node of the set: NAME=HOST:PORT (repeat, or comma-separate in FERRY_PEER).
+    #[arg(long = "peer", env = "FERRY_PEER", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// State dir (default ROOT/.ferry, never replicated).
+    #[arg(long, env = "FERRY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "FERRY_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// gitignore-style glob of paths not to replicate (repeat, or comma-separate in FERRY_EXCLUDE).
+    #[arg(long = "exclude", env = "FERRY_EXCLUDE", value_delimiter = ',')]
+    pub excludes: Vec<String>,
+    /// Seal a batch after the root has been quiet this long (ms).
+    #[arg(long, env = "FERRY_BATCH_IDLE_MS", default_value_t = DEFAULT_BATCH_IDLE.as_millis() as u64)]
+    pub batch_idle_ms: u64,
+    /// Seal a batch at the latest this long after its first change (ms).
+    #[arg(long, env = "FERRY_BATCH_MAX_DELAY_MS", default_value_t = DEFAULT_BATCH_MAX_DELAY.as_millis() as u64)]
+    pub batch_max_delay_ms: u64,
+    /// On SIGTERM, wait this long for peers to ack what is pending (s).
+    #[arg(long, env = "FERRY_SHUTDOWN_GRACE_SECS", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[arg(long, env = "FERRY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[arg(long, env = "FERRY_ROOT")]
+    pub root: Option<PathBuf>,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `NAME=HOST:PORT`.
+pub fn parse_peer(s: &str) -> Result<PeerSpec, String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--peer {s:?}: expected NAME=HOST:PORT, e.g. us-east=10.0.0.7:7443"))?;
+    if !ferry_net::valid_node_name(name) {
+        return Err(format!("--peer {s:?}: {name:?} is not a valid node name (a DNS name: letters, digits, '-', '.')"));
+    }
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("--peer {s:?}: {addr:?} has no port; expected HOST:PORT"))?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("--peer {s:?}: {addr:?} is not HOST:PORT with a port from 1 to 65535"));
+    }
+    Ok(PeerSpec { name: name.to_owned(), addr: addr.to_owned() })
+}
+
+/// Turns raw flags into a [`NodeConfig`], collecting every problem.
+pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
+    let mut errs = Vec::new();
+    let root = match &a.root {
+        None => {
+            errs.push("--root is required: the directory to replicate".to_string());
+            None
+        }
+        Some(r) => check_root(r).map_err(|e| errs.push(e)).ok(),
+    };
+    let name = match &a.name {
+        None => {
+            errs.push("--name is required: this node's name, as in its certificate".to_string());
+            None
+        }
+        Some(n) if !ferry_net::valid_node_name(n) => {
+            errs.push(format!("--name {n:?} is not a valid node name (a DNS name: letters, digits, '-', '.')"));
+            None
+        }
+        Some(n) => Some(n.clone()),
+    };
+    let tls_dir = match &a.tls_dir {
+        None => {
+            errs.push("--tls-dir is required: a directory with tls.crt, tls.key and ca.crt (see `ferry cert`)".to_string());
+            None
+        }
+        Some(d) if !d.is_dir() => {
+            errs.push(format!("--tls-dir {}: not a directory; create it with `ferry cert issue --out {}`", d.display(), d.display()));
+            None
+        }
+        Some(d) => Some(d.clone()),
+    };
+    let listen: Option<SocketAddr> = a
+        .listen
+        .parse()
+        .map_err(|_| errs.push(format!("--listen {:?}: expected IP:PORT, e.g. 0.0.0.0:7443", a.listen)))
+        .ok();
+    let (role_seed, role_explicit) = match a.role.as_deref() {
+        None => (Role::Replica, false),
+        Some("primary") => (Role::Primary, true),
+        Some("replica") => (Role::Replica, true),
+        Some(r) => {
+            errs.push(format!("--role {r:?}: expected primary or replica"));
+            (Role::Replica, true)
+        }
+    };
+    let mut peers: Vec<PeerSpec> = Vec::new();
+    for p in &a.peers {
+        match parse_peer(p) {
+            Ok(spec) => {
+                if peers.iter().any(|q| q.name == spec.name) {
+                    errs.push(format!("--peer {p:?}: {} is listed twice", spec.name));
+                } else if Some(&spec.name) == name.as_ref() {
+                    errs.push(format!("--peer {p:?}: that is this node's own name (--name)"));
+                } else {
+                    peers.push(spec);
+                }
+            }
+            Err(e) => errs.push(e),
+        }
+    }
+    let metrics_addr = match &a.metrics_addr {
+        None => None,
+        Some(s) => s
+            .parse::<SocketAddr>()
+            .map_err(|_| errs.push(format!("--metrics-addr {s:?}: expected IP:PORT, e.g. 0.0.0.0:9090")))
+            .ok(),
+    };
+    if let Err(e) = ferry_watch::Excludes::new(&a.excludes, None) {
+        errs.push(e.to_string());
+    }
+    if a.batch_idle_ms == 0 || a.batch_max_delay_ms < a.batch_idle_ms {
+        errs.push(format!(
+            "--batch-idle-ms {} / --batch-max-delay-ms {}: need 0 < idle <= max delay",
+            a.batch_idle_ms, a.batch_max_delay_ms
+        ));
+    }
+    let (state_dir, state_rel) = match &root {
+        Some(root) => {
+            let sd = a.state_dir.clone().unwrap_or_else(|| root.join(".ferry"));
+            let sd_abs = absolutize(&sd);
+            let rel = sd_abs.strip_prefix(root).ok().and_then(|r| {
+                use std::os::unix::ffi::OsStrExt;
+                RelPath::new(r.as_os_str().as_bytes().to_vec()).ok()
+            });
+            if sd_abs == *root {
+                errs.push("--state-dir is the root itself; use a subdirectory (default ROOT/.ferry) or a path outside the root".into());
+            }
+            (sd_abs, rel)
+        }
+        None => (PathBuf::new(), None),
+    };
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(NodeConfig {
+        root: root.expect("checked"),
+        name: name.expect("checked"),
+        tls_dir: tls_dir.expect("checked"),
+        listen: listen.expect("checked"),
+        role_seed,
+        role_explicit,
+        peers,
+        state_dir,
+        state_rel,
+        metrics_addr,
+        excludes: a.excludes.clone(),
+        batch_idle: Duration::from_millis(a.batch_idle_ms),
+        batch_max_delay: Duration::from_millis(a.batch_max_delay_ms),
+        shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),
+        max_inflight: DEFAULT_MAX_INFLIGHT,
+        log_capacity: DEFAULT_LOG_CAPACITY,
+    })
+}
+
+fn absolutize(p: &Path) -> PathBuf {
+    if let Ok(c) = p.canonicalize() {
+        return c;
+    }
+    // not created yet: canonicalize the parent
+    match (p.parent(), p.file_name()) {
+        (Some(par), Some(name)) if !par.as_os_str().is_empty() => absolutize(par).join(name),
+        _ => std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf()),
+    }
+}
+
+fn check_root(r: &Path) -> Result<PathBuf, String> {
+    let md = std::fs::symlink_metadata(r).map_err(|e| {
+        format!("--root {}: {e}; create the directory or fix the path", r.display())
+    })?;
+    if md.file_type().is_symlink() {
+        return Err(format!(
+            "--root {} is a symlink; pass the real directory ({}) so nothing is replicated through a link",
+            r.display(),
+            r.canonicalize().map(|p| p.display().to_string()).unwrap_or_else(|_| "its target".into())
+        ));
+    }
+    if !md.is_dir() {
+        return Err(format!("--root {}: not a directory", r.display()));
+    }
+    let c = r.canonicalize().map_err(|e| format!("--root {}: {e}", r.display()))?;
+    if c == Path::new("/") {
+        return Err("--root /: refusing to replicate the whole filesystem; pass the volume's mount path".into());
+    }
+    std::fs::read_dir(&c).map_err(|e| {
+        format!("--root {}: cannot read it ({e}); run ferry as a user that can read and write the volume", c.display())
+    })?;
+    Ok(c)
+}
+
+fn usage_exit(errs: &[String]) -> i32 {
+    eprintln!("ferry: invalid settings:");
+    for e in errs {
+        eprintln!("  - {e}");
+    }
+    eprintln!("(every flag can also be set from FERRY_<FLAG>; see `ferry run --help`)");
+    EXIT_USAGE
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ferry")
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Entry point; returns the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => EXIT_USAGE,
+            };
+            let _ = e.print();
+            return code;
+        }
+    };
+    crate::telemetry::init_logging(&cli.log_level);
+    match cli.cmd {
+        Command::Cert(c) => {
+            let r = match c {
+                CertCommand::Init { out, name } => ferry_net::certs::init_ca(&out, &name).map(|_| {
+                    println!("CA written: {}/ca.crt, {}/ca.key (keep ca.key secret)", out.display(), out.display())
+                }),
+                CertCommand::Issue { ca, name, out, days } => ferry_net::certs::issue(&ca, &name, &out, days).map(|_| {
+                    println!("certificate for {name} written: {}/tls.crt, tls.key, ca.crt", out.display())
+                }),
+            };
+            match r {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("ferry: {e}");
+                    1
+                }
+            }
+        }
+        Command::Run(a) => {
+            let cfg = match resolve(&a) {
+                Ok(c) => c,
+                Err(errs) => return usage_exit(&errs),
+            };
+            runtime().block_on(run(cfg))
+        }
+        Command::Status(a) => {
+            let sd = match (&a.state_dir, &a.root) {
+                (Some(s), _) => s.clone(),
+                (None, Some(r)) => r.join(".ferry"),
+                (None, None) => return usage_exit(&["ferry status needs --state-dir DIR or --root DIR".into()]),
+            };
+            let cmd = if a.json { "status" } else { "status-text" };
+            match runtime().block_on(crate::control::query(&sd, cmd)) {
+                Ok(out) => {
+                    print!("{}", out.replace("\\n", "\n"));
+                    0
+                }
+                Err(e) => {
+                    eprintln!("ferry: {e:#}");
+                    1
+                }
+            }
+        }
+        Command::Demo(a) => runtime().block_on(crate::demo::run(a)),
+    }
+}
+
+async fn run(cfg: NodeConfig) -> i32 {
+    let handle = match crate::node::start(cfg).await {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            tracing::error!(error = %format!("{e:#}"), "ferry could not start");
+            return 1;
+        }
+    };
+    let mut handle = handle;
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ferry: cannot install SIGTERM handler: {e}");
+            return 1;
+        }
+    };
+    let code = tokio::select! {
+        _ = term.recv() => { tracing::info!("SIGTERM: shipping what is pending, then exiting"); 0 }
+        _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: shutting down"); 0 }
+        _ = handle.wait_fatal() => { tracing::error!("a node task failed; exiting"); 1 }
+    };
+    handle.shutdown().await;
+    code
+}

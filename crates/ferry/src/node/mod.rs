@@ -1,0 +1,247 @@
+//! A running ferry node: state dir, transport, metrics, and the primary's or
+//! the replica's loops. `ferry run` and `ferry demo` both start nodes here.
+
+pub mod primary;
+pub mod replica;
+
+use crate::config::NodeConfig;
+use crate::telemetry::Metrics;
+use anyhow::Context;
+use ferry_store::{NodeState, Role, StateDir};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// What `ferry status` shows; updated by the loops.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub name: String,
+    pub role: String,
+    pub epoch: u64,
+    pub sealed_seq: u64,
+    pub applied_seq: u64,
+    pub consistent_as_of_ns: u64,
+    pub peers: Vec<PeerStatus>,
+    pub resync: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PeerStatus {
+    pub name: String,
+    pub connected: bool,
+    pub acked_seq: u64,
+    pub unacked: u64,
+    pub last_error: Option<String>,
+}
+
+/// JSON string escaping for `ferry status --json` (no serde dependency).
+fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+impl Status {
+    /// Human-readable form for `ferry status`.
+    pub fn to_text(&self) -> String {
+        let mut o = format!("node:      {}\nrole:      {}\nepoch:     {}\n", self.name, self.role, self.epoch);
+        if self.role == "primary" {
+            o += &format!("sealed:    batch {}\n", self.sealed_seq);
+        } else {
+            let when = if self.consistent_as_of_ns == 0 {
+                "never (no batch applied yet)".to_string()
+            } else {
+                let age = now_ns().saturating_sub(self.consistent_as_of_ns) as f64 / 1e9;
+                format!("sealed at source time {:.3} ({age:.1} s ago)", self.consistent_as_of_ns as f64 / 1e9)
+            };
+            o += &format!("consistent as of seq {}, {when}\n", self.applied_seq);
+        }
+        if let Some(r) = &self.resync {
+            o += &format!("resync:    {r}\n");
+        }
+        for p in &self.peers {
+            o += &format!(
+                "peer {}: {}, acked seq {}, backlog {} batches{}\n",
+                p.name,
+                if p.connected { "connected" } else { "disconnected" },
+                p.acked_seq,
+                p.unacked,
+                p.last_error.as_deref().map(|e| format!(", last error: {e}")).unwrap_or_default()
+            );
+        }
+        o
+    }
+
+    pub fn to_json(&self) -> String {
+        let peers: Vec<String> = self
+            .peers
+            .iter()
+            .map(|p| {
+                format!(
+                    "{{\"name\":{},\"connected\":{},\"acked_seq\":{},\"unacked\":{},\"last_error\":{}}}",
+                    esc(&p.name),
+                    p.connected,
+                    p.acked_seq,
+                    p.unacked,
+                    p.last_error.as_deref().map(esc).unwrap_or_else(|| "null".into())
+                )
+            })
+            .collect();
+        format!(
+            "{{\"name\":{},\"role\":{},\"epoch\":{},\"sealed_seq\":{},\"applied_seq\":{},\"consistent_as_of_ns\":{},\"resync\":{},\"peers\":[{}]}}",
+            esc(&self.name),
+            esc(&self.role),
+            self.epoch,
+            self.sealed_seq,
+            self.applied_seq,
+            self.consistent_as_of_ns,
+            self.resync.as_deref().map(esc).unwrap_or_else(|| "null".into()),
+            peers.join(",")
+        )
+    }
+}
+
+/// State shared by a node's tasks.
+pub struct Shared {
+    pub cfg: NodeConfig,
+    pub metrics: Metrics,
+    pub ready: Arc<AtomicBool>,
+    pub status: Mutex<Status>,
+    pub state: Mutex<(StateDir, NodeState)>,
+}
+
+impl Shared {
+    pub fn node_state(&self) -> NodeState {
+        self.state.lock().expect("state lock").1
+    }
+    /// Persists `st` (fsync) and makes it current.
+    pub fn save_state(&self, st: NodeState) -> Result<(), ferry_store::StoreError> {
+        let mut g = self.state.lock().expect("state lock");
+        g.0.save(&st)?;
+        g.1 = st;
+        Ok(())
+    }
+    pub fn set_status(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().expect("status lock"));
+    }
+}
+
+/// A started node.
+pub struct NodeHandle {
+    pub listen: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<()>,
+    transport: Arc<ferry_net::Transport>,
+}
+
+impl NodeHandle {
+    /// Stops the node: the primary ships what is pending (bounded by the
+    /// grace period), the replica finishes the batch in progress.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        let grace = self.shared.cfg.shutdown_grace;
+        let _ = tokio::time::timeout(grace, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        self.tasks.abort_all();
+        self.transport.close();
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), self.transport.wait_idle()).await;
+    }
+
+    /// Resolves when any node task ends by itself (a fatal error).
+    pub async fn wait_fatal(&mut self) {
+        self.tasks.join_next().await;
+    }
+}
+
+/// Opens state, binds sockets and starts the node's tasks.
+pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
+    let (state_dir, loaded) = StateDir::open(&cfg.state_dir)?;
+    let st = match loaded {
+        Some(s) => {
+            if s.role != cfg.role_seed && cfg.role_explicit {
+                tracing::warn!(
+                    durable_role = s.role.as_str(),
+                    flag_role = cfg.role_seed.as_str(),
+                    "--role is ignored: this node already has state, and its durable role decides"
+                );
+            }
+            s
+        }
+        None => NodeState {
+            role: cfg.role_seed,
+            epoch: if cfg.role_seed == Role::Primary { 1 } else { 0 },
+            seq: 0,
+            applied_epoch: 0,
+            sealed_at_ns: 0,
+        },
+    };
+    let tls = ferry_net::load_tls(&cfg.tls_dir, &cfg.name)?;
+    let allowed: Vec<String> = cfg.peers.iter().map(|p| p.name.clone()).collect();
+    let transport = Arc::new(ferry_net::Transport::bind(cfg.listen, &tls, allowed)?);
+    let listen = transport.local_addr().context("reading the bound address")?;
+    let metrics = Metrics::new();
+    metrics.epoch.set(st.epoch as i64);
+    metrics.role.with_label_values(&[st.role.as_str()]).set(1);
+    let ready = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    let metrics_addr = match cfg.metrics_addr {
+        Some(a) => {
+            let l = crate::telemetry::bind_metrics(a).await?;
+            let addr = l.local_addr()?;
+            tasks.spawn(crate::telemetry::serve_http(l, metrics.clone(), ready.clone()));
+            Some(addr)
+        }
+        None => None,
+    };
+    let status = Status {
+        name: cfg.name.clone(),
+        role: st.role.as_str().into(),
+        epoch: st.epoch,
+        ..Status::default()
+    };
+    let shared = Arc::new(Shared {
+        cfg,
+        metrics,
+        ready,
+        status: Mutex::new(status),
+        state: Mutex::new((state_dir, st)),
+    });
+    shared.save_state(st)?;
+    crate::control::spawn(&shared, &mut tasks)?;
+    let (tx, rx) = watch::channel(false);
+    match st.role {
+        Role::Primary => primary::start(shared.clone(), transport.clone(), rx, &mut tasks).await?,
+        Role::Replica => replica::start(shared.clone(), transport.clone(), rx, &mut tasks).await?,
+    }
+    tracing::info!(name = %shared.cfg.name, role = st.role.as_str(), %listen, epoch = st.epoch, "ferry node started");
+    Ok(NodeHandle {
+        listen,
+        metrics_addr,
+        shared,
+        shutdown: tx,
+        tasks,
+        transport,
+    })
+}
+
+/// Unix nanoseconds now.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

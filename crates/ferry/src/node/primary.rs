@@ -1,0 +1,802 @@
+//! The primary: watch → coalesce → seal → per-peer senders.
+//!
+//! A sealed batch records, for every dirty path, its state at seal time
+//! (kind, mode, mtime, size and the file's identity: dev and inode). File
+//! content is read when the batch is sent, with the G3 check: the inode must
+//! be the sealed one, and size, mtime and ctime must be the same before and
+//! after the read, or the read is retried; a file that vanished keeps the
+//! replica's older (real) version and is remembered, so a later rename of it
+//! is sent as content instead of a move.
+
+use super::{now_ns, Shared};
+use crate::config::PeerSpec;
+use anyhow::{anyhow, bail, Context};
+use ferry_core::diff::{diff, Action};
+use ferry_core::fence::{resume_point, Resume};
+use ferry_core::{BatchTimer, Coalescer, EntryKind, RelPath};
+use ferry_net::{MsgRecv, MsgSend, Transport};
+use ferry_proto::{BatchHeader, Entry, FileHeader, Hello, Message, Op, RefuseCode, MAX_DATA, VERSION};
+use ferry_watch::{scan, Excludes, RawEvent, Scanned, Skip, Translator, Watcher};
+use std::collections::{HashSet, VecDeque};
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// One entry of a sealed batch.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub path: RelPath,
+    /// `None`: absent at seal time.
+    pub state: Option<Scanned>,
+    /// The replica drops what it holds at `path` first (a new subtree).
+    pub replace: bool,
+}
+
+/// A sealed batch.
+#[derive(Debug)]
+pub struct SealedBatch {
+    pub epoch: u64,
+    pub seq: u64,
+    pub sealed_at_ns: u64,
+    pub sealed_at: Instant,
+    pub exact: bool,
+    /// Events were lost: peers resync to this batch instead.
+    pub resync_all: bool,
+    pub renames: Vec<(RelPath, RelPath)>,
+    pub items: Vec<Item>,
+}
+
+/// Sealed batches kept for peers that are behind.
+pub struct Log {
+    batches: VecDeque<Arc<SealedBatch>>,
+    cap: usize,
+    last_seq: u64,
+    /// The batcher has stopped (shutdown): `last_seq` is final.
+    closed: bool,
+}
+
+impl Log {
+    fn first_seq(&self) -> u64 {
+        self.batches.front().map(|b| b.seq).unwrap_or(self.last_seq + 1)
+    }
+    fn get(&self, seq: u64) -> Option<Arc<SealedBatch>> {
+        let first = self.batches.front()?.seq;
+        let i = seq.checked_sub(first)? as usize;
+        self.batches.get(i).cloned()
+    }
+    fn push(&mut self, b: Arc<SealedBatch>) {
+        self.last_seq = b.seq;
+        self.batches.push_back(b);
+        while self.batches.len() > self.cap {
+            self.batches.pop_front();
+        }
+    }
+}
+
+struct Ctx {
+    shared: Arc<Shared>,
+    log: Mutex<Log>,
+    seq_tx: watch::Sender<u64>,
+    excludes: Excludes,
+}
+
+pub async fn start(
+    shared: Arc<Shared>,
+    transport: Arc<Transport>,
+    shutdown: watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> anyhow::Result<()> {
+    let cfg = &shared.cfg;
+    let excludes = Excludes::new(&cfg.excludes, cfg.state_rel.clone())?;
+    let st = shared.node_state();
+    let (seq_tx, _) = watch::channel(st.seq);
+    let ctx = Arc::new(Ctx {
+        shared: shared.clone(),
+        log: Mutex::new(Log {
+            batches: VecDeque::new(),
+            cap: cfg.log_capacity,
+            last_seq: st.seq,
+            closed: false,
+        }),
+        seq_tx,
+        excludes,
+    });
+    shared.metrics.sealed_seq.set(st.seq as i64);
+    shared.set_status(|s| s.sealed_seq = st.seq);
+    let (tx, rx) = mpsc::channel(8192);
+    let watcher = Watcher::start(&cfg.root, tx).map_err(|e| {
+        shared.metrics.error("watch");
+        anyhow!(e)
+    })?;
+    {
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let _keep = watcher;
+            if let Err(e) = batcher(&ctx, rx, shutdown).await {
+                tracing::error!(error = %e, "the batcher stopped; no further changes are shipped");
+                ctx.shared.metrics.error("seal");
+            }
+            ctx.log.lock().expect("log").closed = true;
+            ctx.seq_tx.send_modify(|_| {});
+        });
+    }
+    // A transport in both roles: only the listed peers may connect, and a
+    // primary refuses batches (a peer that thinks it is primary is told so).
+    {
+        let transport = transport.clone();
+        let shared = shared.clone();
+        tasks.spawn(async move { super::replica::refuse_as_primary(shared, transport).await });
+    }
+    for p in shared.cfg.peers.clone() {
+        let ctx = ctx.clone();
+        let transport = transport.clone();
+        let shutdown = shutdown.clone();
+        shared.metrics.peer_connected.with_label_values(&[&p.name]).set(0);
+        tasks.spawn(async move { peer_loop(ctx, transport, p, shutdown).await });
+    }
+    shared.ready.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
+async fn batcher(ctx: &Ctx, mut rx: mpsc::Receiver<RawEvent>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let cfg = &ctx.shared.cfg;
+    let m = &ctx.shared.metrics;
+    let mut tr = Translator::new(cfg.root.clone(), ctx.excludes.clone());
+    let mut co = Coalescer::new();
+    let mut timer = BatchTimer::new(cfg.batch_idle, cfg.batch_max_delay);
+    let mut changes = Vec::new();
+    let fold = |ev: RawEvent, tr: &mut Translator, co: &mut Coalescer, timer: &mut BatchTimer, changes: &mut Vec<ferry_core::Change>| {
+        match &ev {
+            RawEvent::Overflow => {
+                m.overflows.inc();
+                m.rescans.inc();
+                tracing::warn!("inotify queue overflowed; peers will be brought back by a manifest diff");
+            }
+            RawEvent::Error(msg, max) => {
+                m.error(if *max { "watch_limit" } else { "watch" });
+                if *max {
+                    tracing::error!(error = %msg, "inotify watch limit reached; raise `sysctl fs.inotify.max_user_watches`; new directories are covered by rescans until then");
+                } else {
+                    tracing::warn!(error = %msg, "watcher error; rescanning");
+                }
+            }
+            _ => {}
+        }
+        tr.push(ev, changes);
+        for c in changes.drain(..) {
+            co.push(c);
+        }
+        if !co.is_empty() {
+            timer.on_change(Instant::now());
+        }
+    };
+    loop {
+        let deadline = timer.deadline();
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some(ev) = ev else { break };
+                fold(ev, &mut tr, &mut co, &mut timer, &mut changes);
+                while let Ok(ev) = rx.try_recv() {
+                    fold(ev, &mut tr, &mut co, &mut timer, &mut changes);
+                }
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                let mut rest = Vec::new();
+                tr.flush(&mut rest);
+                for c in rest { co.push(c); }
+                seal(ctx, &mut co, &rx).await?;
+                timer.reset();
+            }
+            _ = shutdown.changed() => {
+                while let Ok(ev) = rx.try_recv() {
+                    fold(ev, &mut tr, &mut co, &mut timer, &mut changes);
+                }
+                let mut rest = Vec::new();
+                tr.flush(&mut rest);
+                for c in rest { co.push(c); }
+                seal(ctx, &mut co, &rx).await?;
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn sleep_until(d: Option<Instant>) {
+    match d {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn note_skips(shared: &Shared, skipped: &[Skip]) {
+    for s in skipped {
+        let (reason, path) = match s {
+            Skip::Special(p) => ("special_file", p),
+            Skip::SetuidDropped(p) => ("setuid_dropped", p),
+            Skip::LinkEscapes(p) => ("link_escapes_root", p),
+        };
+        shared.metrics.skipped.with_label_values(&[reason]).inc();
+        tracing::warn!(path = %path, reason, "entry not replicated as is (G6)");
+    }
+}
+
+/// Reads the state of everything the batch must carry.
+fn read_items(root: &Path, excludes: &Excludes, pending: &ferry_core::Pending, skipped: &mut Vec<Skip>) -> anyhow::Result<Vec<Item>> {
+    let mut items = Vec::with_capacity(pending.dirty.len());
+    let mut seen = HashSet::new();
+    for (path, recursive) in &pending.dirty {
+        if *recursive {
+            let mut out = Vec::new();
+            scan::scan_tree(root, Some(path), excludes, &mut out, skipped)
+                .with_context(|| format!("scanning {path}"))?;
+            // scan_tree drops an excluded start; an absent start gives nothing
+            if out.first().is_none_or(|s| s.entry.path != *path) {
+                if seen.insert(path.clone()) {
+                    items.push(Item { path: path.clone(), state: None, replace: true });
+                }
+                continue;
+            }
+            for (i, s) in out.into_iter().enumerate() {
+                if seen.insert(s.entry.path.clone()) {
+                    items.push(Item { path: s.entry.path.clone(), state: Some(s), replace: i == 0 });
+                }
+            }
+        } else {
+            if !seen.insert(path.clone()) {
+                continue;
+            }
+            let st = scan::lstat_entry(root, path, skipped).with_context(|| format!("reading {path}"))?;
+            if let Some(s) = &st {
+                if excludes.is_excluded(path, s.entry.kind == EntryKind::Dir) {
+                    continue;
+                }
+            }
+            items.push(Item { path: path.clone(), state: st, replace: false });
+        }
+    }
+    Ok(items)
+}
+
+async fn seal(ctx: &Ctx, co: &mut Coalescer, rx: &mpsc::Receiver<RawEvent>) -> anyhow::Result<()> {
+    if co.is_empty() {
+        return Ok(());
+    }
+    let pending = co.take();
+    let root = ctx.shared.cfg.root.clone();
+    let excludes = ctx.excludes.clone();
+    let (items, skipped) = {
+        let pending = pending.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut skipped = Vec::new();
+            read_items(&root, &excludes, &pending, &mut skipped).map(|i| (i, skipped))
+        })
+        .await??
+    };
+    note_skips(&ctx.shared, &skipped);
+    let exact = rx.is_empty();
+    let mut st = ctx.shared.node_state();
+    st.seq += 1;
+    st.sealed_at_ns = now_ns();
+    ctx.shared.save_state(st).map_err(|e| {
+        ctx.shared.metrics.error("state_fsync");
+        anyhow!(e)
+    })?;
+    let b = Arc::new(SealedBatch {
+        epoch: st.epoch,
+        seq: st.seq,
+        sealed_at_ns: st.sealed_at_ns,
+        sealed_at: Instant::now(),
+        exact,
+        resync_all: pending.rescan_all,
+        renames: pending.renames,
+        items,
+    });
+    if exact {
+        ctx.shared.metrics.exact.inc();
+    }
+    tracing::debug!(seq = b.seq, renames = b.renames.len(), items = b.items.len(), "sealed batch");
+    ctx.log.lock().expect("log").push(b);
+    ctx.shared.metrics.batches_sealed.inc();
+    ctx.shared.metrics.sealed_seq.set(st.seq as i64);
+    ctx.shared.set_status(|s| s.sealed_seq = st.seq);
+    let _ = ctx.seq_tx.send(st.seq);
+    Ok(())
+}
+
+/// Per-peer progress shared by the sender and the ack reader.
+struct PeerProgress {
+    acked: watch::Sender<u64>,
+    inflight: Mutex<VecDeque<(u64, Instant)>>,
+    need_resync: AtomicBool,
+}
+
+async fn peer_loop(ctx: Arc<Ctx>, transport: Arc<Transport>, peer: PeerSpec, mut shutdown: watch::Receiver<bool>) {
+    let m = &ctx.shared.metrics;
+    let progress = Arc::new(PeerProgress {
+        acked: watch::channel(0).0,
+        inflight: Mutex::new(VecDeque::new()),
+        // The first session after a start resyncs: changes made while the
+        // node was down are found by the manifest diff.
+        need_resync: AtomicBool::new(true),
+    });
+    ctx.shared.set_status(|s| {
+        s.peers.push(super::PeerStatus { name: peer.name.clone(), ..Default::default() })
+    });
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *shutdown.borrow() && done(&ctx, &progress) {
+            return;
+        }
+        let res = session(&ctx, &transport, &peer, &progress, &mut backoff, shutdown.clone()).await;
+        m.peer_connected.with_label_values(&[&peer.name]).set(0);
+        match res {
+            Ok(()) => return,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::warn!(peer = %peer.name, error = %msg, retry_in_ms = backoff.as_millis() as u64, "peer session ended; retrying");
+                m.error("peer_session");
+                ctx.shared.set_status(|s| {
+                    if let Some(p) = s.peers.iter_mut().find(|p| p.name == peer.name) {
+                        p.connected = false;
+                        p.last_error = Some(msg.clone());
+                    }
+                });
+            }
+        }
+        if *shutdown.borrow() && ctx.log.lock().expect("log").closed {
+            return; // shutting down and the peer is unreachable: do not wait
+        }
+        let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = shutdown.changed() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn done(ctx: &Ctx, progress: &PeerProgress) -> bool {
+    let log = ctx.log.lock().expect("log");
+    log.closed && *progress.acked.borrow() >= log.last_seq
+}
+
+struct Sender<'a> {
+    ctx: &'a Ctx,
+    peer: &'a str,
+    send: MsgSend,
+    progress: &'a PeerProgress,
+    /// Paths the peer lacks the sealed content of (vanished before send).
+    missing: HashSet<RelPath>,
+    epoch: u64,
+}
+
+async fn session(
+    ctx: &Arc<Ctx>,
+    transport: &Transport,
+    peer: &PeerSpec,
+    progress: &Arc<PeerProgress>,
+    backoff: &mut Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let addr = tokio::net::lookup_host(&peer.addr)
+        .await
+        .with_context(|| format!("resolving {}", peer.addr))?
+        .next()
+        .ok_or_else(|| anyhow!("{} resolves to no address", peer.addr))?;
+    let conn = transport.connect(addr, &peer.name).await?;
+    let (mut send, mut recv) = conn.open().await?;
+    let st = ctx.shared.node_state();
+    let last_seq = ctx.log.lock().expect("log").last_seq;
+    send.send(&Message::Hello(Hello { version: VERSION, node: ctx.shared.cfg.name.clone(), epoch: st.epoch, last_seq }))
+        .await?;
+    send.flush().await?;
+    let welcome = match recv.recv().await? {
+        Some(Message::Welcome(w)) => w,
+        Some(Message::Refuse(r)) => {
+            if r.code == RefuseCode::StaleEpoch {
+                ctx.shared.metrics.error("fenced");
+            }
+            bail!("{} refused this primary ({:?}): {}", peer.name, r.code, r.message)
+        }
+        Some(other) => bail!("{} answered hello with {other:?}", peer.name),
+        None => bail!("{} closed the stream during the handshake", peer.name),
+    };
+    *backoff = Duration::from_millis(100);
+    let m = &ctx.shared.metrics;
+    m.peer_connected.with_label_values(&[&peer.name]).set(1);
+    tracing::info!(peer = %peer.name, %addr, applied_seq = welcome.applied_seq, applied_epoch = welcome.applied_epoch, "peer connected");
+    ctx.shared.set_status(|s| {
+        if let Some(p) = s.peers.iter_mut().find(|p| p.name == peer.name) {
+            p.connected = true;
+            p.last_error = None;
+        }
+    });
+    progress.acked.send_replace(if welcome.applied_epoch == st.epoch { welcome.applied_seq } else { 0 });
+    progress.inflight.lock().expect("inflight").clear();
+    let (man_tx, man_rx) = mpsc::channel(1024);
+    let reader = read_acks(ctx, &peer.name, progress, &mut recv, man_tx);
+    let mut sender = Sender { ctx, peer: &peer.name, send, progress, missing: HashSet::new(), epoch: st.epoch };
+    let first = {
+        let log = ctx.log.lock().expect("log");
+        if progress.need_resync.load(Ordering::Relaxed) {
+            Resume::Resync
+        } else {
+            resume_point(st.epoch, log.last_seq, log.first_seq(), welcome.applied_epoch, welcome.applied_seq)
+        }
+    };
+    let sending = sender.run(first, man_rx, &mut shutdown);
+    tokio::select! {
+        r = reader => r,
+        r = sending => {
+            let r = r;
+            if r.is_ok() {
+                let _ = sender_finish(&conn).await;
+            }
+            r
+        }
+    }
+}
+
+async fn sender_finish(conn: &ferry_net::Conn) -> anyhow::Result<()> {
+    conn.close(0, "primary shutting down");
+    Ok(())
+}
+
+async fn read_acks(
+    ctx: &Ctx,
+    peer: &str,
+    progress: &PeerProgress,
+    recv: &mut MsgRecv,
+    man_tx: mpsc::Sender<Option<Entry>>,
+) -> anyhow::Result<()> {
+    let m = &ctx.shared.metrics;
+    loop {
+        match recv.recv().await? {
+            Some(Message::Ack { epoch: _, seq }) => {
+                let now = Instant::now();
+                {
+                    let mut inf = progress.inflight.lock().expect("inflight");
+                    while let Some((s, t)) = inf.front().copied() {
+                        if s > seq {
+                            break;
+                        }
+                        inf.pop_front();
+                        m.lag.with_label_values(&[peer]).observe(now.duration_since(t).as_secs_f64());
+                    }
+                }
+                progress.acked.send_replace(seq);
+                let last = ctx.log.lock().expect("log").last_seq;
+                m.acked_seq.with_label_values(&[peer]).set(seq as i64);
+                m.unacked.with_label_values(&[peer]).set(last.saturating_sub(seq) as i64);
+                ctx.shared.set_status(|s| {
+                    if let Some(p) = s.peers.iter_mut().find(|p| p.name == peer) {
+                        p.acked_seq = seq;
+                        p.unacked = last.saturating_sub(seq);
+                    }
+                });
+            }
+            Some(Message::ManifestEntry(e)) => {
+                if man_tx.send(Some(e)).await.is_err() {
+                    bail!("manifest arrived while no resync was running");
+                }
+            }
+            Some(Message::ManifestEnd { .. }) => {
+                let _ = man_tx.send(None).await;
+            }
+            Some(Message::Refuse(r)) => {
+                if matches!(r.code, RefuseCode::Inconsistent | RefuseCode::Protocol) {
+                    progress.need_resync.store(true, Ordering::Relaxed);
+                }
+                m.error("peer_refused");
+                bail!("{peer} stopped the stream ({:?}): {}", r.code, r.message);
+            }
+            Some(other) => bail!("{peer} sent an unexpected {other:?}"),
+            None => bail!("{peer} ended the stream"),
+        }
+    }
+}
+
+enum FileOutcome {
+    Sent(u64),
+    Vanished,
+    Unstable,
+}
+
+impl Sender<'_> {
+    async fn run(
+        &mut self,
+        first: Resume,
+        mut man_rx: mpsc::Receiver<Option<Entry>>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let mut seq_rx = self.ctx.seq_tx.subscribe();
+        let max_inflight = self.ctx.shared.cfg.max_inflight as u64;
+        let mut next = match first {
+            Resume::From(n) => n,
+            Resume::Resync => {
+                let target = self.ctx.log.lock().expect("log").last_seq;
+                self.resync(target, &mut man_rx).await?;
+                target + 1
+            }
+        };
+        loop {
+            // wait for something to send
+            loop {
+                let (last, closed) = {
+                    let log = self.ctx.log.lock().expect("log");
+                    (log.last_seq, log.closed)
+                };
+                if next <= last {
+                    break;
+                }
+                if closed && *shutdown.borrow() {
+                    // everything sealed was sent: wait for the acks, then end
+                    let mut acked = self.progress.acked.subscribe();
+                    let _ = acked.wait_for(|a| *a >= last).await;
+                    return Ok(());
+                }
+                tokio::select! {
+                    r = seq_rx.changed() => { if r.is_err() { return Ok(()); } }
+                    _ = shutdown.changed() => {}
+                }
+            }
+            // bounded in-flight window
+            let mut acked = self.progress.acked.subscribe();
+            let _ = acked.wait_for(|a| next.saturating_sub(*a) <= max_inflight).await;
+            let batch = self.ctx.log.lock().expect("log").get(next);
+            match batch {
+                None => {
+                    tracing::info!(peer = self.peer, next, "batch no longer in the log; resyncing");
+                    let target = self.ctx.log.lock().expect("log").last_seq;
+                    self.resync(target, &mut man_rx).await?;
+                    next = target + 1;
+                }
+                Some(b) if b.resync_all => {
+                    self.resync(b.seq, &mut man_rx).await?;
+                    next = b.seq + 1;
+                }
+                Some(b) => {
+                    self.send_batch(&b).await?;
+                    next += 1;
+                }
+            }
+        }
+    }
+
+    fn track(&self, seq: u64, sealed_at: Instant) {
+        self.progress.inflight.lock().expect("inflight").push_back((seq, sealed_at));
+    }
+
+    async fn resync(&mut self, target: u64, man_rx: &mut mpsc::Receiver<Option<Entry>>) -> anyhow::Result<()> {
+        let m = &self.ctx.shared.metrics;
+        m.resyncs.with_label_values(&[self.peer]).inc();
+        let started = Instant::now();
+        tracing::info!(peer = self.peer, target, "resync: comparing manifests");
+        self.ctx.shared.set_status(|s| s.resync = Some(format!("{}: comparing manifests", self.peer)));
+        self.send.send(&Message::ManifestRequest).await?;
+        self.send.flush().await?;
+        let root = self.ctx.shared.cfg.root.clone();
+        let excludes = self.ctx.excludes.clone();
+        let local = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let mut skipped = Vec::new();
+            scan::scan_tree(&root, None, &excludes, &mut out, &mut skipped).map(|_| (out, skipped))
+        });
+        let mut remote = Vec::new();
+        while let Some(e) = man_rx.recv().await.ok_or_else(|| anyhow!("stream ended during the manifest"))? {
+            remote.push(e);
+        }
+        remote.sort_by(|a, b| a.path.walk_cmp(&b.path));
+        let (local, skipped) = local.await??;
+        note_skips(&self.ctx.shared, &skipped);
+        let actions = diff(&local, |s| &s.entry, &remote);
+        let total = actions.len();
+        tracing::info!(peer = self.peer, local = local.len(), remote = remote.len(), to_send = total, "resync: sending differences");
+        self.missing.clear();
+        let sealed_at = Instant::now();
+        self.send
+            .send(&Message::BatchBegin(BatchHeader { epoch: self.epoch, seq: target, sealed_at_ns: now_ns(), exact: false, resync: true }))
+            .await?;
+        for (i, a) in actions.into_iter().enumerate() {
+            match a {
+                Action::Delete(p) => self.send.send(&Message::Op(Op::Delete { path: p })).await?,
+                Action::Send(s) => self.send_state(&s, true).await?,
+            }
+            if i % 1000 == 999 {
+                self.ctx.shared.set_status(|s| s.resync = Some(format!("{}: {}/{} entries sent", self.peer, i + 1, total)));
+            }
+        }
+        self.send.send(&Message::BatchEnd { seq: target }).await?;
+        self.send.flush().await?;
+        self.track(target, sealed_at);
+        self.progress.need_resync.store(false, Ordering::Relaxed);
+        self.ctx.shared.set_status(|s| s.resync = None);
+        tracing::info!(peer = self.peer, target, elapsed_ms = started.elapsed().as_millis() as u64, "resync sent");
+        Ok(())
+    }
+
+    fn is_missing(&self, p: &RelPath) -> bool {
+        if self.missing.is_empty() {
+            return false;
+        }
+        let mut cur = Some(p.clone());
+        while let Some(c) = cur {
+            if self.missing.contains(&c) {
+                return true;
+            }
+            cur = c.parent();
+        }
+        false
+    }
+
+    fn forget_missing_under(&mut self, p: &RelPath) {
+        if !self.missing.is_empty() {
+            self.missing.retain(|m| !m.starts_with(p));
+        }
+    }
+
+    async fn send_batch(&mut self, b: &SealedBatch) -> anyhow::Result<()> {
+        self.send
+            .send(&Message::BatchBegin(BatchHeader {
+                epoch: b.epoch,
+                seq: b.seq,
+                sealed_at_ns: b.sealed_at_ns,
+                exact: b.exact,
+                resync: false,
+            }))
+            .await?;
+        for (from, to) in &b.renames {
+            if self.is_missing(from) {
+                // The peer never got what was moved: send it whole instead.
+                self.send.send(&Message::Op(Op::Delete { path: from.clone() })).await?;
+                self.send.send(&Message::Op(Op::Delete { path: to.clone() })).await?;
+                self.forget_missing_under(from);
+                self.forget_missing_under(to);
+                let root = self.ctx.shared.cfg.root.clone();
+                let excludes = self.ctx.excludes.clone();
+                let to2 = to.clone();
+                let (now, skipped) = tokio::task::spawn_blocking(move || {
+                    let mut out = Vec::new();
+                    let mut skipped = Vec::new();
+                    scan::scan_tree(&root, Some(&to2), &excludes, &mut out, &mut skipped).map(|_| (out, skipped))
+                })
+                .await??;
+                note_skips(&self.ctx.shared, &skipped);
+                for s in now {
+                    self.send_state(&s, false).await?;
+                }
+            } else {
+                self.send.send(&Message::Op(Op::Rename { from: from.clone(), to: to.clone() })).await?;
+                if !self.missing.is_empty() {
+                    let moved: Vec<RelPath> = self.missing.iter().filter(|m| m.starts_with(from)).cloned().collect();
+                    for mp in moved {
+                        self.missing.remove(&mp);
+                        if let Some(n) = mp.rebase(from, to) {
+                            self.missing.insert(n);
+                        }
+                    }
+                }
+            }
+        }
+        for item in &b.items {
+            if item.replace {
+                self.send.send(&Message::Op(Op::Delete { path: item.path.clone() })).await?;
+                self.forget_missing_under(&item.path);
+            }
+            match &item.state {
+                None => {
+                    if !item.replace {
+                        self.send.send(&Message::Op(Op::Delete { path: item.path.clone() })).await?;
+                        self.forget_missing_under(&item.path);
+                    }
+                }
+                Some(s) => self.send_state(s, false).await?,
+            }
+        }
+        self.send.send(&Message::BatchEnd { seq: b.seq }).await?;
+        self.send.flush().await?;
+        self.track(b.seq, b.sealed_at);
+        self.ctx.shared.metrics.batches_sent.with_label_values(&[self.peer]).inc();
+        Ok(())
+    }
+
+    async fn send_state(&mut self, s: &Scanned, any_inode: bool) -> anyhow::Result<()> {
+        let e = &s.entry;
+        match e.kind {
+            EntryKind::Dir => {
+                self.send.send(&Message::Op(Op::Mkdir { path: e.path.clone(), mode: e.mode })).await?;
+            }
+            EntryKind::Symlink => {
+                self.send
+                    .send(&Message::Op(Op::Symlink { path: e.path.clone(), target: e.target.clone(), mtime: e.mtime }))
+                    .await?;
+            }
+            EntryKind::File => match self.send_file(s, any_inode).await? {
+                FileOutcome::Sent(n) => {
+                    self.missing.remove(&e.path);
+                    self.ctx.shared.metrics.bytes_sent.with_label_values(&[self.peer]).inc_by(n);
+                }
+                FileOutcome::Vanished => {
+                    self.missing.insert(e.path.clone());
+                }
+                FileOutcome::Unstable => {
+                    // Still being written: the next batch carries it.
+                    self.ctx.shared.metrics.error("file_unstable");
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// Sends one file's content, never torn (G3).
+    async fn send_file(&mut self, s: &Scanned, any_inode: bool) -> anyhow::Result<FileOutcome> {
+        let path = scan::abs(&self.ctx.shared.cfg.root, &s.entry.path);
+        'attempt: for _ in 0..4 {
+            let f = tokio::task::block_in_place(|| {
+                std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&path)
+            });
+            let mut f = match f {
+                Ok(f) => f,
+                Err(e) if scan::gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => return Ok(FileOutcome::Vanished),
+                Err(e) => return Err(anyhow!("cannot open {}: {e}", path.display())),
+            };
+            let before = tokio::task::block_in_place(|| f.metadata())?;
+            if !before.is_file() || (!any_inode && (before.dev(), before.ino()) != (s.dev, s.ino)) {
+                return Ok(FileOutcome::Vanished);
+            }
+            let size = before.len();
+            let mode = before.mode() & ferry_proto::MODE_ALLOWED;
+            let mtime = ferry_proto::Mtime { secs: before.mtime(), nanos: before.mtime_nsec().clamp(0, 999_999_999) as u32 };
+            self.send
+                .send(&Message::FileBegin(FileHeader { path: s.entry.path.clone(), mode, mtime, size }))
+                .await?;
+            let mut hasher = blake3::Hasher::new();
+            let mut sent = 0u64;
+            while sent < size {
+                let want = ((size - sent) as usize).min(MAX_DATA);
+                let mut buf = vec![0u8; want];
+                let n = tokio::task::block_in_place(|| read_full(&mut f, &mut buf))?;
+                if n < want {
+                    // shrank while reading
+                    self.send.send(&Message::FileAbort).await?;
+                    continue 'attempt;
+                }
+                hasher.update(&buf);
+                sent += n as u64;
+                self.send.send(&Message::FileData(bytes::Bytes::from(buf))).await?;
+            }
+            let after = tokio::task::block_in_place(|| f.metadata())?;
+            let same = after.len() == size
+                && after.mtime() == before.mtime()
+                && after.mtime_nsec() == before.mtime_nsec()
+                && after.ctime() == before.ctime()
+                && after.ctime_nsec() == before.ctime_nsec();
+            if !same {
+                self.send.send(&Message::FileAbort).await?;
+                continue;
+            }
+            self.send.send(&Message::FileEnd { hash: *hasher.finalize().as_bytes() }).await?;
+            return Ok(FileOutcome::Sent(size));
+        }
+        Ok(FileOutcome::Unstable)
+    }
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}

@@ -1,0 +1,428 @@
+//! The replica: accept the primary, stage and apply batches strictly in
+//! order on a dedicated apply thread, ack once durable (G2, G4, G7).
+
+use super::Shared;
+use anyhow::{anyhow, bail};
+use bytes::Bytes;
+use ferry_apply::{ApplyError, ApplyStats, Applier};
+use ferry_core::fence::{admit, Admit, ReplicaView};
+use ferry_net::{Conn, MsgSend, Transport};
+use ferry_proto::{BatchHeader, Entry, FileHeader, Message, Op, Refuse, RefuseCode, Welcome};
+use ferry_store::Role;
+use ferry_watch::{scan, Excludes};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+enum Cmd {
+    Op(Op),
+    FileBegin(FileHeader),
+    Data(Bytes),
+    FileEnd([u8; 32]),
+    FileAbort,
+    Commit(oneshot::Sender<Result<ApplyStats, ApplyError>>),
+    Reset,
+    Manifest(oneshot::Sender<std::io::Result<Vec<Entry>>>),
+}
+
+/// Handle to the apply thread.
+#[derive(Clone)]
+struct Worker {
+    tx: mpsc::Sender<Cmd>,
+    failed: Arc<AtomicBool>,
+}
+
+fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
+    let cfg = &shared.cfg;
+    let mut applier = Applier::open(&cfg.root, cfg.state_rel.clone())
+        .map_err(|e| anyhow!("cannot open root {} for writing: {e}", cfg.root.display()))?;
+    let excludes = Excludes::new(&cfg.excludes, cfg.state_rel.clone())?;
+    let root = cfg.root.clone();
+    let (tx, mut rx) = mpsc::channel::<Cmd>(16);
+    let failed = Arc::new(AtomicBool::new(false));
+    let f2 = failed.clone();
+    std::thread::Builder::new()
+        .name("ferry-apply".into())
+        .spawn(move || {
+            let mut err: Option<ApplyError> = None;
+            while let Some(cmd) = rx.blocking_recv() {
+                let r = match cmd {
+                    Cmd::Commit(reply) => {
+                        let res = match err.take() {
+                            Some(e) => {
+                                applier.reset();
+                                Err(e)
+                            }
+                            None => applier.commit(),
+                        };
+                        f2.store(false, Ordering::Relaxed);
+                        let _ = reply.send(res);
+                        continue;
+                    }
+                    Cmd::Reset => {
+                        applier.reset();
+                        err = None;
+                        f2.store(false, Ordering::Relaxed);
+                        continue;
+                    }
+                    Cmd::Manifest(reply) => {
+                        let mut out = Vec::new();
+                        let mut skipped = Vec::new();
+                        let r = scan::scan_tree(&root, None, &excludes, &mut out, &mut skipped)
+                            .map(|_| out.into_iter().map(|s| s.entry).collect());
+                        let _ = reply.send(r);
+                        continue;
+                    }
+                    _ if err.is_some() => continue,
+                    Cmd::Op(op) => applier.apply_op(&op),
+                    Cmd::FileBegin(h) => applier.file_begin(&h),
+                    Cmd::Data(d) => applier.file_data(&d),
+                    Cmd::FileEnd(h) => applier.file_end(&h),
+                    Cmd::FileAbort => {
+                        applier.file_abort();
+                        Ok(())
+                    }
+                };
+                if let Err(e) = r {
+                    f2.store(true, Ordering::Relaxed);
+                    err = Some(e);
+                }
+            }
+        })?;
+    Ok(Worker { tx, failed })
+}
+
+impl Worker {
+    async fn send(&self, c: Cmd) -> anyhow::Result<()> {
+        self.tx.send(c).await.map_err(|_| anyhow!("apply thread stopped"))
+    }
+    async fn commit(&self) -> anyhow::Result<Result<ApplyStats, ApplyError>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Commit(tx)).await?;
+        rx.await.map_err(|_| anyhow!("apply thread stopped"))
+    }
+}
+
+pub async fn start(
+    shared: Arc<Shared>,
+    transport: Arc<Transport>,
+    shutdown: watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> anyhow::Result<()> {
+    let root = shared.cfg.root.clone();
+    let cleaned = tokio::task::spawn_blocking(move || ferry_apply::clean_temp_files(&root)).await??;
+    if cleaned > 0 {
+        tracing::info!(count = cleaned, "removed temp files left by an interrupted apply");
+    }
+    let worker = spawn_worker(&shared)?;
+    let st = shared.node_state();
+    shared.metrics.applied_seq.set(st.seq as i64);
+    shared.metrics.consistent_as_of.set(st.sealed_at_ns as f64 / 1e9);
+    shared.set_status(|s| {
+        s.applied_seq = st.seq;
+        s.consistent_as_of_ns = st.sealed_at_ns;
+    });
+    let sessions = Arc::new(Sessions::default());
+    tasks.spawn(async move {
+        let mut shutdown = shutdown;
+        loop {
+            let incoming = tokio::select! {
+                c = transport.accept() => c,
+                _ = shutdown.changed() => {
+                    // let the batch in progress finish, then stop
+                    let deadline = Instant::now() + shared.cfg.shutdown_grace;
+                    while sessions.in_batch.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    return;
+                }
+            };
+            let Some(res) = incoming else { return };
+            let conn = match res {
+                Ok(c) => c,
+                Err(e) => {
+                    shared.metrics.error("auth");
+                    tracing::warn!(error = %e, "refused a connection");
+                    continue;
+                }
+            };
+            let shared2 = shared.clone();
+            let worker2 = worker.clone();
+            let sessions2 = sessions.clone();
+            tokio::spawn(async move {
+                let peer = conn.peer().to_owned();
+                if let Err(e) = session(&shared2, &conn, &worker2, &sessions2).await {
+                    tracing::warn!(peer = %peer, error = %format!("{e:#}"), "primary session ended");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// One primary session applies at a time; a newer one (after a reconnect)
+/// cancels the older, which is usually a dead connection not yet timed out.
+#[derive(Default)]
+struct Sessions {
+    lock: tokio::sync::Mutex<()>,
+    cancel: Mutex<Option<watch::Sender<bool>>>,
+    in_batch: AtomicBool,
+}
+
+async fn refuse(send: &mut MsgSend, code: RefuseCode, epoch: u64, message: String) {
+    let _ = send.send(&Message::Refuse(Refuse { code, epoch, message })).await;
+    let _ = send.finish().await;
+}
+
+fn code_for(e: &ApplyError) -> RefuseCode {
+    match e {
+        ApplyError::Inconsistent { .. } => RefuseCode::Inconsistent,
+        ApplyError::Refused { .. } | ApplyError::BadStream { .. } => RefuseCode::Protocol,
+        ApplyError::NoSpace { .. } | ApplyError::Sync { .. } | ApplyError::Io { .. } => RefuseCode::Apply,
+    }
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    conn: &Conn,
+    worker: &Worker,
+    sessions: &Sessions,
+) -> anyhow::Result<()> {
+    let m = &shared.metrics;
+    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept())
+        .await
+        .map_err(|_| anyhow!("no stream opened within 10 s"))??;
+    let hello = match recv.recv().await? {
+        Some(Message::Hello(h)) => h,
+        other => {
+            m.error("protocol");
+            refuse(&mut send, RefuseCode::Protocol, 0, "expected hello".into()).await;
+            bail!("expected hello, got {other:?}");
+        }
+    };
+    if hello.node != conn.peer() {
+        m.error("protocol");
+        refuse(&mut send, RefuseCode::Protocol, 0, "hello names another node than the certificate".into()).await;
+        bail!("hello from {:?} over a connection authenticated as {:?}", hello.node, conn.peer());
+    }
+    let st = shared.node_state();
+    match admit(ReplicaView { is_primary: st.role == Role::Primary, epoch: st.epoch }, &hello) {
+        Admit::Refuse(code, msg) => {
+            m.error(if code == RefuseCode::StaleEpoch { "fenced" } else { "refused_primary" });
+            tracing::warn!(peer = conn.peer(), ?code, reason = %msg, "refused a primary");
+            refuse(&mut send, code, st.epoch, msg).await;
+            return Ok(());
+        }
+        Admit::Accept { adopt_epoch } => {
+            if let Some(e) = adopt_epoch {
+                let mut ns = shared.node_state();
+                ns.epoch = e;
+                shared.save_state(ns)?;
+                m.epoch.set(e as i64);
+                shared.set_status(|s| s.epoch = e);
+            }
+        }
+    }
+    // One primary session at a time: the newest wins (the old one is a
+    // dead connection not yet timed out).
+    let (cancel_tx, mut cancel_rx) = watch::channel(false);
+    if let Some(old) = sessions.cancel.lock().expect("sessions").replace(cancel_tx) {
+        let _ = old.send(true);
+    }
+    let _running = tokio::time::timeout(Duration::from_secs(30), sessions.lock.lock())
+        .await
+        .map_err(|_| anyhow!("the previous primary session did not stop within 30 s"))?;
+    worker.send(Cmd::Reset).await?;
+    sessions.in_batch.store(false, Ordering::Relaxed);
+    let st = shared.node_state();
+    send.send(&Message::Welcome(Welcome {
+        node: shared.cfg.name.clone(),
+        epoch: st.epoch,
+        applied_epoch: st.applied_epoch,
+        applied_seq: st.seq,
+    }))
+    .await?;
+    send.flush().await?;
+    let caught_up_at = hello.last_seq;
+    if st.applied_epoch == hello.epoch && st.seq >= caught_up_at {
+        shared.ready.store(true, Ordering::Relaxed);
+    }
+    tracing::info!(peer = conn.peer(), epoch = hello.epoch, last_seq = hello.last_seq, applied_seq = st.seq, "primary connected");
+    shared.set_status(|s| {
+        s.peers = vec![super::PeerStatus { name: conn.peer().to_owned(), connected: true, acked_seq: st.seq, ..Default::default() }];
+    });
+    let mut batch: Option<(BatchHeader, Instant)> = None;
+    let res: anyhow::Result<()> = async {
+        loop {
+            if worker.failed.load(Ordering::Relaxed) {
+                // fail fast: fetch the error now rather than at the batch end
+                let e = match worker.commit().await? {
+                    Err(e) => e,
+                    Ok(_) => continue,
+                };
+                return Err(apply_failed(shared, &mut send, e).await);
+            }
+            let next = tokio::select! {
+                r = recv.recv() => r,
+                _ = cancel_rx.changed() => return Err(anyhow!("a newer session from the primary took over")),
+            };
+            let Some(msg) = next.inspect_err(|e| {
+                if matches!(e, ferry_net::NetError::Proto(_)) {
+                    m.error("protocol");
+                }
+            })?
+            else {
+                return Ok(());
+            };
+            match msg {
+                Message::BatchBegin(h) => {
+                    if batch.is_some() {
+                        return Err(protocol(m, &mut send, "batch begins inside a batch").await);
+                    }
+                    let st = shared.node_state();
+                    if h.epoch != st.epoch {
+                        return Err(protocol(m, &mut send, &format!("batch of epoch {} on a session of epoch {}", h.epoch, st.epoch)).await);
+                    }
+                    if !h.resync && (st.applied_epoch != h.epoch || h.seq != st.seq + 1) {
+                        return Err(protocol(m, &mut send, &format!("batch {} out of order: expected {} (G2)", h.seq, st.seq + 1)).await);
+                    }
+                    if h.resync && st.applied_epoch == h.epoch && h.seq < st.seq {
+                        return Err(protocol(m, &mut send, &format!("resync to {} would rewind applied batch {}", h.seq, st.seq)).await);
+                    }
+                    sessions.in_batch.store(true, Ordering::Relaxed);
+                    batch = Some((h, Instant::now()));
+                }
+                Message::Op(op) if batch.is_some() => worker.send(Cmd::Op(op)).await?,
+                Message::FileBegin(f) if batch.is_some() => worker.send(Cmd::FileBegin(f)).await?,
+                Message::FileData(d) if batch.is_some() => worker.send(Cmd::Data(d)).await?,
+                Message::FileEnd { hash } if batch.is_some() => worker.send(Cmd::FileEnd(hash)).await?,
+                Message::FileAbort if batch.is_some() => worker.send(Cmd::FileAbort).await?,
+                Message::BatchEnd { seq } => {
+                    let Some((h, started)) = batch.take() else {
+                        return Err(protocol(m, &mut send, "batch end outside a batch").await);
+                    };
+                    if seq != h.seq {
+                        return Err(protocol(m, &mut send, "batch end names another batch").await);
+                    }
+                    let stats = match worker.commit().await? {
+                        Ok(s) => s,
+                        Err(e) => return Err(apply_failed(shared, &mut send, e).await),
+                    };
+                    let mut ns = shared.node_state();
+                    ns.seq = h.seq;
+                    ns.applied_epoch = h.epoch;
+                    ns.sealed_at_ns = h.sealed_at_ns;
+                    if let Err(e) = shared.save_state(ns) {
+                        m.error("state_fsync");
+                        refuse(&mut send, RefuseCode::Apply, ns.epoch, e.to_string()).await;
+                        return Err(anyhow!(e));
+                    }
+                    sessions.in_batch.store(false, Ordering::Relaxed);
+                    m.batches_applied.inc();
+                    m.bytes_applied.inc_by(stats.bytes);
+                    m.files_applied.inc_by(stats.files);
+                    m.applied_seq.set(h.seq as i64);
+                    m.consistent_as_of.set(h.sealed_at_ns as f64 / 1e9);
+                    m.apply_seconds.observe(started.elapsed().as_secs_f64());
+                    shared.set_status(|s| {
+                        s.applied_seq = h.seq;
+                        s.consistent_as_of_ns = h.sealed_at_ns;
+                        if let Some(p) = s.peers.first_mut() {
+                            p.acked_seq = h.seq;
+                        }
+                    });
+                    send.send(&Message::Ack { epoch: h.epoch, seq: h.seq }).await?;
+                    send.flush().await?;
+                    if h.seq >= caught_up_at {
+                        shared.ready.store(true, Ordering::Relaxed);
+                    }
+                }
+                Message::ManifestRequest if batch.is_none() => {
+                    let (tx, rx) = oneshot::channel();
+                    worker.send(Cmd::Manifest(tx)).await?;
+                    let entries = rx.await.map_err(|_| anyhow!("apply thread stopped"))??;
+                    let n = entries.len() as u64;
+                    for e in entries {
+                        send.send(&Message::ManifestEntry(e)).await?;
+                    }
+                    send.send(&Message::ManifestEnd { count: n }).await?;
+                    send.flush().await?;
+                }
+                other => {
+                    return Err(protocol(m, &mut send, &format!("unexpected {} here", kind_name(&other))).await);
+                }
+            }
+        }
+    }
+    .await;
+    if batch.is_some() {
+        // an unfinished batch: drop the file in progress
+        let _ = worker.send(Cmd::Reset).await;
+    }
+    sessions.in_batch.store(false, Ordering::Relaxed);
+    shared.set_status(|s| {
+        if let Some(p) = s.peers.first_mut() {
+            p.connected = false;
+        }
+    });
+    res
+}
+
+fn kind_name(m: &Message) -> &'static str {
+    match m {
+        Message::Hello(_) => "hello",
+        Message::Welcome(_) => "welcome",
+        Message::Refuse(_) => "refuse",
+        Message::ManifestRequest => "manifest request",
+        Message::ManifestEntry(_) => "manifest entry",
+        Message::ManifestEnd { .. } => "manifest end",
+        Message::BatchBegin(_) => "batch begin",
+        Message::Op(_) => "operation outside a batch",
+        Message::FileBegin(_) => "file outside a batch",
+        Message::FileData(_) => "file data outside a batch",
+        Message::FileEnd { .. } => "file end outside a batch",
+        Message::FileAbort => "file abort outside a batch",
+        Message::BatchEnd { .. } => "batch end",
+        Message::Ack { .. } => "ack",
+    }
+}
+
+async fn protocol(m: &crate::telemetry::Metrics, send: &mut MsgSend, why: &str) -> anyhow::Error {
+    m.error("protocol");
+    refuse(send, RefuseCode::Protocol, 0, why.to_owned()).await;
+    anyhow!("protocol violation: {why}")
+}
+
+async fn apply_failed(shared: &Shared, send: &mut MsgSend, e: ApplyError) -> anyhow::Error {
+    shared.metrics.error(e.kind());
+    let code = code_for(&e);
+    tracing::error!(error = %e, kind = e.kind(), "batch not applied; not acknowledged");
+    refuse(send, code, shared.node_state().epoch, e.to_string()).await;
+    anyhow!(e)
+}
+
+/// On a primary: tell any peer that tries to ship batches here that this
+/// node is primary (and notice a newer epoch: this node is then stale).
+pub async fn refuse_as_primary(shared: Arc<Shared>, transport: Arc<Transport>) {
+    while let Some(res) = transport.accept().await {
+        let Ok(conn) = res else {
+            shared.metrics.error("auth");
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(Duration::from_secs(10), conn.accept()).await else {
+                return;
+            };
+            if let Ok(Some(Message::Hello(h))) = recv.recv().await {
+                let st = shared.node_state();
+                if h.epoch > st.epoch {
+                    shared.metrics.error("fenced");
+                    tracing::error!(peer = %h.node, their_epoch = h.epoch, our_epoch = st.epoch, "a primary with a newer epoch exists: this node is stale");
+                }
+                refuse(&mut send, RefuseCode::NotReplica, st.epoch, format!("{} is a primary at epoch {}", shared.cfg.name, st.epoch)).await;
+            }
+        });
+    }
+}

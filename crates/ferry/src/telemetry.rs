@@ -1,0 +1,173 @@
+//! Metrics (one Prometheus registry per node, so two nodes can share a
+//! process, as in `ferry demo`), the read-only HTTP endpoints, and logging.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Every metric a node exports. Names are fixed by DESIGN.md.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub lag: HistogramVec,
+    pub batches_sealed: IntCounter,
+    pub batches_sent: IntCounterVec,
+    pub batches_applied: IntCounter,
+    pub bytes_sent: IntCounterVec,
+    pub bytes_applied: IntCounter,
+    pub files_applied: IntCounter,
+    pub peer_connected: IntGaugeVec,
+    pub unacked: IntGaugeVec,
+    pub acked_seq: IntGaugeVec,
+    pub applied_seq: IntGauge,
+    pub sealed_seq: IntGauge,
+    pub consistent_as_of: prometheus::Gauge,
+    pub resyncs: IntCounterVec,
+    pub overflows: IntCounter,
+    pub rescans: IntCounter,
+    pub exact: IntCounter,
+    pub errors: IntCounterVec,
+    pub skipped: IntCounterVec,
+    pub epoch: IntGauge,
+    pub role: IntGaugeVec,
+    pub apply_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+            r.register(Box::new(c.clone())).expect("metric names are unique");
+            c
+        }
+        let lag_buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ];
+        let m = Metrics {
+            lag: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "ferry_replication_lag_seconds",
+                        "Seconds from a batch's seal on the primary to the peer's durable ack.",
+                    )
+                    .buckets(lag_buckets),
+                    &["peer"],
+                )
+                .unwrap(),
+            ),
+            batches_sealed: reg(&r, IntCounter::new("ferry_batches_sealed_total", "Batches sealed by this primary.").unwrap()),
+            batches_sent: reg(&r, IntCounterVec::new(Opts::new("ferry_batches_sent_total", "Batches sent, by peer."), &["peer"]).unwrap()),
+            batches_applied: reg(&r, IntCounter::new("ferry_batches_applied_total", "Batches applied and made durable on this replica.").unwrap()),
+            bytes_sent: reg(&r, IntCounterVec::new(Opts::new("ferry_bytes_sent_total", "File content bytes sent, by peer."), &["peer"]).unwrap()),
+            bytes_applied: reg(&r, IntCounter::new("ferry_bytes_applied_total", "File content bytes written by this replica.").unwrap()),
+            files_applied: reg(&r, IntCounter::new("ferry_files_applied_total", "Regular files replaced by this replica.").unwrap()),
+            peer_connected: reg(&r, IntGaugeVec::new(Opts::new("ferry_peer_connected", "1 while the peer is connected."), &["peer"]).unwrap()),
+            unacked: reg(&r, IntGaugeVec::new(Opts::new("ferry_unacked_batches", "Sealed batches the peer has not acked."), &["peer"]).unwrap()),
+            acked_seq: reg(&r, IntGaugeVec::new(Opts::new("ferry_acked_seq", "Last batch the peer acked."), &["peer"]).unwrap()),
+            applied_seq: reg(&r, IntGauge::new("ferry_applied_seq", "Last batch applied durably on this replica.").unwrap()),
+            sealed_seq: reg(&r, IntGauge::new("ferry_sealed_seq", "Last batch sealed on this primary.").unwrap()),
+            consistent_as_of: reg(&r, prometheus::Gauge::new("ferry_consistent_as_of_timestamp_seconds", "Source seal time of the last applied batch: the replica is consistent as of then.").unwrap()),
+            resyncs: reg(&r, IntCounterVec::new(Opts::new("ferry_resyncs_total", "Manifest-diff resyncs, by peer."), &["peer"]).unwrap()),
+            overflows: reg(&r, IntCounter::new("ferry_watch_overflows_total", "inotify queue overflows (events lost, rescan follows).").unwrap()),
+            rescans: reg(&r, IntCounter::new("ferry_rescans_total", "Rescans of the root.").unwrap()),
+            exact: reg(&r, IntCounter::new("ferry_exact_batches_total", "Batches whose content was read unchanged since seal.").unwrap()),
+            errors: reg(&r, IntCounterVec::new(Opts::new("ferry_errors_total", "Errors, by kind."), &["kind"]).unwrap()),
+            skipped: reg(&r, IntCounterVec::new(Opts::new("ferry_skipped_entries_total", "Entries not replicated, by reason."), &["reason"]).unwrap()),
+            epoch: reg(&r, IntGauge::new("ferry_epoch", "Current epoch.").unwrap()),
+            role: reg(&r, IntGaugeVec::new(Opts::new("ferry_role", "1 for the node's current role."), &["role"]).unwrap()),
+            apply_seconds: reg(&r, Histogram::with_opts(HistogramOpts::new("ferry_apply_seconds", "Seconds to apply and fsync one batch on the replica.")).unwrap()),
+            registry: r,
+        };
+        let info = IntGaugeVec::new(Opts::new("ferry_build_info", "Build information."), &["version"]).unwrap();
+        info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.registry.register(Box::new(info)).expect("unique");
+        m
+    }
+
+    pub fn error(&self, kind: &str) {
+        self.errors.with_label_values(&[kind]).inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz` (GET only) until the task is dropped.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::{Method, Response, StatusCode};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (status, body, ctype) = if req.method() != Method::GET {
+                    (StatusCode::METHOD_NOT_ALLOWED, "read-only endpoint\n".to_string(), "text/plain")
+                } else {
+                    match req.uri().path() {
+                        "/metrics" => (StatusCode::OK, metrics.render(), "text/plain; version=0.0.4"),
+                        "/healthz" => (StatusCode::OK, "ok\n".into(), "text/plain"),
+                        "/readyz" => {
+                            if ready.load(Ordering::Relaxed) {
+                                (StatusCode::OK, "ready\n".into(), "text/plain")
+                            } else {
+                                (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into(), "text/plain")
+                            }
+                        }
+                        _ => (StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
+                    }
+                };
+                let resp = Response::builder()
+                    .status(status)
+                    .header("content-type", ctype)
+                    .body(Full::new(Bytes::from(body)));
+                async move { resp }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+        });
+    }
+}
+
+/// Binds the metrics listener, naming the address on failure.
+pub async fn bind_metrics(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}; is another process using the port? (--metrics-addr)"))
+}
+
+/// Logs through tracing-subscriber: JSON when stderr is not a terminal.
+pub fn init_logging(level: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,ferry={level},ferry_net={level},ferry_watch={level}")));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        let _ = b.try_init();
+    } else {
+        let _ = b.json().try_init();
+    }
+}
