@@ -93,11 +93,7 @@ pub(crate) fn container(s: &Settings, pod_sets_user: bool) -> Container {
             value_from: Some(field("metadata.namespace")),
             ..Default::default()
         },
-        EnvVar {
-            name: "FERRY_LOG".to_owned(),
-            value: Some(s.log_level.clone()),
-            ..Default::default()
-        },
+        log_env(&s.log_level),
     ];
 
     let probe = |path: &str, period: i32, failures: i32| Probe {
@@ -195,6 +191,23 @@ pub(crate) fn container(s: &Settings, pod_sets_user: bool) -> Container {
         }),
         termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         restart_policy: s.native_sidecar.then(|| "Always".to_owned()),
+        ..Default::default()
+    }
+}
+
+/// The log setting: a plain level goes to `FERRY_LOG_LEVEL` (the binary keeps
+/// dependencies at `warn` and applies the level to ferry's own crates); a filter with
+/// targets (or `off`) goes to `FERRY_LOG`, which replaces the whole filter.
+fn log_env(filter: &str) -> EnvVar {
+    let lower = filter.to_ascii_lowercase();
+    let (name, value) = if ["error", "warn", "info", "debug", "trace"].contains(&lower.as_str()) {
+        ("FERRY_LOG_LEVEL", lower)
+    } else {
+        ("FERRY_LOG", filter.to_owned())
+    };
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
         ..Default::default()
     }
 }

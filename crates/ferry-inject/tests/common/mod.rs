@@ -189,11 +189,20 @@ pub fn check_injected(original: &Value, patched: &Value, default_image: &str) {
         env_field("POD_NAMESPACE"),
         Some(json!("metadata.namespace"))
     );
+    let log_level = a("log-level").unwrap_or("info");
+    let (log_var, log_value) = if ["error", "warn", "info", "debug", "trace"]
+        .contains(&log_level.to_ascii_lowercase().as_str())
+    {
+        ("FERRY_LOG_LEVEL", log_level.to_ascii_lowercase())
+    } else {
+        ("FERRY_LOG", log_level.to_owned())
+    };
     let log = env
         .iter()
-        .find(|e| e["name"] == "FERRY_LOG")
-        .expect("FERRY_LOG");
-    assert_eq!(log["value"], a("log-level").unwrap_or("info"));
+        .find(|e| e["name"] == log_var)
+        .unwrap_or_else(|| panic!("{log_var} is set"));
+    assert_eq!(log["value"], log_value.as_str());
+    assert_eq!(env.len(), 3, "POD_NAME, POD_NAMESPACE and one log variable");
 
     assert_eq!(
         ferry["ports"],
