@@ -4,7 +4,7 @@
 //! labelled `ferry.io/inject: "true"` reaches [`mutate`], which reads its `ferry.io/*`
 //! annotations ([`settings`]), checks them against the pod, and answers with targeted
 //! JSON Patch operations that add the ferry sidecar (a native sidecar by default), the
-//! TLS Secret volume and a `ferry.io/status` annotation ([`plan`](crate::mutate)). The
+//! TLS Secret volume and a `ferry.io/status` annotation. The
 //! raw Pod JSON is never re-serialised, so fields our Kubernetes types do not know
 //! survive. [`serve`] wraps that pure function in a hyper + rustls HTTPS server that
 //! speaks HTTP/1.1 and HTTP/2 and picks up a rotated certificate without a restart.

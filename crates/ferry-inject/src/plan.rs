@@ -183,8 +183,12 @@ fn check_pod(
             ));
         }
         Some(v) => {
-            let kind = v.kind().unwrap_or("");
-            if READ_ONLY_KINDS.contains(&kind) {
+            let read_only_kind = v
+                .source
+                .keys()
+                .find(|k| READ_ONLY_KINDS.contains(&k.as_str()));
+            let kind = read_only_kind.map_or_else(|| v.kind().unwrap_or(""), String::as_str);
+            if read_only_kind.is_some() {
                 problems.push(Problem::annotation(
                     key::VOLUME,
                     format!(

@@ -133,3 +133,60 @@ fn certified_key(
     }
     Ok(Arc::new(certified))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair};
+
+    fn self_signed(name: &str) -> (String, String) {
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec![name.to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn write(dir: &Path, cert: &str, key: &str) {
+        std::fs::write(dir.join(CERT_FILE), cert).expect("write cert");
+        std::fs::write(dir.join(KEY_FILE), key).expect("write key");
+    }
+
+    fn served(store: &CertStore) -> Vec<u8> {
+        let current = store.current.read().unwrap_or_else(PoisonError::into_inner);
+        current.1.cert[0].as_ref().to_vec()
+    }
+
+    #[test]
+    fn reload_swaps_only_valid_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (cert_a, key_a) = self_signed("a.example");
+        write(dir.path(), &cert_a, &key_a);
+        let store = CertStore::load(dir.path(), provider).expect("load");
+        let first = served(&store);
+
+        assert!(matches!(store.reload(), Ok(false)), "unchanged files");
+
+        let (cert_b, key_b) = self_signed("b.example");
+        write(dir.path(), &cert_a, &key_b);
+        assert!(
+            matches!(store.reload(), Err(InjectError::BadTls { .. })),
+            "a key that does not match is refused"
+        );
+        assert_eq!(served(&store), first, "the old certificate stays");
+
+        write(dir.path(), "garbage", &key_b);
+        assert!(store.reload().is_err());
+        assert_eq!(served(&store), first);
+
+        std::fs::remove_file(dir.path().join(KEY_FILE)).expect("rm");
+        assert!(matches!(store.reload(), Err(InjectError::ReadTls { .. })));
+        assert_eq!(served(&store), first);
+
+        write(dir.path(), &cert_b, &key_b);
+        assert!(matches!(store.reload(), Ok(true)));
+        assert_ne!(served(&store), first, "the new certificate is served");
+    }
+}

@@ -432,7 +432,8 @@ const LOAD_CONCURRENCY: usize = 32;
 
 /// p99 latency of `/mutate` under concurrent load on loopback: 32 clients (half
 /// HTTP/1.1, half HTTP/2), 2,000 reviews in all. The API server's timeout is
-/// 10 s; the bound asserted here is 1 s, even in an unoptimised test build.
+/// 10 s; the bound asserted here is 2 s, even in an unoptimised test build that
+/// shares two cores with the load generator (and, in CI, with other tests).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p99_latency_under_concurrent_load() {
     let pki = Arc::new(Pki::new());
