@@ -60,6 +60,22 @@ pub struct InjectConfig {
 ///
 /// Fails at start if the certificate cannot be loaded or the address bound; once
 /// serving, errors are per connection and are logged.
+///
+/// ```no_run
+/// # async fn main_() -> Result<(), ferry_inject::InjectError> {
+/// use ferry_inject::{serve, InjectConfig, DEFAULT_SIDECAR_IMAGE};
+///
+/// let cfg = InjectConfig {
+///     listen: std::net::SocketAddr::from(([0, 0, 0, 0], 8443)),
+///     tls_dir: "/etc/ferry-inject/tls".into(),
+///     sidecar_image: DEFAULT_SIDECAR_IMAGE.to_owned(),
+/// };
+/// serve(cfg, async {
+///     let _ = tokio::signal::ctrl_c().await; // or SIGTERM
+/// })
+/// .await
+/// # }
+/// ```
 pub async fn serve(
     cfg: InjectConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
