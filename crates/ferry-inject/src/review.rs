@@ -153,7 +153,16 @@ pub fn review(review_json: &[u8], image: &str) -> Result<Reviewed, ReviewError> 
     }
 }
 
-fn set_warnings(response: &mut AdmissionResponse, warnings: Vec<String>) {
+/// Most warnings returned at once: clients show them one per line, and the API
+/// server truncates long lists anyway.
+const MAX_WARNINGS: usize = 16;
+
+fn set_warnings(response: &mut AdmissionResponse, mut warnings: Vec<String>) {
+    if warnings.len() > MAX_WARNINGS {
+        let more = warnings.len() - (MAX_WARNINGS - 1);
+        warnings.truncate(MAX_WARNINGS - 1);
+        warnings.push(format!("... and {more} more ferry-inject warnings"));
+    }
     if !warnings.is_empty() {
         response.warnings = Some(warnings);
     }

@@ -339,6 +339,18 @@ fn outcomes() {
         Injected(&["unknown annotation ferry.io/peer is ignored (did you mean ferry.io/peers?)"]),
     );
     check(
+        "many unknown keys",
+        |r| {
+            for i in 0..40 {
+                set(r, &format!("ferry.io/unknown-{i}"), "x");
+            }
+        },
+        Injected(&[
+            "unknown annotation ferry.io/unknown-0 ",
+            "... and 25 more ferry-inject warnings",
+        ]),
+    );
+    check(
         "no runAsUser",
         |r| r["request"]["object"]["spec"]["securityContext"] = json!({}),
         Injected(&["runAsUser"]),
