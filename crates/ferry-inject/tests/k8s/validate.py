@@ -8,7 +8,9 @@
    objects are checked against the small schemas below (the fields ferry uses).
 2. Cross-checks the objects: the webhook configuration's settings and references,
    Service and PDB selectors, Secret names, and that every ferry_* metric the
-   dashboard and alerts use is one the ferry binary registers.
+   dashboard and alerts use is one the ferry binary registers. Every PromQL
+   expression parses (promql-parser) and every webhook matchCondition compiles and
+   behaves as intended (cel-python).
 3. Injects the pods of the rendered example workloads with the real webhook code
    (the `mutate` example binary, given with --mutate) and validates the results,
    along with the golden patched pods of the Rust tests.
@@ -25,8 +27,10 @@ import subprocess
 import sys
 import tempfile
 
+import celpy
 import jsonschema
 import kubernetes_validate
+import promql_parser
 import yaml
 
 # Native sidecars (restartPolicy on init containers) are on by default from 1.29.
@@ -214,6 +218,47 @@ def pod_problems(pod, where):
             problems.append(f"{where}: annotation {k} is not a string")
     return problems
 
+# --- expressions: PromQL and CEL ----------------------------------------------------
+
+def grafana_to_promql(expr):
+    """Replaces Grafana's template variables with values PromQL accepts."""
+    expr = expr.replace("$__rate_interval", "5m").replace("$__interval", "1m")
+    return re.sub(r"\$\{?[a-z_]+\}?", ".*", expr)
+
+
+def promql_problems(expr, where):
+    try:
+        promql_parser.parse(expr)
+    except ValueError as e:
+        return [f"{where}: PromQL does not parse: {e}: {expr!r}"]
+    return []
+
+
+def match_condition_problems(webhook, own_namespace, where):
+    """Every matchCondition compiles; together they exclude the webhook's namespace
+    and admit an ordinary one."""
+    problems = []
+    env = celpy.Environment()
+    programs = []
+    for cond in webhook.get("matchConditions", []):
+        try:
+            programs.append(env.program(env.compile(cond["expression"])))
+        except Exception as e:  # celpy raises several error types
+            problems.append(f"{where}: matchCondition {cond.get('name')!r} does not compile: {e}")
+    if problems:
+        return problems
+
+    def admitted(namespace):
+        act = {"request": celpy.json_to_cel({"namespace": namespace, "operation": "CREATE",
+                                             "kind": {"group": "", "version": "v1", "kind": "Pod"}})}
+        return all(bool(p.evaluate(act)) for p in programs)
+
+    if admitted(own_namespace):
+        problems.append(f"{where}: matchConditions admit the webhook's own namespace {own_namespace!r}")
+    if not admitted("an-app-namespace"):
+        problems.append(f"{where}: matchConditions reject an ordinary namespace")
+    return problems
+
 # --- cross-object checks --------------------------------------------------------------
 
 def matches(selector, labels):
@@ -277,8 +322,7 @@ def manifest_problems(docs, registered_metrics):
             if "ferry.io/inject" not in exprs and "ferry.io/inject" not in (wh.get("objectSelector") or {}).get("matchLabels", {}):
                 problems.append(f"{where}: objectSelector does not select on ferry.io/inject")
             svc_ref = wh["clientConfig"].get("service") or {}
-            if not any("ferry-system" in m["expression"] for m in wh.get("matchConditions", [])):
-                problems.append(f"{where}: no matchCondition excludes the webhook's namespace")
+            problems += match_condition_problems(wh, svc_ref.get("namespace", ""), where)
             if svc_ref.get("path") != "/mutate":
                 problems.append(f"{where}: clientConfig path must be /mutate")
             svc = [s for s in by_kind.get("Service", [])
@@ -311,8 +355,7 @@ def manifest_problems(docs, registered_metrics):
         for g in r["spec"]["groups"]:
             for rule in g["rules"]:
                 used |= set(re.findall(r"\bferry_[a-z_]+", rule["expr"]))
-                if rule["expr"].count("(") != rule["expr"].count(")"):
-                    problems.append(f"{object_name(r)}: unbalanced parentheses in {rule.get('alert')}")
+                problems += promql_problems(rule["expr"], f"{object_name(r)} {rule.get('alert') or rule.get('record')}")
     for cm in by_kind.get("ConfigMap", []):
         for key, text in (cm.get("data") or {}).items():
             if key.endswith(".json"):
@@ -324,6 +367,8 @@ def manifest_problems(docs, registered_metrics):
                 for panel in dash.get("panels", []):
                     for t in panel.get("targets", []):
                         used |= set(re.findall(r"\bferry_[a-z_]+", t.get("expr", "")))
+                        problems += promql_problems(grafana_to_promql(t.get("expr", "")),
+                                                    f"{object_name(cm)} panel {panel.get('title')!r}")
                 ids = [p.get("id") for p in dash.get("panels", [])]
                 if len(ids) != len(set(ids)):
                     problems.append(f"{object_name(cm)}: duplicate panel ids")
