@@ -210,3 +210,82 @@ fn display_name(pod: &Value) -> String {
         (None, None) => "(unnamed)".to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn review_of(pod: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "u-1",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": "ns",
+                "operation": "CREATE",
+                "userInfo": {"username": "tester"},
+                "object": pod,
+            }
+        }))
+        .unwrap_or_default()
+    }
+
+    fn answer(pod: Value) -> Value {
+        match mutate(&review_of(pod), "img") {
+            Ok(body) => serde_json::from_slice(&body).unwrap_or(Value::Null),
+            Err(e) => panic!("refused: {e}"),
+        }
+    }
+
+    fn pod(annotations: Value) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "labels": {"ferry.io/inject": "true"}, "annotations": annotations},
+            "spec": {
+                "securityContext": {"runAsUser": 1},
+                "containers": [{"name": "app", "image": "app"}],
+                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "c"}}]
+            }
+        })
+    }
+
+    /// The envelope the API server decodes: apiVersion/kind echoed, uid echoed,
+    /// the patch as a base64 string with its type, a Status on denial.
+    #[test]
+    fn response_envelope() {
+        let ok = answer(pod(
+            json!({"ferry.io/volume": "data", "ferry.io/peers": "b=h:1"}),
+        ));
+        assert_eq!(ok["apiVersion"], "admission.k8s.io/v1");
+        assert_eq!(ok["kind"], "AdmissionReview");
+        assert!(ok.get("request").is_none());
+        let r = &ok["response"];
+        assert_eq!(r["uid"], "u-1");
+        assert_eq!(r["allowed"], true);
+        assert_eq!(r["patchType"], "JSONPatch");
+        let patch = r["patch"].as_str().unwrap_or_default();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(patch)
+            .unwrap_or_default();
+        let ops: Value = serde_json::from_slice(&decoded).unwrap_or(Value::Null);
+        assert_eq!(ops[0]["op"], "add");
+        assert_eq!(r["auditAnnotations"], json!({"decision": "injected"}));
+
+        let denied = answer(pod(json!({"ferry.io/peers": "b=h:1"})));
+        let r = &denied["response"];
+        assert_eq!(r["allowed"], false);
+        assert!(r.get("patch").is_none() && r.get("patchType").is_none());
+        assert_eq!(r["status"]["code"], 403);
+        assert_eq!(r["status"]["status"], "Failure");
+        assert_eq!(r["status"]["reason"], "Forbidden");
+        let msg = r["status"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.starts_with("ferry-inject: annotation ferry.io/volume: is required"),
+            "{msg}"
+        );
+        assert_eq!(r["auditAnnotations"], json!({"decision": "denied"}));
+    }
+}
