@@ -4,6 +4,8 @@
 //! `add` operations against the raw object, so nothing the injector does not touch
 //! can change (fields unknown to our Kubernetes types included).
 
+use std::collections::BTreeSet;
+
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use serde::{Deserialize, Serialize};
@@ -11,7 +13,7 @@ use serde_json::Value;
 
 use crate::pod::PodView;
 use crate::settings::{self, key, Problem, Settings, INJECT_LABEL, PREFIX, STATUS_ANNOTATION};
-use crate::sidecar::{self, CONTAINER_NAME, TLS_VOLUME};
+use crate::sidecar::{self, RunAs, CONTAINER_NAME, DEFAULT_UID, TLS_VOLUME};
 
 /// Volume sources the sidecar cannot write to: the kubelet mounts them read-only.
 const READ_ONLY_KINDS: &[&str] = &["configMap", "secret", "projected", "downwardAPI", "image"];
@@ -103,14 +105,7 @@ pub(crate) fn plan(pod: &Value, default_image: &str) -> Result<Outcome, serde_js
         return Ok(Outcome::Deny { problems, warnings });
     }
 
-    let pod_sets_user = view.spec.security_context.run_as_user.is_some();
-    if !pod_sets_user {
-        warnings.push(format!(
-            "the pod sets no securityContext.runAsUser, so the ferry sidecar runs as UID {}; \
-             set spec.securityContext.runAsUser (and fsGroup) so it can read and write the app's files",
-            sidecar::DEFAULT_UID
-        ));
-    }
+    let run_as = sidecar_user(&view, &mut warnings);
     if !settings.native_sidecar && !matches!(view.spec.restart_policy.as_str(), "" | "Always") {
         warnings.push(format!(
             "{PREFIX}{}=\"false\" on a pod with restartPolicy {}: the ferry container keeps running, \
@@ -133,12 +128,61 @@ pub(crate) fn plan(pod: &Value, default_image: &str) -> Result<Outcome, serde_js
         volume: settings.volume.clone(),
         tls_volume: TLS_VOLUME.to_owned(),
     };
-    let patch = build_patch(pod, &view, &settings, &status, pod_sets_user)?;
+    let patch = build_patch(pod, &view, &settings, &status, run_as)?;
     Ok(Outcome::Inject {
         patch,
         warnings,
         status,
     })
+}
+
+/// Chooses the sidecar's user: the pod's `runAsUser`; else the one user all app
+/// containers run as; else [`DEFAULT_UID`], with a warning. Never root: the sidecar
+/// sets `runAsNonRoot`, and the kubelet would refuse to start it as UID 0.
+fn sidecar_user(view: &PodView, warnings: &mut Vec<String>) -> RunAs {
+    let fallback = RunAs::Set {
+        uid: DEFAULT_UID,
+        gid: Some(DEFAULT_UID),
+    };
+    match view.spec.security_context.run_as_user {
+        Some(0) => {
+            warnings.push(format!(
+                "the pod runs as root (runAsUser: 0): ferry runs as UID {DEFAULT_UID} \
+                 and replicates only files that user can read and write"
+            ));
+            return fallback;
+        }
+        Some(_) => return RunAs::Inherit,
+        None => {}
+    }
+    let users: BTreeSet<Option<i64>> = view
+        .spec
+        .containers
+        .iter()
+        .map(|c| c.security_context.run_as_user)
+        .collect();
+    let groups: BTreeSet<Option<i64>> = view
+        .spec
+        .containers
+        .iter()
+        .map(|c| c.security_context.run_as_group)
+        .collect();
+    match (users.len(), users.first()) {
+        (1, Some(&Some(uid))) if uid != 0 => RunAs::Set {
+            uid,
+            gid: match (groups.len(), groups.first()) {
+                (1, Some(&gid)) => gid,
+                _ => None,
+            },
+        },
+        _ => {
+            warnings.push(format!(
+                "no runAsUser in the pod's securityContext (nor one shared by its containers): ferry runs as \
+                 UID {DEFAULT_UID}; set runAsUser and fsGroup so it can use the app's files"
+            ));
+            fallback
+        }
+    }
 }
 
 /// Checks the annotations against the pod itself.
@@ -248,7 +292,7 @@ fn build_patch(
     view: &PodView,
     s: &Settings,
     status: &InjectStatus,
-    pod_sets_user: bool,
+    run_as: RunAs,
 ) -> Result<Patch, serde_json::Error> {
     let add = |tokens: &[&str], value: Value| {
         PatchOperation::Add(AddOperation {
@@ -259,7 +303,7 @@ fn build_patch(
     let is_array = |p: &str| raw.pointer(p).is_some_and(Value::is_array);
     let mut ops = Vec::new();
 
-    let container = serde_json::to_value(sidecar::container(s, pod_sets_user))?;
+    let container = serde_json::to_value(sidecar::container(s, run_as))?;
     if s.native_sidecar {
         // First of the init containers: the data is in place before any other
         // init container or the app runs.
@@ -313,4 +357,74 @@ fn build_patch(
         ops.push(add(&["metadata", "annotations"], Value::Object(map)));
     }
     Ok(Patch(ops))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn user_of(spec: Value) -> (RunAs, Vec<String>) {
+        let view = match PodView::deserialize(json!({"spec": spec})) {
+            Ok(v) => v,
+            Err(e) => panic!("bad test pod: {e}"),
+        };
+        let mut warnings = Vec::new();
+        (sidecar_user(&view, &mut warnings), warnings)
+    }
+
+    #[test]
+    fn sidecar_runs_as_the_apps_user_never_root() {
+        let fallback = RunAs::Set {
+            uid: DEFAULT_UID,
+            gid: Some(DEFAULT_UID),
+        };
+        let c = |sc: Value| json!({"name": "c", "securityContext": sc});
+        let cases = [
+            (
+                json!({"securityContext": {"runAsUser": 1000}}),
+                RunAs::Inherit,
+                false,
+            ),
+            (json!({"securityContext": {"runAsUser": 0}}), fallback, true),
+            (
+                json!({"containers": [c(json!({"runAsUser": 7, "runAsGroup": 8}))]}),
+                RunAs::Set {
+                    uid: 7,
+                    gid: Some(8),
+                },
+                false,
+            ),
+            (
+                json!({"containers": [c(json!({"runAsUser": 7})), c(json!({"runAsUser": 7, "runAsGroup": 9}))]}),
+                RunAs::Set { uid: 7, gid: None },
+                false,
+            ),
+            (
+                json!({"containers": [c(json!({"runAsUser": 7})), c(json!({"runAsUser": 8}))]}),
+                fallback,
+                true,
+            ),
+            (
+                json!({"containers": [c(json!({"runAsUser": 7})), c(json!({}))]}),
+                fallback,
+                true,
+            ),
+            (
+                json!({"containers": [c(json!({"runAsUser": 0}))]}),
+                fallback,
+                true,
+            ),
+            (
+                json!({"securityContext": null, "containers": [c(Value::Null)]}),
+                fallback,
+                true,
+            ),
+        ];
+        for (spec, expect, warns) in cases {
+            let (got, warnings) = user_of(spec.clone());
+            assert_eq!(got, expect, "{spec}");
+            assert_eq!(!warnings.is_empty(), warns, "{spec}: {warnings:?}");
+        }
+    }
 }

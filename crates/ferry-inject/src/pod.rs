@@ -65,6 +65,17 @@ pub(crate) struct ContainerView {
     pub name: String,
     #[serde(default, deserialize_with = "null_default")]
     pub ports: Vec<PortView>,
+    #[serde(default, deserialize_with = "null_default")]
+    pub security_context: ContainerSecurityView,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ContainerSecurityView {
+    #[serde(default)]
+    pub run_as_user: Option<i64>,
+    #[serde(default)]
+    pub run_as_group: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -41,12 +41,18 @@ const LIVENESS_FAILURE_THRESHOLD: i32 = 6;
 /// Probe timeout: the endpoints answer from memory.
 const PROBE_TIMEOUT_SECONDS: i32 = 2;
 
+/// Which user the sidecar runs as. It must read and write the app's files, so it
+/// runs as the app's user where that is known and not root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunAs {
+    /// Inherit the pod's `securityContext.runAsUser`.
+    Inherit,
+    /// Set `runAsUser` (and `runAsGroup` when given) on the sidecar.
+    Set { uid: i64, gid: Option<i64> },
+}
+
 /// Builds the sidecar container.
-///
-/// `pod_sets_user`: whether the pod's securityContext sets `runAsUser`; if it does,
-/// the sidecar inherits it (it must read and write the app's files), otherwise it
-/// runs as [`DEFAULT_UID`].
-pub(crate) fn container(s: &Settings, pod_sets_user: bool) -> Container {
+pub(crate) fn container(s: &Settings, run_as: RunAs) -> Container {
     let name_arg = s.name.clone().unwrap_or_else(|| "$(POD_NAME)".to_owned());
     let mut args: Vec<String> = [
         "run",
@@ -122,10 +128,9 @@ pub(crate) fn container(s: &Settings, pod_sets_user: bool) -> Container {
         ..Default::default()
     };
 
-    let (run_as_user, run_as_group) = if pod_sets_user {
-        (None, None)
-    } else {
-        (Some(DEFAULT_UID), Some(DEFAULT_UID))
+    let (run_as_user, run_as_group) = match run_as {
+        RunAs::Inherit => (None, None),
+        RunAs::Set { uid, gid } => (Some(uid), gid),
     };
 
     Container {

@@ -353,7 +353,21 @@ fn outcomes() {
     check(
         "no runAsUser",
         |r| r["request"]["object"]["spec"]["securityContext"] = json!({}),
-        Injected(&["runAsUser"]),
+        Injected(&["ferry runs as UID 65532"]),
+    );
+    check(
+        "pod runs as root",
+        |r| r["request"]["object"]["spec"]["securityContext"]["runAsUser"] = json!(0),
+        Injected(&["the pod runs as root"]),
+    );
+    check(
+        "app containers' common user",
+        |r| {
+            r["request"]["object"]["spec"]["securityContext"] = json!({});
+            r["request"]["object"]["spec"]["containers"][0]["securityContext"] =
+                json!({"runAsUser": 1234, "runAsGroup": 5678});
+        },
+        Injected(&[]),
     );
     check(
         "plain container in a Job",

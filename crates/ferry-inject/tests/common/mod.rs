@@ -237,12 +237,23 @@ pub fn check_injected(original: &Value, patched: &Value, default_image: &str) {
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["privileged"], false);
     assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
-    let pod_user = original["spec"]["securityContext"].get("runAsUser");
-    assert_eq!(
-        sc.get("runAsUser").is_none(),
-        pod_user.is_some(),
-        "the sidecar inherits the pod's runAsUser, or gets its own"
-    );
+    let pod_user = original["spec"]["securityContext"]
+        .get("runAsUser")
+        .and_then(Value::as_i64);
+    match pod_user {
+        Some(uid) if uid != 0 => {
+            assert!(
+                sc.get("runAsUser").is_none(),
+                "inherits the pod's runAsUser"
+            )
+        }
+        _ => {
+            let uid = sc["runAsUser"]
+                .as_i64()
+                .expect("the sidecar sets runAsUser");
+            assert_ne!(uid, 0, "never root");
+        }
+    }
 
     let volumes = spec["volumes"].as_array().expect("volumes");
     assert_eq!(
