@@ -90,14 +90,10 @@ pub(crate) fn plan(pod: &Value, default_image: &str) -> Result<Outcome, serde_js
         });
     }
 
-    let (settings, mut warnings) = match settings::parse(&meta.annotations, default_image) {
-        Ok(v) => v,
-        Err(problems) => {
-            return Ok(Outcome::Deny {
-                problems,
-                warnings: Vec::new(),
-            })
-        }
+    let mut warnings = settings::unknown_key_warnings(&meta.annotations);
+    let settings = match settings::parse(&meta.annotations, default_image) {
+        Ok(s) => s,
+        Err(problems) => return Ok(Outcome::Deny { problems, warnings }),
     };
 
     let problems = check_pod(&view, &settings, has_sidecar, &mut warnings);

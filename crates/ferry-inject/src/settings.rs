@@ -182,14 +182,13 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Reads and validates the `ferry.io/*` annotations. Returns the settings and the
-/// warnings (unknown keys), or every problem found.
+/// Reads and validates the `ferry.io/*` annotations. Returns the settings, or every
+/// problem found. Unknown keys are not problems: see [`unknown_key_warnings`].
 pub(crate) fn parse(
     annotations: &BTreeMap<String, String>,
     default_image: &str,
-) -> Result<(Settings, Vec<String>), Vec<Problem>> {
+) -> Result<Settings, Vec<Problem>> {
     let mut problems = Vec::new();
-    let warnings = unknown_key_warnings(annotations);
     let get = |k: &str| annotations.get(&format!("{PREFIX}{k}")).map(|v| v.trim());
 
     let volume = match get(key::VOLUME) {
@@ -384,30 +383,27 @@ pub(crate) fn parse(
     }
 
     match resources {
-        Some(resources) if problems.is_empty() => Ok((
-            Settings {
-                volume,
-                role,
-                peers,
-                exclude,
-                image,
-                resources,
-                log_level,
-                native_sidecar,
-                name,
-                tls_secret,
-                quic_port,
-                metrics_port,
-            },
-            warnings,
-        )),
+        Some(resources) if problems.is_empty() => Ok(Settings {
+            volume,
+            role,
+            peers,
+            exclude,
+            image,
+            resources,
+            log_level,
+            native_sidecar,
+            name,
+            tls_secret,
+            quic_port,
+            metrics_port,
+        }),
         _ => Err(problems),
     }
 }
 
 /// One warning per `ferry.io/` key the injector does not know, with a suggestion
 /// when a known key is one or two edits away.
-fn unknown_key_warnings(annotations: &BTreeMap<String, String>) -> Vec<String> {
+pub(crate) fn unknown_key_warnings(annotations: &BTreeMap<String, String>) -> Vec<String> {
     annotations
         .keys()
         .filter_map(|k| k.strip_prefix(PREFIX))
@@ -672,11 +668,12 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let (s, warnings) = match parse(&annotations(&minimal()), IMAGE) {
+        let a = annotations(&minimal());
+        let s = match parse(&a, IMAGE) {
             Ok(v) => v,
             Err(p) => panic!("minimal annotations refused: {p:?}"),
         };
-        assert!(warnings.is_empty());
+        assert!(unknown_key_warnings(&a).is_empty());
         assert_eq!(s.volume, "data");
         assert_eq!(s.role, Role::Replica);
         assert_eq!(s.image, IMAGE);
@@ -773,10 +770,8 @@ mod tests {
         a.insert("ferry.io/inject".into(), "true".into());
         a.insert("ferry.io/colour".into(), "blue".into());
         a.insert("ferry.iox/other".into(), "ignored".into());
-        let warnings = match parse(&a, IMAGE) {
-            Ok((_, w)) => w,
-            Err(p) => panic!("{p:?}"),
-        };
+        assert!(parse(&a, IMAGE).is_ok());
+        let warnings = unknown_key_warnings(&a);
         assert_eq!(
             warnings,
             vec![
@@ -803,7 +798,7 @@ mod tests {
                 .map(|(k, v)| (format!("{PREFIX}{k}"), v))
                 .collect();
             match parse(&pairs, IMAGE) {
-                Ok((s, _)) => prop_assert!(!s.peers.is_empty() && !s.volume.is_empty()),
+                Ok(s) => prop_assert!(!s.peers.is_empty() && !s.volume.is_empty()),
                 Err(p) => prop_assert!(p.iter().all(|p| p.subject.starts_with("annotation ferry.io/"))),
             }
         }

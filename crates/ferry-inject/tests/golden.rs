@@ -389,6 +389,26 @@ fn outcomes() {
     );
 }
 
+/// A denial still carries the warnings (an unknown key is often the cause).
+#[test]
+fn denials_keep_warnings() {
+    let mut review = fixture("statefulset-primary");
+    annotations(&mut review).remove("ferry.io/peers");
+    set(&mut review, "ferry.io/peer", "us-east=h:7443");
+    let out = respond(&review, IMAGE);
+    let response = response_of(&review, &out);
+    assert_eq!(response["allowed"], false);
+    let message = response["status"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("annotation ferry.io/peers: is required"),
+        "{message}"
+    );
+    assert_eq!(
+        response["warnings"],
+        json!(["unknown annotation ferry.io/peer is ignored (did you mean ferry.io/peers?)"])
+    );
+}
+
 /// Malformed requests are errors (HTTP 400 in the server), never panics.
 #[test]
 fn malformed_requests_are_errors() {
