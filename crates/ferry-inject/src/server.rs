@@ -38,7 +38,10 @@ pub struct ServerLimits {
     pub max_connections: usize,
     /// Time allowed for a TLS handshake.
     pub handshake_timeout: Duration,
-    /// Time allowed for an HTTP/1.1 client to send its request headers.
+    /// Time allowed for an HTTP/1.1 client to send request headers, including the
+    /// idle time of a kept-alive connection before its next request. Longer than the
+    /// API server's idle-connection timeout (90 s): a connection this side closes
+    /// while the client picks it for a POST fails that admission call.
     pub header_read_timeout: Duration,
     /// Largest request body: a Pod may be up to the API server's 3 MiB request
     /// limit, and an UPDATE review carries two.
@@ -53,7 +56,7 @@ impl Default for ServerLimits {
             reload_interval: Duration::from_secs(10),
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(120),
             max_body_bytes: 8 << 20,
             drain_timeout: Duration::from_secs(15),
         }
@@ -62,6 +65,10 @@ impl Default for ServerLimits {
 
 /// Largest number of concurrent HTTP/2 streams per connection.
 const MAX_H2_STREAMS: u32 = 256;
+/// HTTP/2 pings on idle connections, so a vanished client frees its slot.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// Time to wait for a ping's answer before closing the connection.
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest pause after a failed `accept` (e.g. out of file descriptors).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -152,7 +159,9 @@ impl Server {
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_concurrent_streams(MAX_H2_STREAMS);
+            .max_concurrent_streams(MAX_H2_STREAMS)
+            .keep_alive_interval(Some(H2_KEEP_ALIVE_INTERVAL))
+            .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
 
         let graceful = GracefulShutdown::new();
         let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
