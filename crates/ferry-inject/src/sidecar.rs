@@ -99,6 +99,13 @@ pub(crate) fn container(s: &Settings, run_as: RunAs) -> Container {
             value_from: Some(field("metadata.namespace")),
             ..Default::default()
         },
+        // For commands run with `kubectl exec -c ferry -- ferry status` (or
+        // `promote`): they find the node's state through the root.
+        EnvVar {
+            name: "FERRY_ROOT".to_owned(),
+            value: Some(ROOT_MOUNT.to_owned()),
+            ..Default::default()
+        },
         log_env(&s.log_level),
     ];
 

@@ -202,7 +202,19 @@ pub fn check_injected(original: &Value, patched: &Value, default_image: &str) {
         .find(|e| e["name"] == log_var)
         .unwrap_or_else(|| panic!("{log_var} is set"));
     assert_eq!(log["value"], log_value.as_str());
-    assert_eq!(env.len(), 3, "POD_NAME, POD_NAMESPACE and one log variable");
+    let root = env
+        .iter()
+        .find(|e| e["name"] == "FERRY_ROOT")
+        .expect("FERRY_ROOT");
+    assert_eq!(
+        root["value"], "/ferry/root",
+        "so `kubectl exec -c ferry -- ferry status` works"
+    );
+    assert_eq!(
+        env.len(),
+        4,
+        "POD_NAME, POD_NAMESPACE, FERRY_ROOT and one log variable"
+    );
 
     assert_eq!(
         ferry["ports"],
