@@ -103,7 +103,8 @@ fn systime(m: Mtime) -> SystemTime {
     if m.secs >= 0 {
         UNIX_EPOCH + Duration::new(m.secs as u64, m.nanos)
     } else {
-        UNIX_EPOCH - Duration::from_secs(m.secs.unsigned_abs()) + Duration::from_nanos(m.nanos as u64)
+        UNIX_EPOCH - Duration::from_secs(m.secs.unsigned_abs())
+            + Duration::from_nanos(m.nanos as u64)
     }
 }
 
@@ -173,14 +174,20 @@ impl Applier {
     /// own Mkdir). Returns `None` when a parent is missing and `!create`.
     fn parent(&mut self, p: &RelPath, create: bool) -> Result<Option<Dir>, ApplyError> {
         let parent = p.parent();
-        let key = parent.as_ref().map(|x| x.as_bytes().to_vec()).unwrap_or_default();
+        let key = parent
+            .as_ref()
+            .map(|x| x.as_bytes().to_vec())
+            .unwrap_or_default();
         if let Some(d) = self.cache.get(&key) {
             return d
                 .try_clone()
                 .map(Some)
                 .map_err(|e| io_err("open directory", p, e));
         }
-        let mut cur = self.root.try_clone().map_err(|e| io_err("open root", p, e))?;
+        let mut cur = self
+            .root
+            .try_clone()
+            .map_err(|e| io_err("open root", p, e))?;
         if let Some(parent) = &parent {
             for c in parent.components() {
                 let next = match cur.open_dir_nofollow(os(c)) {
@@ -218,10 +225,13 @@ impl Applier {
     }
 
     fn mark_changed(&mut self, p: &RelPath, dir: &Dir) {
-        let key = p.parent().map(|x| x.as_bytes().to_vec()).unwrap_or_default();
-        if !self.to_sync.contains_key(&key) {
+        let key = p
+            .parent()
+            .map(|x| x.as_bytes().to_vec())
+            .unwrap_or_default();
+        if let std::collections::hash_map::Entry::Vacant(v) = self.to_sync.entry(key) {
             if let Ok(c) = dir.try_clone() {
-                self.to_sync.insert(key, c);
+                v.insert(c);
             }
         }
     }
@@ -230,7 +240,8 @@ impl Applier {
     fn invalidate(&mut self, p: &RelPath) {
         let pb = p.as_bytes();
         self.cache.retain(|k, _| {
-            !(k.as_slice() == pb || (k.len() > pb.len() && k.starts_with(pb) && k[pb.len()] == b'/'))
+            !(k.as_slice() == pb
+                || (k.len() > pb.len() && k.starts_with(pb) && k[pb.len()] == b'/'))
         });
     }
 
@@ -239,7 +250,8 @@ impl Applier {
         match dir.symlink_metadata(name) {
             Ok(md) if md.is_dir() => {
                 self.invalidate(p);
-                dir.remove_dir_all(name).map_err(|e| io_err("remove tree", p, e))?;
+                dir.remove_dir_all(name)
+                    .map_err(|e| io_err("remove tree", p, e))?;
                 Ok(true)
             }
             Ok(_) => {
@@ -258,18 +270,26 @@ impl Applier {
             Op::Mkdir { path, mode } => {
                 self.guard(path)?;
                 if !mode_ok(*mode) {
-                    return Err(refused(path, format!("mode {mode:o} carries setuid/setgid or unknown bits")));
+                    return Err(refused(
+                        path,
+                        format!("mode {mode:o} carries setuid/setgid or unknown bits"),
+                    ));
                 }
-                let dir = self.parent(path, true)?.ok_or_else(|| inconsistent(path, "no parent"))?;
+                let dir = self
+                    .parent(path, true)?
+                    .ok_or_else(|| inconsistent(path, "no parent"))?;
                 let name = os(path.file_name());
                 match dir.symlink_metadata(name) {
                     Ok(md) if md.is_dir() => {}
                     Ok(_) => {
-                        dir.remove_file(name).map_err(|e| io_err("remove", path, e))?;
-                        dir.create_dir(name).map_err(|e| io_err("create directory", path, e))?;
+                        dir.remove_file(name)
+                            .map_err(|e| io_err("remove", path, e))?;
+                        dir.create_dir(name)
+                            .map_err(|e| io_err("create directory", path, e))?;
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        dir.create_dir(name).map_err(|e| io_err("create directory", path, e))?;
+                        dir.create_dir(name)
+                            .map_err(|e| io_err("create directory", path, e))?;
                     }
                     Err(e) => return Err(io_err("stat", path, e)),
                 }
@@ -279,22 +299,35 @@ impl Applier {
                     .map_err(|e| io_err("chmod", path, e))?;
                 self.mark_changed(path, &dir);
             }
-            Op::Symlink { path, target, mtime } => {
+            Op::Symlink {
+                path,
+                target,
+                mtime,
+            } => {
                 self.guard(path)?;
-                check_link_target(path, target).map_err(|e: PathError| refused(path, e.to_string()))?;
-                let dir = self.parent(path, true)?.ok_or_else(|| inconsistent(path, "no parent"))?;
+                check_link_target(path, target)
+                    .map_err(|e: PathError| refused(path, e.to_string()))?;
+                let dir = self
+                    .parent(path, true)?
+                    .ok_or_else(|| inconsistent(path, "no parent"))?;
                 let tmp = tmp_name(path.file_name());
                 dir.symlink_contents(os(target), os(&tmp))
                     .map_err(|e| io_err("symlink", path, e))?;
-                let _ = dir.set_symlink_times(os(&tmp), None, Some(cap_fs_ext::SystemTimeSpec::Absolute(
-                    cap_std::time::SystemTime::from_std(systime(*mtime)),
-                )));
+                let _ = dir.set_symlink_times(
+                    os(&tmp),
+                    None,
+                    Some(cap_fs_ext::SystemTimeSpec::Absolute(
+                        cap_std::time::SystemTime::from_std(systime(*mtime)),
+                    )),
+                );
                 self.replace(&dir, &tmp, path)?;
                 self.mark_changed(path, &dir);
             }
             Op::Delete { path } => {
                 self.guard(path)?;
-                let Some(dir) = self.parent(path, false)? else { return Ok(()) };
+                let Some(dir) = self.parent(path, false)? else {
+                    return Ok(());
+                };
                 if self.remove_entry(&dir, path)? {
                     self.mark_changed(path, &dir);
                 }
@@ -307,17 +340,23 @@ impl Applier {
                 }
                 let from_dir = self.parent(from, false)?;
                 let exists = |d: &Option<Dir>, p: &RelPath| -> bool {
-                    d.as_ref().is_some_and(|d| d.symlink_metadata(os(p.file_name())).is_ok())
+                    d.as_ref()
+                        .is_some_and(|d| d.symlink_metadata(os(p.file_name())).is_ok())
                 };
                 if !exists(&from_dir, from) {
                     let to_dir = self.parent(to, false)?;
                     if exists(&to_dir, to) {
                         return Ok(()); // already moved (a resync got there first)
                     }
-                    return Err(inconsistent(from, "rename source and destination are both missing"));
+                    return Err(inconsistent(
+                        from,
+                        "rename source and destination are both missing",
+                    ));
                 }
                 let from_dir = from_dir.ok_or_else(|| inconsistent(from, "no parent"))?;
-                let to_dir = self.parent(to, true)?.ok_or_else(|| inconsistent(to, "no parent"))?;
+                let to_dir = self
+                    .parent(to, true)?
+                    .ok_or_else(|| inconsistent(to, "no parent"))?;
                 // The primary's rename succeeded, so whatever is at `to` is replaced.
                 if let Ok(md) = to_dir.symlink_metadata(os(to.file_name())) {
                     if md.is_dir() {
@@ -338,18 +377,26 @@ impl Applier {
             Op::SetMeta { path, mode, mtime } => {
                 self.guard(path)?;
                 if !mode_ok(*mode) {
-                    return Err(refused(path, format!("mode {mode:o} carries setuid/setgid or unknown bits")));
+                    return Err(refused(
+                        path,
+                        format!("mode {mode:o} carries setuid/setgid or unknown bits"),
+                    ));
                 }
-                let dir = self.parent(path, false)?.ok_or_else(|| inconsistent(path, "parent missing"))?;
+                let dir = self
+                    .parent(path, false)?
+                    .ok_or_else(|| inconsistent(path, "parent missing"))?;
                 let mut oo = OpenOptions::new();
                 oo.read(true).follow(FollowSymlinks::No);
                 let f = dir
                     .open_with(os(path.file_name()), &oo)
-                    .map_err(|e| inconsistent(path, format!("cannot open for metadata update ({e})")))?
+                    .map_err(|e| {
+                        inconsistent(path, format!("cannot open for metadata update ({e})"))
+                    })?
                     .into_std();
                 f.set_permissions(std::fs::Permissions::from_mode(*mode))
                     .map_err(|e| io_err("chmod", path, e))?;
-                f.set_modified(systime(*mtime)).map_err(|e| io_err("set mtime", path, e))?;
+                f.set_modified(systime(*mtime))
+                    .map_err(|e| io_err("set mtime", path, e))?;
                 self.mark_changed(path, &dir);
             }
         }
@@ -380,9 +427,14 @@ impl Applier {
         self.file_abort();
         self.guard(&h.path)?;
         if !mode_ok(h.mode) {
-            return Err(refused(&h.path, format!("mode {:o} carries setuid/setgid or unknown bits", h.mode)));
+            return Err(refused(
+                &h.path,
+                format!("mode {:o} carries setuid/setgid or unknown bits", h.mode),
+            ));
         }
-        let parent = self.parent(&h.path, true)?.ok_or_else(|| inconsistent(&h.path, "no parent"))?;
+        let parent = self
+            .parent(&h.path, true)?
+            .ok_or_else(|| inconsistent(&h.path, "no parent"))?;
         let tmp = tmp_name(h.path.file_name());
         let mut oo = OpenOptions::new();
         oo.write(true).create_new(true).follow(FollowSymlinks::No);
@@ -444,7 +496,10 @@ impl Applier {
             cleanup(&inc);
             return Err(ApplyError::BadStream {
                 path: path.display(),
-                reason: format!("received {} bytes of an announced {}", inc.written, inc.header.size),
+                reason: format!(
+                    "received {} bytes of an announced {}",
+                    inc.written, inc.header.size
+                ),
             });
         }
         if inc.hasher.finalize().as_bytes() != hash {
@@ -494,9 +549,9 @@ impl Applier {
             open_readable(&d, OsStr::new("."))
                 .and_then(|f| f.sync_all())
                 .map_err(|source| ApplyError::Sync {
-                path: String::from_utf8_lossy(&k).into_owned(),
-                source,
-            })?;
+                    path: String::from_utf8_lossy(&k).into_owned(),
+                    source,
+                })?;
         }
         Ok(std::mem::take(&mut self.stats))
     }
@@ -531,7 +586,9 @@ fn tmp_name(name: &[u8]) -> Vec<u8> {
 pub fn clean_temp_files(root: &Path) -> io::Result<u64> {
     let mut n = 0;
     for e in walk(root)? {
-        if e.file_name().is_some_and(|n| n.as_bytes().starts_with(TEMP_PREFIX)) {
+        if e.file_name()
+            .is_some_and(|n| n.as_bytes().starts_with(TEMP_PREFIX))
+        {
             std::fs::remove_file(&e)?;
             n += 1;
         }

@@ -10,7 +10,10 @@ fn write(a: &mut Applier, path: &str, data: &[u8], mode: u32) -> Result<(), Appl
     a.file_begin(&FileHeader {
         path: p(path),
         mode,
-        mtime: Mtime { secs: 1_600_000_000, nanos: 5 },
+        mtime: Mtime {
+            secs: 1_600_000_000,
+            nanos: 5,
+        },
         size: data.len() as u64,
     })?;
     a.file_data(data)?;
@@ -31,7 +34,12 @@ fn fixture() -> Fixture {
     std::fs::create_dir_all(&root).unwrap();
     std::fs::create_dir_all(&outside).unwrap();
     let a = Applier::open(&root, Some(p(".ferry"))).unwrap();
-    Fixture { _d: d, root, outside, a }
+    Fixture {
+        _d: d,
+        root,
+        outside,
+        a,
+    }
 }
 
 fn no_temp_files(root: &Path) {
@@ -59,15 +67,29 @@ fn file_is_written_with_mode_and_mtime() {
 fn hash_or_size_mismatch_leaves_old_version() {
     let mut f = fixture();
     write(&mut f.a, "x", b"old", 0o644).unwrap();
-    let h = FileHeader { path: p("x"), mode: 0o644, mtime: Mtime::default(), size: 3 };
+    let h = FileHeader {
+        path: p("x"),
+        mode: 0o644,
+        mtime: Mtime::default(),
+        size: 3,
+    };
     f.a.file_begin(&h).unwrap();
     f.a.file_data(b"new").unwrap();
-    assert!(matches!(f.a.file_end(&[0; 32]), Err(ApplyError::BadStream { .. })));
+    assert!(matches!(
+        f.a.file_end(&[0; 32]),
+        Err(ApplyError::BadStream { .. })
+    ));
     f.a.file_begin(&h).unwrap();
-    assert!(matches!(f.a.file_data(b"toolong"), Err(ApplyError::BadStream { .. })));
+    assert!(matches!(
+        f.a.file_data(b"toolong"),
+        Err(ApplyError::BadStream { .. })
+    ));
     f.a.file_begin(&h).unwrap();
     f.a.file_data(b"ne").unwrap();
-    assert!(matches!(f.a.file_end(blake3::hash(b"ne").as_bytes()), Err(ApplyError::BadStream { .. })));
+    assert!(matches!(
+        f.a.file_end(blake3::hash(b"ne").as_bytes()),
+        Err(ApplyError::BadStream { .. })
+    ));
     assert_eq!(std::fs::read(f.root.join("x")).unwrap(), b"old");
     no_temp_files(&f.root);
 }
@@ -78,32 +100,61 @@ fn symlink_on_replica_is_never_followed() {
     std::os::unix::fs::symlink(&f.outside, f.root.join("evil")).unwrap();
     let r = write(&mut f.a, "evil/x", b"pwned", 0o644);
     assert!(matches!(r, Err(ApplyError::Inconsistent { .. })), "{r:?}");
-    f.a.apply_op(&Op::Mkdir { path: p("evil/sub"), mode: 0o755 }).unwrap_err();
-    f.a.apply_op(&Op::Rename { from: p("evil"), to: p("evil2") }).unwrap();
+    f.a.apply_op(&Op::Mkdir {
+        path: p("evil/sub"),
+        mode: 0o755,
+    })
+    .unwrap_err();
+    f.a.apply_op(&Op::Rename {
+        from: p("evil"),
+        to: p("evil2"),
+    })
+    .unwrap();
     // deleting through a link removes nothing outside
     std::fs::write(f.outside.join("keep"), b"k").unwrap();
     std::os::unix::fs::symlink(&f.outside, f.root.join("evil3")).unwrap();
-    f.a.apply_op(&Op::Delete { path: p("evil3/keep") }).unwrap();
+    f.a.apply_op(&Op::Delete {
+        path: p("evil3/keep"),
+    })
+    .unwrap();
     f.a.apply_op(&Op::Delete { path: p("evil3") }).unwrap();
     assert!(f.outside.join("keep").exists());
     assert_eq!(std::fs::read_dir(&f.outside).unwrap().count(), 1);
     // SetMeta on a link does not chmod its target
     std::os::unix::fs::symlink(f.outside.join("keep"), f.root.join("l")).unwrap();
-    let r = f.a.apply_op(&Op::SetMeta { path: p("l"), mode: 0o777, mtime: Mtime::default() });
+    let r = f.a.apply_op(&Op::SetMeta {
+        path: p("l"),
+        mode: 0o777,
+        mtime: Mtime::default(),
+    });
     assert!(r.is_err());
-    assert_ne!(std::fs::metadata(f.outside.join("keep")).unwrap().mode() & 0o777, 0o777);
+    assert_ne!(
+        std::fs::metadata(f.outside.join("keep")).unwrap().mode() & 0o777,
+        0o777
+    );
 }
 
 #[test]
 fn hostile_requests_refused() {
     let mut f = fixture();
-    let r = f.a.apply_op(&Op::Symlink { path: p("l"), target: b"../../etc".to_vec(), mtime: Mtime::default() });
+    let r = f.a.apply_op(&Op::Symlink {
+        path: p("l"),
+        target: b"../../etc".to_vec(),
+        mtime: Mtime::default(),
+    });
     assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
-    let r = f.a.apply_op(&Op::Symlink { path: p("l"), target: b"/etc".to_vec(), mtime: Mtime::default() });
+    let r = f.a.apply_op(&Op::Symlink {
+        path: p("l"),
+        target: b"/etc".to_vec(),
+        mtime: Mtime::default(),
+    });
     assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
     let r = write(&mut f.a, "suid", b"x", 0o4755);
     assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
-    let r = f.a.apply_op(&Op::Mkdir { path: p("d"), mode: 0o2755 });
+    let r = f.a.apply_op(&Op::Mkdir {
+        path: p("d"),
+        mode: 0o2755,
+    });
     assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
     std::fs::create_dir_all(f.root.join(".ferry")).unwrap();
     std::fs::write(f.root.join(".ferry/state.a"), b"s").unwrap();
@@ -123,7 +174,11 @@ fn renames_deletes_and_kind_changes() {
     let mut f = fixture();
     write(&mut f.a, "a/x", b"1", 0o644).unwrap();
     write(&mut f.a, "a/y/z", b"2", 0o644).unwrap();
-    f.a.apply_op(&Op::Rename { from: p("a"), to: p("b") }).unwrap();
+    f.a.apply_op(&Op::Rename {
+        from: p("a"),
+        to: p("b"),
+    })
+    .unwrap();
     assert_eq!(std::fs::read(f.root.join("b/y/z")).unwrap(), b"2");
     assert!(!f.root.join("a").exists());
     // the cache must not send writes for a re-created `a` into `b`
@@ -132,21 +187,47 @@ fn renames_deletes_and_kind_changes() {
     // a file replaces a directory, a directory replaces a file
     write(&mut f.a, "b", b"file now", 0o644).unwrap();
     assert_eq!(std::fs::read(f.root.join("b")).unwrap(), b"file now");
-    f.a.apply_op(&Op::Mkdir { path: p("b"), mode: 0o700 }).unwrap();
+    f.a.apply_op(&Op::Mkdir {
+        path: p("b"),
+        mode: 0o700,
+    })
+    .unwrap();
     assert!(f.root.join("b").is_dir());
     // rename onto a non-empty directory replaces it
-    f.a.apply_op(&Op::Rename { from: p("a"), to: p("b") }).unwrap();
+    f.a.apply_op(&Op::Rename {
+        from: p("a"),
+        to: p("b"),
+    })
+    .unwrap();
     assert!(f.root.join("b/new").exists());
     // rename with source gone but destination present is a no-op (resync overlap)
-    f.a.apply_op(&Op::Rename { from: p("a"), to: p("b") }).unwrap();
-    let r = f.a.apply_op(&Op::Rename { from: p("q"), to: p("r") });
+    f.a.apply_op(&Op::Rename {
+        from: p("a"),
+        to: p("b"),
+    })
+    .unwrap();
+    let r = f.a.apply_op(&Op::Rename {
+        from: p("q"),
+        to: p("r"),
+    });
     assert!(matches!(r, Err(ApplyError::Inconsistent { .. })));
     f.a.apply_op(&Op::Delete { path: p("b") }).unwrap();
     f.a.apply_op(&Op::Delete { path: p("b") }).unwrap();
-    f.a.apply_op(&Op::Symlink { path: p("link"), target: b"x/../y".to_vec(), mtime: Mtime::default() }).unwrap();
-    assert_eq!(std::fs::read_link(f.root.join("link")).unwrap(), Path::new("x/../y"));
+    f.a.apply_op(&Op::Symlink {
+        path: p("link"),
+        target: b"x/../y".to_vec(),
+        mtime: Mtime::default(),
+    })
+    .unwrap();
+    assert_eq!(
+        std::fs::read_link(f.root.join("link")).unwrap(),
+        Path::new("x/../y")
+    );
     f.a.commit().unwrap();
-    let names: Vec<_> = std::fs::read_dir(&f.root).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(&f.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("link")]);
 }
 

@@ -256,7 +256,12 @@ mod tests {
             if *rec {
                 // a recursive entry replaces the replica's subtree whole
                 remove_subtree(replica, pb);
-                paths.extend(primary.keys().filter(|k| under(pb, k) && k.as_slice() != pb).cloned());
+                paths.extend(
+                    primary
+                        .keys()
+                        .filter(|k| under(pb, k) && k.as_slice() != pb)
+                        .cloned(),
+                );
             }
             for q in paths {
                 match primary.get(&q) {
@@ -286,7 +291,11 @@ mod tests {
         for &(kind, x, y, n) in ops {
             let keys: Vec<Vec<u8>> = tree.keys().cloned().collect();
             let dirs: Vec<Vec<u8>> = std::iter::once(Vec::new())
-                .chain(tree.iter().filter(|(_, v)| **v == Node::Dir).map(|(k, _)| k.clone()))
+                .chain(
+                    tree.iter()
+                        .filter(|(_, v)| **v == Node::Dir)
+                        .map(|(k, _)| k.clone()),
+                )
                 .collect();
             let pick_new = |d: &[u8]| {
                 let mut p = d.to_vec();
@@ -346,7 +355,10 @@ mod tests {
                     };
                     if ok {
                         move_subtree(tree, &from, &to);
-                        co.push(Change::Renamed { from: rp(&from), to: rp(&to) });
+                        co.push(Change::Renamed {
+                            from: rp(&from),
+                            to: rp(&to),
+                        });
                     }
                 }
                 _ => {
@@ -396,7 +408,10 @@ mod tests {
     fn directory_move_is_one_rename() {
         let mut co = Coalescer::new();
         co.push(Change::Touched(rp(b"d/x")));
-        co.push(Change::Renamed { from: rp(b"d"), to: rp(b"e") });
+        co.push(Change::Renamed {
+            from: rp(b"d"),
+            to: rp(b"e"),
+        });
         let p = co.take();
         assert_eq!(p.renames, vec![(rp(b"d"), rp(b"e"))]);
         assert_eq!(p.dirty, vec![(rp(b"e/x"), false)]);
@@ -406,7 +421,10 @@ mod tests {
     fn rename_of_fresh_file_degrades() {
         let mut co = Coalescer::new();
         co.push(Change::Created(rp(b"tmp")));
-        co.push(Change::Renamed { from: rp(b"tmp"), to: rp(b"final") });
+        co.push(Change::Renamed {
+            from: rp(b"tmp"),
+            to: rp(b"final"),
+        });
         let p = co.take();
         assert!(p.renames.is_empty());
         assert_eq!(p.dirty, vec![(rp(b"final"), true), (rp(b"tmp"), true)]);

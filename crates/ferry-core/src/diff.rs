@@ -26,7 +26,15 @@ pub fn same(p: &Entry, r: &Entry) -> bool {
         return false;
     }
     match p.kind {
-        EntryKind::File => p.size == r.size && p.mtime == r.mtime && p.mode == r.mode,
+        EntryKind::File => {
+            p.size == r.size
+                && p.mtime == r.mtime
+                && p.mode == r.mode
+                && match (&p.hash, &r.hash) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => true,
+                }
+        }
         EntryKind::Dir => p.mode == r.mode,
         EntryKind::Symlink => p.target == r.target,
     }
@@ -43,7 +51,8 @@ pub fn diff<T: Clone>(
     let (mut i, mut j) = (0, 0);
     // Replica subtree already scheduled for deletion: skip what lies below.
     let mut gone: Option<RelPath> = None;
-    let skip = |gone: &Option<RelPath>, p: &RelPath| gone.as_ref().is_some_and(|g| p.starts_with(g));
+    let skip =
+        |gone: &Option<RelPath>, p: &RelPath| gone.as_ref().is_some_and(|g| p.starts_with(g));
     while i < primary.len() || j < replica.len() {
         if j < replica.len() && skip(&gone, &replica[j].path) {
             j += 1;
@@ -98,6 +107,7 @@ mod tests {
             size,
             mtime: Mtime { secs: 1, nanos: 0 },
             target: Vec::new(),
+            hash: None,
         }
     }
     fn sorted(mut v: Vec<Entry>) -> Vec<Entry> {
@@ -136,6 +146,18 @@ mod tests {
             acts,
             ["delete a/y", "send a.txt", "delete b", "send c", "send d"]
         );
+    }
+
+    #[test]
+    fn hashes_decide_when_present() {
+        let mut a = e("f", EntryKind::File, 3);
+        let mut b = a.clone();
+        assert!(same(&a, &b));
+        a.hash = Some([1; 32]);
+        b.hash = Some([2; 32]);
+        assert!(!same(&a, &b), "same size and mtime, different content");
+        b.hash = Some([1; 32]);
+        assert!(same(&a, &b));
     }
 
     #[test]

@@ -16,7 +16,9 @@ pub struct ReplicaView {
 pub enum Admit {
     /// Accept; `adopt_epoch` is set when the hello carries a newer epoch that
     /// must be made durable before anything else.
-    Accept { adopt_epoch: Option<u64> },
+    Accept {
+        adopt_epoch: Option<u64>,
+    },
     Refuse(RefuseCode, String),
 }
 
@@ -119,7 +121,10 @@ mod tests {
         ));
         let mut h = hello(5);
         h.version = 99;
-        assert!(matches!(admit(v, &h), Admit::Refuse(RefuseCode::Version, _)));
+        assert!(matches!(
+            admit(v, &h),
+            Admit::Refuse(RefuseCode::Version, _)
+        ));
     }
 
     #[test]

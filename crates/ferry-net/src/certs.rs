@@ -29,7 +29,8 @@ fn write(path: &Path, data: &str, private: bool) -> Result<(), NetError> {
 
 /// Creates `out/ca.crt` and `out/ca.key`. Refuses to overwrite an existing CA.
 pub fn init_ca(out: &Path, name: &str) -> Result<(), NetError> {
-    std::fs::create_dir_all(out).map_err(|x| NetError::Cert(format!("cannot create {}: {x}", out.display())))?;
+    std::fs::create_dir_all(out)
+        .map_err(|x| NetError::Cert(format!("cannot create {}: {x}", out.display())))?;
     if out.join("ca.key").exists() {
         return Err(NetError::Cert(format!(
             "{} already holds a CA (ca.key); remove it first or choose another --out",
@@ -43,7 +44,11 @@ pub fn init_ca(out: &Path, name: &str) -> Result<(), NetError> {
     dn.push(DnType::OrganizationName, "ferry");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     (params.not_before, params.not_after) = validity(10 * 365);
     let cert = params.self_signed(&key).map_err(e)?;
     write(&out.join("ca.crt"), &cert.pem(), false)?;
@@ -77,10 +82,14 @@ pub fn issue(ca_dir: &Path, name: &str, out: &Path, days: u32) -> Result<(), Net
     dn.push(DnType::CommonName, name);
     params.distinguished_name = dn;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     (params.not_before, params.not_after) = validity(days);
     let cert = params.signed_by(&key, &issuer).map_err(e)?;
-    std::fs::create_dir_all(out).map_err(|x| NetError::Cert(format!("cannot create {}: {x}", out.display())))?;
+    std::fs::create_dir_all(out)
+        .map_err(|x| NetError::Cert(format!("cannot create {}: {x}", out.display())))?;
     write(&out.join("tls.crt"), &cert.pem(), false)?;
     write(&out.join("tls.key"), &key.serialize_pem(), true)?;
     write(&out.join("ca.crt"), &ca_pem, false)?;

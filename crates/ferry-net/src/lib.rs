@@ -42,10 +42,10 @@ pub enum NetError {
     TlsFile { path: String, reason: String },
     #[error("TLS setup failed: {0}")]
     TlsConfig(String),
-    #[error("cannot listen on {addr}: {source}; is another process using the port?")]
+    #[error("cannot listen on {addr}: {error}; is another process using the port?")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("connecting to {name} at {addr} failed: {reason}")]
     Connect {
@@ -80,7 +80,9 @@ fn transport_config() -> quinn::TransportConfig {
         .receive_window(CONN_WINDOW.into())
         .send_window(SEND_WINDOW)
         .max_idle_timeout(Some(
-            IDLE_TIMEOUT.try_into().expect("30 s is a valid idle timeout"),
+            IDLE_TIMEOUT
+                .try_into()
+                .expect("30 s is a valid idle timeout"),
         ))
         .keep_alive_interval(Some(KEEP_ALIVE));
     t
@@ -89,7 +91,11 @@ fn transport_config() -> quinn::TransportConfig {
 impl Transport {
     /// Binds `listen` and prepares client and server TLS. Only peers whose
     /// certificate chains to the CA and names one of `allowed` get in.
-    pub fn bind(listen: SocketAddr, tls: &TlsMaterial, allowed: Vec<String>) -> Result<Transport, NetError> {
+    pub fn bind(
+        listen: SocketAddr,
+        tls: &TlsMaterial,
+        allowed: Vec<String>,
+    ) -> Result<Transport, NetError> {
         let transport = Arc::new(transport_config());
         let server_tls = tls::server_config(tls, &allowed)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(
@@ -108,14 +114,20 @@ impl Transport {
                 .map_err(|e| NetError::TlsConfig(e.to_string()))?,
         ));
         client.transport_config(transport);
-        let socket = std::net::UdpSocket::bind(listen).map_err(|source| NetError::Bind { addr: listen, source })?;
+        let socket = std::net::UdpSocket::bind(listen).map_err(|source| NetError::Bind {
+            addr: listen,
+            error: source,
+        })?;
         let ep = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),
         )
-        .map_err(|source| NetError::Bind { addr: listen, source })?;
+        .map_err(|source| NetError::Bind {
+            addr: listen,
+            error: source,
+        })?;
         Ok(Transport {
             ep,
             client,
@@ -163,10 +175,11 @@ impl Transport {
                     addr,
                     reason: e.to_string(),
                 })?;
-            let peer = tls::peer_name(&conn, &self.allowed).ok_or_else(|| NetError::PeerRefused {
-                addr,
-                reason: "certificate names no allowed peer".into(),
-            })?;
+            let peer =
+                tls::peer_name(&conn, &self.allowed).ok_or_else(|| NetError::PeerRefused {
+                    addr,
+                    reason: "certificate names no allowed peer".into(),
+                })?;
             Ok(Conn { inner: conn, peer })
         }
         .await;
@@ -203,13 +216,21 @@ impl Conn {
 
     /// Opens a stream for messages.
     pub async fn open(&self) -> Result<(MsgSend, MsgRecv), NetError> {
-        let (s, r) = self.inner.open_bi().await.map_err(|e| NetError::Lost(e.to_string()))?;
+        let (s, r) = self
+            .inner
+            .open_bi()
+            .await
+            .map_err(|e| NetError::Lost(e.to_string()))?;
         Ok((MsgSend::new(s), MsgRecv::new(r)))
     }
 
     /// Accepts the peer's next stream.
     pub async fn accept(&self) -> Result<(MsgSend, MsgRecv), NetError> {
-        let (s, r) = self.inner.accept_bi().await.map_err(|e| NetError::Lost(e.to_string()))?;
+        let (s, r) = self
+            .inner
+            .accept_bi()
+            .await
+            .map_err(|e| NetError::Lost(e.to_string()))?;
         Ok((MsgSend::new(s), MsgRecv::new(r)))
     }
 
@@ -301,7 +322,7 @@ impl MsgRecv {
             let want = self.dec.wanted()?;
             match self
                 .r
-                .read_chunk(want.max(64 << 10).min(ferry_proto::MAX_FRAME), true)
+                .read_chunk(want.clamp(64 << 10, ferry_proto::MAX_FRAME), true)
                 .await
             {
                 Ok(Some(chunk)) => self.dec.extend(&chunk.bytes),
@@ -311,6 +332,12 @@ impl MsgRecv {
                     }
                     return Ok(None);
                 }
+                // The peer closed the connection on purpose (shutdown): a clean end.
+                Err(quinn::ReadError::ConnectionLost(
+                    quinn::ConnectionError::ApplicationClosed(c),
+                )) if c.error_code == quinn::VarInt::from_u32(0) && self.dec.buffered() == 0 => {
+                    return Ok(None)
+                }
                 Err(e) => return Err(NetError::Lost(e.to_string())),
             }
         }
@@ -319,7 +346,9 @@ impl MsgRecv {
 
 /// Re-exported so callers can build names without depending on rustls.
 pub fn valid_node_name(name: &str) -> bool {
-    rustls_pki_types::DnsName::try_from(name).is_ok() && !name.is_empty() && name.len() <= ferry_proto::MAX_NAME
+    rustls_pki_types::DnsName::try_from(name).is_ok()
+        && !name.is_empty()
+        && name.len() <= ferry_proto::MAX_NAME
 }
 
 #[doc(hidden)]

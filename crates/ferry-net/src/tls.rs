@@ -94,7 +94,8 @@ pub fn load_tls(dir: &Path, name: &str) -> Result<TlsMaterial, NetError> {
         .map_err(|e| file_err(&crt, format!("is not valid under ca.crt: {e}")))?;
     let sn = ServerName::try_from(name.to_owned())
         .map_err(|_| NetError::TlsConfig(format!("node name {name:?} is not a valid DNS name")))?;
-    let ee = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| file_err(&crt, e.to_string()))?;
+    let ee =
+        webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| file_err(&crt, e.to_string()))?;
     ee.verify_is_valid_for_subject_name(&sn)
         .map_err(|_| file_err(&crt, format!("is not issued for the name {name:?} (--name); issue one with `ferry cert issue --name {name}`")))?;
     Ok(TlsMaterial {
@@ -122,7 +123,8 @@ impl ClientCertVerifier for NamedClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         if matches_any(end_entity, &self.allowed).is_some() {
             Ok(ClientCertVerified::assertion())
         } else {
@@ -159,15 +161,19 @@ fn matches_any(cert: &CertificateDer<'_>, names: &[ServerName<'static>]) -> Opti
         .position(|n| ee.verify_is_valid_for_subject_name(n).is_ok())
 }
 
-pub(crate) fn server_config(tls: &TlsMaterial, allowed: &[String]) -> Result<rustls::ServerConfig, NetError> {
+pub(crate) fn server_config(
+    tls: &TlsMaterial,
+    allowed: &[String],
+) -> Result<rustls::ServerConfig, NetError> {
     let inner = WebPkiClientVerifier::builder_with_provider(tls.roots.clone(), provider())
         .build()
         .map_err(|e| NetError::TlsConfig(e.to_string()))?;
     let allowed = allowed
         .iter()
         .map(|n| {
-            ServerName::try_from(n.clone())
-                .map_err(|_| NetError::TlsConfig(format!("peer name {n:?} is not a valid DNS name")))
+            ServerName::try_from(n.clone()).map_err(|_| {
+                NetError::TlsConfig(format!("peer name {n:?} is not a valid DNS name"))
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())

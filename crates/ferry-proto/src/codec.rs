@@ -78,7 +78,10 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
             let msg = truncate_utf8(&r.message, MAX_TEXT);
             put_str(out, msg);
         }
-        Message::ManifestRequest => out.put_u8(kind::MANIFEST_REQUEST),
+        Message::ManifestRequest { verify } => {
+            out.put_u8(kind::MANIFEST_REQUEST);
+            out.put_u8(u8::from(*verify));
+        }
         Message::ManifestEntry(e) => {
             out.put_u8(kind::MANIFEST_ENTRY);
             put_path(out, &e.path);
@@ -91,6 +94,13 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
             out.put_u64(e.size);
             put_mtime(out, e.mtime);
             put_bytes16(out, &e.target);
+            match &e.hash {
+                None => out.put_u8(0),
+                Some(h) => {
+                    out.put_u8(1);
+                    out.put_slice(h);
+                }
+            }
         }
         Message::ManifestEnd { count } => {
             out.put_u8(kind::MANIFEST_END);
@@ -340,7 +350,18 @@ fn decode_message(frame: Bytes) -> Result<Message, ProtoError> {
             epoch: r.u64("epoch")?,
             message: r.string("message", MAX_TEXT)?,
         }),
-        kind::MANIFEST_REQUEST => Message::ManifestRequest,
+        kind::MANIFEST_REQUEST => Message::ManifestRequest {
+            verify: match r.u8("verify")? {
+                0 => false,
+                1 => true,
+                v => {
+                    return Err(ProtoError::BadValue {
+                        field: "verify",
+                        value: v as u64,
+                    })
+                }
+            },
+        },
         kind::MANIFEST_ENTRY => {
             let path = r.path("path")?;
             let kind = match r.u8("entry kind")? {
@@ -361,6 +382,21 @@ fn decode_message(frame: Bytes) -> Result<Message, ProtoError> {
                 size: r.u64("size")?,
                 mtime: r.mtime()?,
                 target: r.bytes16("target", MAX_LINK_LEN)?.to_vec(),
+                hash: match r.u8("hash flag")? {
+                    0 => None,
+                    1 => {
+                        r.need(32, "hash")?;
+                        let mut h = [0u8; 32];
+                        r.b.copy_to_slice(&mut h);
+                        Some(h)
+                    }
+                    v => {
+                        return Err(ProtoError::BadValue {
+                            field: "hash flag",
+                            value: v as u64,
+                        })
+                    }
+                },
             })
         }
         kind::MANIFEST_END => Message::ManifestEnd {
@@ -443,9 +479,7 @@ fn decode_message(frame: Bytes) -> Result<Message, ProtoError> {
             Message::FileEnd { hash }
         }
         kind::FILE_ABORT => Message::FileAbort,
-        kind::BATCH_END => Message::BatchEnd {
-            seq: r.u64("seq")?,
-        },
+        kind::BATCH_END => Message::BatchEnd { seq: r.u64("seq")? },
         kind::ACK => Message::Ack {
             epoch: r.u64("epoch")?,
             seq: r.u64("seq")?,
@@ -484,7 +518,7 @@ mod tests {
                 epoch: 4,
                 message: "stale".into(),
             }),
-            Message::ManifestRequest,
+            Message::ManifestRequest { verify: true },
             Message::ManifestEntry(Entry {
                 path: p("a/b"),
                 kind: EntryKind::Symlink,
@@ -492,6 +526,16 @@ mod tests {
                 size: 3,
                 mtime: Mtime { secs: -5, nanos: 7 },
                 target: b"../c".to_vec(),
+                hash: None,
+            }),
+            Message::ManifestEntry(Entry {
+                path: p("f"),
+                kind: EntryKind::File,
+                mode: 0o644,
+                size: 3,
+                mtime: Mtime { secs: 5, nanos: 7 },
+                target: Vec::new(),
+                hash: Some([9; 32]),
             }),
             Message::ManifestEnd { count: 12 },
             Message::BatchBegin(BatchHeader {

@@ -60,6 +60,8 @@ pub struct Entry {
     pub mtime: Mtime,
     /// Symlink target (empty for other kinds).
     pub target: Vec<u8>,
+    /// BLAKE3 of a file's content, when the manifest was asked to verify.
+    pub hash: Option<[u8; 32]>,
 }
 
 /// Primary → replica, first message on a connection.
@@ -178,8 +180,12 @@ pub enum Message {
     Hello(Hello),
     Welcome(Welcome),
     Refuse(Refuse),
-    /// Primary asks the replica for its manifest.
-    ManifestRequest,
+    /// Primary asks the replica for its manifest; with `verify`, files carry
+    /// content hashes (for content of unknown provenance, where size and
+    /// mtime can match by accident).
+    ManifestRequest {
+        verify: bool,
+    },
     ManifestEntry(Entry),
     ManifestEnd {
         count: u64,

@@ -253,7 +253,10 @@ mod tests {
             Err(PathError::TargetEscapes)
         );
         let top = RelPath::new("link").unwrap();
-        assert_eq!(check_link_target(&top, b"..").unwrap_err(), PathError::TargetEscapes);
+        assert_eq!(
+            check_link_target(&top, b"..").unwrap_err(),
+            PathError::TargetEscapes
+        );
         assert_eq!(check_link_target(&top, b"x/./y"), Ok(()));
         assert_eq!(check_link_target(&top, b""), Err(PathError::EmptyTarget));
     }
@@ -265,7 +268,9 @@ mod tests {
         assert_eq!(p.parent().unwrap().as_bytes(), b"a/b");
         assert!(p.starts_with(&RelPath::new("a/b").unwrap()));
         assert!(!p.starts_with(&RelPath::new("a/bc").unwrap()));
-        assert!(!RelPath::new("a/bc").unwrap().starts_with(&RelPath::new("a/b").unwrap()));
+        assert!(!RelPath::new("a/bc")
+            .unwrap()
+            .starts_with(&RelPath::new("a/b").unwrap()));
         let r = p
             .rebase(&RelPath::new("a").unwrap(), &RelPath::new("x/y").unwrap())
             .unwrap();

@@ -45,22 +45,24 @@ pub struct NodeState {
 /// Errors of the state dir.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot create state dir {path}: {source}; check that the parent exists and is writable, or pass --state-dir")]
+    #[error("cannot create state dir {path}: {error}; check that the parent exists and is writable, or pass --state-dir")]
     Create {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("state dir {path} is locked by another ferry process; run one ferry per root and state dir")]
+    #[error(
+        "state dir {path} is locked by another ferry process; run one ferry per root and state dir"
+    )]
     Locked { path: PathBuf },
-    #[error("I/O error on state file {path}: {source}")]
+    #[error("I/O error on state file {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("fsync of state file {path} failed: {source}; the state was not stored")]
+    #[error("fsync of state file {path} failed: {error}; the state was not stored")]
     Sync {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -79,11 +81,11 @@ impl StateDir {
     pub fn open(dir: &Path) -> Result<(StateDir, Option<NodeState>), StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Create {
             path: dir.to_owned(),
-            source,
+            error: source,
         })?;
         let io = |p: &Path| {
             let p = p.to_owned();
-            move |source| StoreError::Io { path: p, source }
+            move |error| StoreError::Io { path: p, error }
         };
         let lock_path = dir.join("lock");
         let lock = OpenOptions::new()
@@ -159,14 +161,14 @@ impl StateDir {
         let f = &mut self.slots[idx];
         let io = |source| StoreError::Io {
             path: path.clone(),
-            source,
+            error: source,
         };
         f.seek(SeekFrom::Start(0)).map_err(io)?;
         f.write_all(rec.as_bytes()).map_err(io)?;
         f.set_len(rec.len() as u64).map_err(io)?;
         f.sync_data().map_err(|source| StoreError::Sync {
             path: path.clone(),
-            source,
+            error: source,
         })?;
         Ok(())
     }

@@ -10,6 +10,6 @@ pub mod exclude;
 pub mod scan;
 pub mod watcher;
 
-pub use exclude::{Excludes, ExcludeError, TEMP_PREFIX};
+pub use exclude::{ExcludeError, Excludes, TEMP_PREFIX};
 pub use scan::{lstat_entry, scan_tree, Scanned, Skip};
 pub use watcher::{RawEvent, Translator, WatchError, Watcher};

@@ -50,7 +50,9 @@ pub fn entry_from_meta(
     } else if ft.is_symlink() {
         EntryKind::Symlink
     } else {
-        debug_assert!(ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device());
+        debug_assert!(
+            ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device()
+        );
         skipped.push(Skip::Special(rel.clone()));
         return Ok(None);
     };
@@ -60,7 +62,9 @@ pub fn entry_from_meta(
     }
     let mut target = Vec::new();
     if kind == EntryKind::Symlink {
-        target = std::fs::read_link(abs(root, rel))?.into_os_string().into_encoded_bytes();
+        target = std::fs::read_link(abs(root, rel))?
+            .into_os_string()
+            .into_encoded_bytes();
         if ferry_proto::check_link_target(rel, &target).is_err() {
             skipped.push(Skip::LinkEscapes(rel.clone()));
             return Ok(None);
@@ -78,6 +82,7 @@ pub fn entry_from_meta(
                 nanos: md.mtime_nsec().clamp(0, 999_999_999) as u32,
             },
             target,
+            hash: None,
         },
         dev: md.dev(),
         ino: md.ino(),
@@ -111,9 +116,24 @@ pub fn lstat_entry(
     }
 }
 
+/// BLAKE3 of a file's content, read without following a symlink.
+pub fn hash_file(path: &Path) -> io::Result<[u8; 32]> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut h = blake3::Hasher::new();
+    h.update_reader(f)?;
+    Ok(*h.finalize().as_bytes())
+}
+
 /// True for the errors that mean "not there (any more)".
 pub fn gone(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
 }
 
 /// Appends every non-excluded entry at and below `start` (the whole root
@@ -143,7 +163,10 @@ pub fn scan_tree(
                         continue;
                     }
                 }
-                let path = e.path().map(|p| p.display().to_string()).unwrap_or_default();
+                let path = e
+                    .path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
                 return Err(io::Error::other(format!("cannot read {path}: {e}")));
             }
         };
@@ -193,7 +216,10 @@ mod tests {
         scan_tree(r, None, &ex, &mut out, &mut skipped).unwrap();
         let names: Vec<String> = out.iter().map(|s| s.entry.path.display()).collect();
         assert_eq!(names, ["a", "a/b", "a/b/f", "a.txt", "link"]);
-        assert_eq!(skipped, vec![Skip::LinkEscapes(RelPath::new("bad").unwrap())]);
+        assert_eq!(
+            skipped,
+            vec![Skip::LinkEscapes(RelPath::new("bad").unwrap())]
+        );
         // a path below a symlink is reported absent, never read through it
         std::os::unix::fs::symlink("a", r.join("dirlink")).unwrap();
         let got = lstat_entry(r, &RelPath::new("dirlink/b/f").unwrap(), &mut skipped).unwrap();

@@ -47,7 +47,10 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    pub fn start(root: &Path, tx: tokio::sync::mpsc::Sender<RawEvent>) -> Result<Watcher, WatchError> {
+    pub fn start(
+        root: &Path,
+        tx: tokio::sync::mpsc::Sender<RawEvent>,
+    ) -> Result<Watcher, WatchError> {
         let handler = move |res: notify::Result<notify::Event>| {
             for ev in convert(res) {
                 if tx.blocking_send(ev).is_err() {
@@ -68,7 +71,7 @@ fn map_err(root: &Path, e: notify::Error) -> WatchError {
         notify::ErrorKind::MaxFilesWatch => WatchError::MaxWatches {
             root: root.to_owned(),
         },
-        notify::ErrorKind::Io(io) if io.raw_os_error() == Some(libc_emfile()) => {
+        notify::ErrorKind::Io(io) if io.raw_os_error() == Some(libc::EMFILE) => {
             WatchError::MaxInstances
         }
         _ => WatchError::Other {
@@ -76,10 +79,6 @@ fn map_err(root: &Path, e: notify::Error) -> WatchError {
             reason: e.to_string(),
         },
     }
-}
-
-const fn libc_emfile() -> i32 {
-    24 // EMFILE on Linux
 }
 
 fn convert(res: notify::Result<notify::Event>) -> Vec<RawEvent> {
@@ -249,7 +248,12 @@ mod tests {
         let mut tr = Translator::new(root.clone(), ex);
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while out.iter().filter(|c| matches!(c, Change::Renamed { .. } | Change::Created(_))).count() < 3 {
+        while out
+            .iter()
+            .filter(|c| matches!(c, Change::Renamed { .. } | Change::Created(_)))
+            .count()
+            < 3
+        {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(ev)) => tr.push(ev, &mut out),
                 _ => break,
@@ -259,7 +263,10 @@ mod tests {
         let r = |s: &str| RelPath::new(s).unwrap();
         assert!(out.contains(&Change::Created(r("a"))), "{out:?}");
         assert!(
-            out.contains(&Change::Renamed { from: r("a"), to: r("b") }),
+            out.contains(&Change::Renamed {
+                from: r("a"),
+                to: r("b")
+            }),
             "{out:?}"
         );
         assert!(out.contains(&Change::Created(r("t"))), "{out:?}");

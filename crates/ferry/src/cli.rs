@@ -13,7 +13,11 @@ use std::time::Duration;
 pub const EXIT_USAGE: i32 = 64;
 
 #[derive(Parser, Debug)]
-#[command(name = "ferry", version, about = "Makes a pod's data follow the pod: replicates a directory to other clusters over QUIC.")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Makes a pod's data follow the pod: replicates a directory to other clusters over QUIC."
+)]
 pub struct Cli {
     /// Log level (error, warn, info, debug, trace).
     #[arg(long, env = "FERRY_LOG_LEVEL", default_value = "info", global = true)]
@@ -124,9 +128,9 @@ pub struct StatusArgs {
 
 /// Parses `NAME=HOST:PORT`.
 pub fn parse_peer(s: &str) -> Result<PeerSpec, String> {
-    let (name, addr) = s
-        .split_once('=')
-        .ok_or_else(|| format!("--peer {s:?}: expected NAME=HOST:PORT, e.g. us-east=10.0.0.7:7443"))?;
+    let (name, addr) = s.split_once('=').ok_or_else(|| {
+        format!("--peer {s:?}: expected NAME=HOST:PORT, e.g. us-east=10.0.0.7:7443")
+    })?;
     if !ferry_net::valid_node_name(name) {
         return Err(format!("--peer {s:?}: {name:?} is not a valid node name (a DNS name: letters, digits, '-', '.')"));
     }
@@ -134,9 +138,14 @@ pub fn parse_peer(s: &str) -> Result<PeerSpec, String> {
         .rsplit_once(':')
         .ok_or_else(|| format!("--peer {s:?}: {addr:?} has no port; expected HOST:PORT"))?;
     if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
-        return Err(format!("--peer {s:?}: {addr:?} is not HOST:PORT with a port from 1 to 65535"));
+        return Err(format!(
+            "--peer {s:?}: {addr:?} is not HOST:PORT with a port from 1 to 65535"
+        ));
     }
-    Ok(PeerSpec { name: name.to_owned(), addr: addr.to_owned() })
+    Ok(PeerSpec {
+        name: name.to_owned(),
+        addr: addr.to_owned(),
+    })
 }
 
 /// Turns raw flags into a [`NodeConfig`], collecting every problem.
@@ -155,7 +164,9 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
             None
         }
         Some(n) if !ferry_net::valid_node_name(n) => {
-            errs.push(format!("--name {n:?} is not a valid node name (a DNS name: letters, digits, '-', '.')"));
+            errs.push(format!(
+                "--name {n:?} is not a valid node name (a DNS name: letters, digits, '-', '.')"
+            ));
             None
         }
         Some(n) => Some(n.clone()),
@@ -166,7 +177,11 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
             None
         }
         Some(d) if !d.is_dir() => {
-            errs.push(format!("--tls-dir {}: not a directory; create it with `ferry cert issue --out {}`", d.display(), d.display()));
+            errs.push(format!(
+                "--tls-dir {}: not a directory; create it with `ferry cert issue --out {}`",
+                d.display(),
+                d.display()
+            ));
             None
         }
         Some(d) => Some(d.clone()),
@@ -174,7 +189,12 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
     let listen: Option<SocketAddr> = a
         .listen
         .parse()
-        .map_err(|_| errs.push(format!("--listen {:?}: expected IP:PORT, e.g. 0.0.0.0:7443", a.listen)))
+        .map_err(|_| {
+            errs.push(format!(
+                "--listen {:?}: expected IP:PORT, e.g. 0.0.0.0:7443",
+                a.listen
+            ))
+        })
         .ok();
     let (role_seed, role_explicit) = match a.role.as_deref() {
         None => (Role::Replica, false),
@@ -192,7 +212,9 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
                 if peers.iter().any(|q| q.name == spec.name) {
                     errs.push(format!("--peer {p:?}: {} is listed twice", spec.name));
                 } else if Some(&spec.name) == name.as_ref() {
-                    errs.push(format!("--peer {p:?}: that is this node's own name (--name)"));
+                    errs.push(format!(
+                        "--peer {p:?}: that is this node's own name (--name)"
+                    ));
                 } else {
                     peers.push(spec);
                 }
@@ -204,7 +226,11 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
         None => None,
         Some(s) => s
             .parse::<SocketAddr>()
-            .map_err(|_| errs.push(format!("--metrics-addr {s:?}: expected IP:PORT, e.g. 0.0.0.0:9090")))
+            .map_err(|_| {
+                errs.push(format!(
+                    "--metrics-addr {s:?}: expected IP:PORT, e.g. 0.0.0.0:9090"
+                ))
+            })
             .ok(),
     };
     if let Err(e) = ferry_watch::Excludes::new(&a.excludes, None) {
@@ -261,13 +287,18 @@ fn absolutize(p: &Path) -> PathBuf {
     // not created yet: canonicalize the parent
     match (p.parent(), p.file_name()) {
         (Some(par), Some(name)) if !par.as_os_str().is_empty() => absolutize(par).join(name),
-        _ => std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf()),
+        _ => std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf()),
     }
 }
 
 fn check_root(r: &Path) -> Result<PathBuf, String> {
     let md = std::fs::symlink_metadata(r).map_err(|e| {
-        format!("--root {}: {e}; create the directory or fix the path", r.display())
+        format!(
+            "--root {}: {e}; create the directory or fix the path",
+            r.display()
+        )
     })?;
     if md.file_type().is_symlink() {
         return Err(format!(
@@ -279,9 +310,14 @@ fn check_root(r: &Path) -> Result<PathBuf, String> {
     if !md.is_dir() {
         return Err(format!("--root {}: not a directory", r.display()));
     }
-    let c = r.canonicalize().map_err(|e| format!("--root {}: {e}", r.display()))?;
+    let c = r
+        .canonicalize()
+        .map_err(|e| format!("--root {}: {e}", r.display()))?;
     if c == Path::new("/") {
-        return Err("--root /: refusing to replicate the whole filesystem; pass the volume's mount path".into());
+        return Err(
+            "--root /: refusing to replicate the whole filesystem; pass the volume's mount path"
+                .into(),
+        );
     }
     std::fs::read_dir(&c).map_err(|e| {
         format!("--root {}: cannot read it ({e}); run ferry as a user that can read and write the volume", c.display())
@@ -319,15 +355,34 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    crate::telemetry::init_logging(&cli.log_level);
+    // The demo draws its own live view: keep its logs to warnings unless asked.
+    let level = match (&cli.cmd, cli.log_level.as_str()) {
+        (Command::Demo(_), "info") if std::env::var_os("FERRY_LOG_LEVEL").is_none() => "warn",
+        (_, l) => l,
+    };
+    crate::telemetry::init_logging(level);
     match cli.cmd {
         Command::Cert(c) => {
             let r = match c {
-                CertCommand::Init { out, name } => ferry_net::certs::init_ca(&out, &name).map(|_| {
-                    println!("CA written: {}/ca.crt, {}/ca.key (keep ca.key secret)", out.display(), out.display())
-                }),
-                CertCommand::Issue { ca, name, out, days } => ferry_net::certs::issue(&ca, &name, &out, days).map(|_| {
-                    println!("certificate for {name} written: {}/tls.crt, tls.key, ca.crt", out.display())
+                CertCommand::Init { out, name } => {
+                    ferry_net::certs::init_ca(&out, &name).map(|_| {
+                        println!(
+                            "CA written: {}/ca.crt, {}/ca.key (keep ca.key secret)",
+                            out.display(),
+                            out.display()
+                        )
+                    })
+                }
+                CertCommand::Issue {
+                    ca,
+                    name,
+                    out,
+                    days,
+                } => ferry_net::certs::issue(&ca, &name, &out, days).map(|_| {
+                    println!(
+                        "certificate for {name} written: {}/tls.crt, tls.key, ca.crt",
+                        out.display()
+                    )
                 }),
             };
             match r {
@@ -349,7 +404,9 @@ pub fn main() -> i32 {
             let sd = match (&a.state_dir, &a.root) {
                 (Some(s), _) => s.clone(),
                 (None, Some(r)) => r.join(".ferry"),
-                (None, None) => return usage_exit(&["ferry status needs --state-dir DIR or --root DIR".into()]),
+                (None, None) => {
+                    return usage_exit(&["ferry status needs --state-dir DIR or --root DIR".into()])
+                }
             };
             let cmd = if a.json { "status" } else { "status-text" };
             match runtime().block_on(crate::control::query(&sd, cmd)) {

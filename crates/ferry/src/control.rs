@@ -24,20 +24,33 @@ pub fn spawn(shared: &Arc<Shared>, tasks: &mut tokio::task::JoinSet<()>) -> anyh
     let shared = shared.clone();
     tasks.spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let shared = shared.clone();
             tokio::spawn(async move {
                 let (r, mut w) = stream.into_split();
                 let mut line = String::new();
                 let mut r = BufReader::new(r);
-                if tokio::time::timeout(std::time::Duration::from_secs(5), r.read_line(&mut line)).await.is_err() {
+                if tokio::time::timeout(std::time::Duration::from_secs(5), r.read_line(&mut line))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 let reply = match line.trim() {
                     "status" => shared.status.lock().expect("status").to_json(),
                     // one line on the wire: newlines escaped, the client restores them
-                    "status-text" => shared.status.lock().expect("status").to_text().replace('\n', "\\n"),
-                    other => format!("{{\"error\":\"unknown command {:?}\"}}", other.chars().take(40).collect::<String>()),
+                    "status-text" => shared
+                        .status
+                        .lock()
+                        .expect("status")
+                        .to_text()
+                        .replace('\n', "\\n"),
+                    other => format!(
+                        "{{\"error\":\"unknown command {:?}\"}}",
+                        other.chars().take(40).collect::<String>()
+                    ),
                 };
                 let _ = w.write_all(reply.as_bytes()).await;
                 let _ = w.write_all(b"\n").await;

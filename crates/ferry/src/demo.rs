@@ -35,7 +35,10 @@ fn node_cfg(root: &Path, name: &str, tls: &Path, role: Role, peers: Vec<PeerSpec
 fn tree_size(root: &Path) -> (u64, u64) {
     let mut files = 0;
     let mut bytes = 0;
-    let walker = walkdir::WalkDir::new(root).min_depth(1).into_iter().filter_entry(|e| e.file_name() != ".ferry");
+    let walker = walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .into_iter()
+        .filter_entry(|e| e.file_name() != ".ferry");
     for e in walker.flatten() {
         if e.file_type().is_file() {
             files += 1;
@@ -52,7 +55,10 @@ fn write_sample(root: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(root.join("empty-dir"))?;
     for i in 0..300 {
         let p = root.join(format!("data/2026/11/record-{i:04}.json"));
-        std::fs::write(p, format!("{{\"id\":{i},\"payload\":\"{}\"}}\n", "x".repeat(200 + i)))?;
+        std::fs::write(
+            p,
+            format!("{{\"id\":{i},\"payload\":\"{}\"}}\n", "x".repeat(200 + i)),
+        )?;
     }
     let mut big = Vec::with_capacity(8 << 20);
     let mut x: u64 = 0x9e3779b97f4a7c15;
@@ -63,7 +69,10 @@ fn write_sample(root: &Path) -> std::io::Result<()> {
         big.extend_from_slice(&x.to_le_bytes());
     }
     std::fs::write(root.join("data/blob.bin"), &big)?;
-    std::fs::write(root.join("docs/README.txt"), "Files written here are replicated by ferry.\n")?;
+    std::fs::write(
+        root.join("docs/README.txt"),
+        "Files written here are replicated by ferry.\n",
+    )?;
     std::os::unix::fs::symlink("docs/README.txt", root.join("README-link"))?;
     std::fs::create_dir_all(root.join("staging/batch-1"))?;
     std::fs::write(root.join("staging/batch-1/part.csv"), "a,b,c\n1,2,3\n")?;
@@ -88,7 +97,10 @@ async fn start_pair(base: &Path) -> anyhow::Result<(NodeHandle, NodeHandle, Path
         "replica",
         &tls_r,
         Role::Replica,
-        vec![PeerSpec { name: "primary".into(), addr: "127.0.0.1:9".into() }],
+        vec![PeerSpec {
+            name: "primary".into(),
+            addr: "127.0.0.1:9".into(),
+        }],
     ))
     .await?;
     let primary = node::start(node_cfg(
@@ -96,7 +108,10 @@ async fn start_pair(base: &Path) -> anyhow::Result<(NodeHandle, NodeHandle, Path
         "primary",
         &tls_p,
         Role::Primary,
-        vec![PeerSpec { name: "replica".into(), addr: replica.listen.to_string() }],
+        vec![PeerSpec {
+            name: "replica".into(),
+            addr: replica.listen.to_string(),
+        }],
     ))
     .await?;
     Ok((primary, replica, root_p, root_r))
@@ -151,8 +166,14 @@ async fn run_inner(a: DemoArgs) -> anyhow::Result<()> {
         }
         if last_append.elapsed() >= Duration::from_secs(1) {
             line += 1;
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(root_p.join("logs/app.log"))?;
-            writeln!(f, "line {line}: the app keeps writing; ferry keeps shipping")?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(root_p.join("logs/app.log"))?;
+            writeln!(
+                f,
+                "line {line}: the app keeps writing; ferry keeps shipping"
+            )?;
             last_append = Instant::now();
         }
         let (pf, pb) = tree_size(&root_p);
@@ -184,7 +205,9 @@ async fn run_inner(a: DemoArgs) -> anyhow::Result<()> {
     let (rf, rb) = tree_size(&root_r);
     println!(
         "\nstopping: replica holds {rf}/{pf} files ({rb}/{pb} bytes); first in sync after {}",
-        first_sync.map(|d| format!("{:.2} s", d.as_secs_f64())).unwrap_or_else(|| "not yet".into())
+        first_sync
+            .map(|d| format!("{:.2} s", d.as_secs_f64()))
+            .unwrap_or_else(|| "not yet".into())
     );
     primary.shutdown().await;
     replica.shutdown().await;

@@ -2,8 +2,8 @@
 //! process, as in `ferry demo`), the read-only HTTP endpoints, and logging.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,11 +41,13 @@ impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
         fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
-            r.register(Box::new(c.clone())).expect("metric names are unique");
+            r.register(Box::new(c.clone()))
+                .expect("metric names are unique");
             c
         }
         let lag_buckets = vec![
-            0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            10.0, 30.0, 60.0,
         ];
         let m = Metrics {
             lag: reg(
@@ -83,7 +85,11 @@ impl Metrics {
             apply_seconds: reg(&r, Histogram::with_opts(HistogramOpts::new("ferry_apply_seconds", "Seconds to apply and fsync one batch on the replica.")).unwrap()),
             registry: r,
         };
-        let info = IntGaugeVec::new(Opts::new("ferry_build_info", "Build information."), &["version"]).unwrap();
+        let info = IntGaugeVec::new(
+            Opts::new("ferry_build_info", "Build information."),
+            &["version"],
+        )
+        .unwrap();
         info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         m.registry.register(Box::new(info)).expect("unique");
         m
@@ -123,31 +129,46 @@ pub async fn serve_http(
         let metrics = metrics.clone();
         let ready = ready.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (status, body, ctype) = if req.method() != Method::GET {
-                    (StatusCode::METHOD_NOT_ALLOWED, "read-only endpoint\n".to_string(), "text/plain")
-                } else {
-                    match req.uri().path() {
-                        "/metrics" => (StatusCode::OK, metrics.render(), "text/plain; version=0.0.4"),
-                        "/healthz" => (StatusCode::OK, "ok\n".into(), "text/plain"),
-                        "/readyz" => {
-                            if ready.load(Ordering::Relaxed) {
-                                (StatusCode::OK, "ready\n".into(), "text/plain")
-                            } else {
-                                (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into(), "text/plain")
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (status, body, ctype) = if req.method() != Method::GET {
+                        (
+                            StatusCode::METHOD_NOT_ALLOWED,
+                            "read-only endpoint\n".to_string(),
+                            "text/plain",
+                        )
+                    } else {
+                        match req.uri().path() {
+                            "/metrics" => (
+                                StatusCode::OK,
+                                metrics.render(),
+                                "text/plain; version=0.0.4",
+                            ),
+                            "/healthz" => (StatusCode::OK, "ok\n".into(), "text/plain"),
+                            "/readyz" => {
+                                if ready.load(Ordering::Relaxed) {
+                                    (StatusCode::OK, "ready\n".into(), "text/plain")
+                                } else {
+                                    (
+                                        StatusCode::SERVICE_UNAVAILABLE,
+                                        "not ready\n".into(),
+                                        "text/plain",
+                                    )
+                                }
                             }
+                            _ => (StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
                         }
-                        _ => (StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
-                    }
-                };
-                let resp = Response::builder()
-                    .status(status)
-                    .header("content-type", ctype)
-                    .body(Full::new(Bytes::from(body)));
-                async move { resp }
-            });
+                    };
+                    let resp = Response::builder()
+                        .status(status)
+                        .header("content-type", ctype)
+                        .body(Full::new(Bytes::from(body)));
+                    async move { resp }
+                });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
         });
     }
 }
@@ -162,9 +183,14 @@ pub async fn bind_metrics(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpLis
 /// Logs through tracing-subscriber: JSON when stderr is not a terminal.
 pub fn init_logging(level: &str) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,ferry={level},ferry_net={level},ferry_watch={level}")));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "warn,ferry={level},ferry_net={level},ferry_watch={level}"
+        ))
+    });
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::io::stderr().is_terminal() {
         let _ = b.try_init();
     } else {

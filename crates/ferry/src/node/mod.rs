@@ -54,7 +54,10 @@ fn esc(s: &str) -> String {
 impl Status {
     /// Human-readable form for `ferry status`.
     pub fn to_text(&self) -> String {
-        let mut o = format!("node:      {}\nrole:      {}\nepoch:     {}\n", self.name, self.role, self.epoch);
+        let mut o = format!(
+            "node:      {}\nrole:      {}\nepoch:     {}\n",
+            self.name, self.role, self.epoch
+        );
         if self.role == "primary" {
             o += &format!("sealed:    batch {}\n", self.sealed_seq);
         } else {
@@ -62,7 +65,10 @@ impl Status {
                 "never (no batch applied yet)".to_string()
             } else {
                 let age = now_ns().saturating_sub(self.consistent_as_of_ns) as f64 / 1e9;
-                format!("sealed at source time {:.3} ({age:.1} s ago)", self.consistent_as_of_ns as f64 / 1e9)
+                format!(
+                    "sealed at source time {:.3} ({age:.1} s ago)",
+                    self.consistent_as_of_ns as f64 / 1e9
+                )
             };
             o += &format!("consistent as of seq {}, {when}\n", self.applied_seq);
         }
@@ -73,10 +79,17 @@ impl Status {
             o += &format!(
                 "peer {}: {}, acked seq {}, backlog {} batches{}\n",
                 p.name,
-                if p.connected { "connected" } else { "disconnected" },
+                if p.connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                },
                 p.acked_seq,
                 p.unacked,
-                p.last_error.as_deref().map(|e| format!(", last error: {e}")).unwrap_or_default()
+                p.last_error
+                    .as_deref()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
             );
         }
         o
@@ -142,7 +155,10 @@ pub struct NodeHandle {
     pub metrics_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
+    /// Loops that drain on shutdown (batcher, peer senders, replica sessions).
     tasks: tokio::task::JoinSet<()>,
+    /// Endless services (metrics, control socket): aborted on shutdown.
+    services: tokio::task::JoinSet<()>,
     transport: Arc<ferry_net::Transport>,
 }
 
@@ -157,13 +173,20 @@ impl NodeHandle {
         })
         .await;
         self.tasks.abort_all();
+        self.services.abort_all();
         self.transport.close();
-        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), self.transport.wait_idle()).await;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            self.transport.wait_idle(),
+        )
+        .await;
     }
 
-    /// Resolves when any node task ends by itself (a fatal error).
+    /// Resolves when a node loop ends by itself (a fatal error).
     pub async fn wait_fatal(&mut self) {
-        self.tasks.join_next().await;
+        if self.tasks.join_next().await.is_none() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -192,17 +215,24 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let tls = ferry_net::load_tls(&cfg.tls_dir, &cfg.name)?;
     let allowed: Vec<String> = cfg.peers.iter().map(|p| p.name.clone()).collect();
     let transport = Arc::new(ferry_net::Transport::bind(cfg.listen, &tls, allowed)?);
-    let listen = transport.local_addr().context("reading the bound address")?;
+    let listen = transport
+        .local_addr()
+        .context("reading the bound address")?;
     let metrics = Metrics::new();
     metrics.epoch.set(st.epoch as i64);
     metrics.role.with_label_values(&[st.role.as_str()]).set(1);
     let ready = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
+    let mut services = tokio::task::JoinSet::new();
     let metrics_addr = match cfg.metrics_addr {
         Some(a) => {
             let l = crate::telemetry::bind_metrics(a).await?;
             let addr = l.local_addr()?;
-            tasks.spawn(crate::telemetry::serve_http(l, metrics.clone(), ready.clone()));
+            services.spawn(crate::telemetry::serve_http(
+                l,
+                metrics.clone(),
+                ready.clone(),
+            ));
             Some(addr)
         }
         None => None,
@@ -221,10 +251,19 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         state: Mutex::new((state_dir, st)),
     });
     shared.save_state(st)?;
-    crate::control::spawn(&shared, &mut tasks)?;
+    crate::control::spawn(&shared, &mut services)?;
     let (tx, rx) = watch::channel(false);
     match st.role {
-        Role::Primary => primary::start(shared.clone(), transport.clone(), rx, &mut tasks).await?,
+        Role::Primary => {
+            primary::start(
+                shared.clone(),
+                transport.clone(),
+                rx,
+                &mut tasks,
+                &mut services,
+            )
+            .await?
+        }
         Role::Replica => replica::start(shared.clone(), transport.clone(), rx, &mut tasks).await?,
     }
     tracing::info!(name = %shared.cfg.name, role = st.role.as_str(), %listen, epoch = st.epoch, "ferry node started");
@@ -234,6 +273,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         shared,
         shutdown: tx,
         tasks,
+        services,
         transport,
     })
 }

@@ -15,7 +15,9 @@ use ferry_core::diff::{diff, Action};
 use ferry_core::fence::{resume_point, Resume};
 use ferry_core::{BatchTimer, Coalescer, EntryKind, RelPath};
 use ferry_net::{MsgRecv, MsgSend, Transport};
-use ferry_proto::{BatchHeader, Entry, FileHeader, Hello, Message, Op, RefuseCode, MAX_DATA, VERSION};
+use ferry_proto::{
+    BatchHeader, Entry, FileHeader, Hello, Message, Op, RefuseCode, MAX_DATA, VERSION,
+};
 use ferry_watch::{scan, Excludes, RawEvent, Scanned, Skip, Translator, Watcher};
 use std::collections::{HashSet, VecDeque};
 use std::io::Read;
@@ -61,7 +63,10 @@ pub struct Log {
 
 impl Log {
     fn first_seq(&self) -> u64 {
-        self.batches.front().map(|b| b.seq).unwrap_or(self.last_seq + 1)
+        self.batches
+            .front()
+            .map(|b| b.seq)
+            .unwrap_or(self.last_seq + 1)
     }
     fn get(&self, seq: u64) -> Option<Arc<SealedBatch>> {
         let first = self.batches.front()?.seq;
@@ -89,6 +94,7 @@ pub async fn start(
     transport: Arc<Transport>,
     shutdown: watch::Receiver<bool>,
     tasks: &mut tokio::task::JoinSet<()>,
+    services: &mut tokio::task::JoinSet<()>,
 ) -> anyhow::Result<()> {
     let cfg = &shared.cfg;
     let excludes = Excludes::new(&cfg.excludes, cfg.state_rel.clone())?;
@@ -130,32 +136,46 @@ pub async fn start(
     {
         let transport = transport.clone();
         let shared = shared.clone();
-        tasks.spawn(async move { super::replica::refuse_as_primary(shared, transport).await });
+        services.spawn(async move { super::replica::refuse_as_primary(shared, transport).await });
     }
     for p in shared.cfg.peers.clone() {
         let ctx = ctx.clone();
         let transport = transport.clone();
         let shutdown = shutdown.clone();
-        shared.metrics.peer_connected.with_label_values(&[&p.name]).set(0);
+        shared
+            .metrics
+            .peer_connected
+            .with_label_values(&[&p.name])
+            .set(0);
         tasks.spawn(async move { peer_loop(ctx, transport, p, shutdown).await });
     }
     shared.ready.store(true, Ordering::Relaxed);
     Ok(())
 }
 
-async fn batcher(ctx: &Ctx, mut rx: mpsc::Receiver<RawEvent>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+async fn batcher(
+    ctx: &Ctx,
+    mut rx: mpsc::Receiver<RawEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let cfg = &ctx.shared.cfg;
     let m = &ctx.shared.metrics;
     let mut tr = Translator::new(cfg.root.clone(), ctx.excludes.clone());
     let mut co = Coalescer::new();
     let mut timer = BatchTimer::new(cfg.batch_idle, cfg.batch_max_delay);
     let mut changes = Vec::new();
-    let fold = |ev: RawEvent, tr: &mut Translator, co: &mut Coalescer, timer: &mut BatchTimer, changes: &mut Vec<ferry_core::Change>| {
+    let fold = |ev: RawEvent,
+                tr: &mut Translator,
+                co: &mut Coalescer,
+                timer: &mut BatchTimer,
+                changes: &mut Vec<ferry_core::Change>| {
         match &ev {
             RawEvent::Overflow => {
                 m.overflows.inc();
                 m.rescans.inc();
-                tracing::warn!("inotify queue overflowed; peers will be brought back by a manifest diff");
+                tracing::warn!(
+                    "inotify queue overflowed; peers will be brought back by a manifest diff"
+                );
             }
             RawEvent::Error(msg, max) => {
                 m.error(if *max { "watch_limit" } else { "watch" });
@@ -227,7 +247,12 @@ fn note_skips(shared: &Shared, skipped: &[Skip]) {
 }
 
 /// Reads the state of everything the batch must carry.
-fn read_items(root: &Path, excludes: &Excludes, pending: &ferry_core::Pending, skipped: &mut Vec<Skip>) -> anyhow::Result<Vec<Item>> {
+fn read_items(
+    root: &Path,
+    excludes: &Excludes,
+    pending: &ferry_core::Pending,
+    skipped: &mut Vec<Skip>,
+) -> anyhow::Result<Vec<Item>> {
     let mut items = Vec::with_capacity(pending.dirty.len());
     let mut seen = HashSet::new();
     for (path, recursive) in &pending.dirty {
@@ -238,26 +263,39 @@ fn read_items(root: &Path, excludes: &Excludes, pending: &ferry_core::Pending, s
             // scan_tree drops an excluded start; an absent start gives nothing
             if out.first().is_none_or(|s| s.entry.path != *path) {
                 if seen.insert(path.clone()) {
-                    items.push(Item { path: path.clone(), state: None, replace: true });
+                    items.push(Item {
+                        path: path.clone(),
+                        state: None,
+                        replace: true,
+                    });
                 }
                 continue;
             }
             for (i, s) in out.into_iter().enumerate() {
                 if seen.insert(s.entry.path.clone()) {
-                    items.push(Item { path: s.entry.path.clone(), state: Some(s), replace: i == 0 });
+                    items.push(Item {
+                        path: s.entry.path.clone(),
+                        state: Some(s),
+                        replace: i == 0,
+                    });
                 }
             }
         } else {
             if !seen.insert(path.clone()) {
                 continue;
             }
-            let st = scan::lstat_entry(root, path, skipped).with_context(|| format!("reading {path}"))?;
+            let st = scan::lstat_entry(root, path, skipped)
+                .with_context(|| format!("reading {path}"))?;
             if let Some(s) = &st {
                 if excludes.is_excluded(path, s.entry.kind == EntryKind::Dir) {
                     continue;
                 }
             }
-            items.push(Item { path: path.clone(), state: st, replace: false });
+            items.push(Item {
+                path: path.clone(),
+                state: st,
+                replace: false,
+            });
         }
     }
     Ok(items)
@@ -300,7 +338,12 @@ async fn seal(ctx: &Ctx, co: &mut Coalescer, rx: &mpsc::Receiver<RawEvent>) -> a
     if exact {
         ctx.shared.metrics.exact.inc();
     }
-    tracing::debug!(seq = b.seq, renames = b.renames.len(), items = b.items.len(), "sealed batch");
+    tracing::debug!(
+        seq = b.seq,
+        renames = b.renames.len(),
+        items = b.items.len(),
+        "sealed batch"
+    );
     ctx.log.lock().expect("log").push(b);
     ctx.shared.metrics.batches_sealed.inc();
     ctx.shared.metrics.sealed_seq.set(st.seq as i64);
@@ -316,7 +359,12 @@ struct PeerProgress {
     need_resync: AtomicBool,
 }
 
-async fn peer_loop(ctx: Arc<Ctx>, transport: Arc<Transport>, peer: PeerSpec, mut shutdown: watch::Receiver<bool>) {
+async fn peer_loop(
+    ctx: Arc<Ctx>,
+    transport: Arc<Transport>,
+    peer: PeerSpec,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let m = &ctx.shared.metrics;
     let progress = Arc::new(PeerProgress {
         acked: watch::channel(0).0,
@@ -326,14 +374,25 @@ async fn peer_loop(ctx: Arc<Ctx>, transport: Arc<Transport>, peer: PeerSpec, mut
         need_resync: AtomicBool::new(true),
     });
     ctx.shared.set_status(|s| {
-        s.peers.push(super::PeerStatus { name: peer.name.clone(), ..Default::default() })
+        s.peers.push(super::PeerStatus {
+            name: peer.name.clone(),
+            ..Default::default()
+        })
     });
     let mut backoff = Duration::from_millis(100);
     loop {
         if *shutdown.borrow() && done(&ctx, &progress) {
             return;
         }
-        let res = session(&ctx, &transport, &peer, &progress, &mut backoff, shutdown.clone()).await;
+        let res = session(
+            &ctx,
+            &transport,
+            &peer,
+            &progress,
+            &mut backoff,
+            shutdown.clone(),
+        )
+        .await;
         m.peer_connected.with_label_values(&[&peer.name]).set(0);
         match res {
             Ok(()) => return,
@@ -374,6 +433,9 @@ struct Sender<'a> {
     /// Paths the peer lacks the sealed content of (vanished before send).
     missing: HashSet<RelPath>,
     epoch: u64,
+    /// The peer never applied a batch: its content is of unknown origin, so
+    /// the first resync compares content hashes, not just size and mtime.
+    verify: bool,
 }
 
 async fn session(
@@ -393,8 +455,13 @@ async fn session(
     let (mut send, mut recv) = conn.open().await?;
     let st = ctx.shared.node_state();
     let last_seq = ctx.log.lock().expect("log").last_seq;
-    send.send(&Message::Hello(Hello { version: VERSION, node: ctx.shared.cfg.name.clone(), epoch: st.epoch, last_seq }))
-        .await?;
+    send.send(&Message::Hello(Hello {
+        version: VERSION,
+        node: ctx.shared.cfg.name.clone(),
+        epoch: st.epoch,
+        last_seq,
+    }))
+    .await?;
     send.flush().await?;
     let welcome = match recv.recv().await? {
         Some(Message::Welcome(w)) => w,
@@ -402,7 +469,12 @@ async fn session(
             if r.code == RefuseCode::StaleEpoch {
                 ctx.shared.metrics.error("fenced");
             }
-            bail!("{} refused this primary ({:?}): {}", peer.name, r.code, r.message)
+            bail!(
+                "{} refused this primary ({:?}): {}",
+                peer.name,
+                r.code,
+                r.message
+            )
         }
         Some(other) => bail!("{} answered hello with {other:?}", peer.name),
         None => bail!("{} closed the stream during the handshake", peer.name),
@@ -417,17 +489,37 @@ async fn session(
             p.last_error = None;
         }
     });
-    progress.acked.send_replace(if welcome.applied_epoch == st.epoch { welcome.applied_seq } else { 0 });
+    progress
+        .acked
+        .send_replace(if welcome.applied_epoch == st.epoch {
+            welcome.applied_seq
+        } else {
+            0
+        });
     progress.inflight.lock().expect("inflight").clear();
     let (man_tx, man_rx) = mpsc::channel(1024);
     let reader = read_acks(ctx, &peer.name, progress, &mut recv, man_tx);
-    let mut sender = Sender { ctx, peer: &peer.name, send, progress, missing: HashSet::new(), epoch: st.epoch };
+    let mut sender = Sender {
+        ctx,
+        peer: &peer.name,
+        send,
+        progress,
+        missing: HashSet::new(),
+        epoch: st.epoch,
+        verify: welcome.applied_epoch == 0,
+    };
     let first = {
         let log = ctx.log.lock().expect("log");
         if progress.need_resync.load(Ordering::Relaxed) {
             Resume::Resync
         } else {
-            resume_point(st.epoch, log.last_seq, log.first_seq(), welcome.applied_epoch, welcome.applied_seq)
+            resume_point(
+                st.epoch,
+                log.last_seq,
+                log.first_seq(),
+                welcome.applied_epoch,
+                welcome.applied_seq,
+            )
         }
     };
     let sending = sender.run(first, man_rx, &mut shutdown);
@@ -467,13 +559,17 @@ async fn read_acks(
                             break;
                         }
                         inf.pop_front();
-                        m.lag.with_label_values(&[peer]).observe(now.duration_since(t).as_secs_f64());
+                        m.lag
+                            .with_label_values(&[peer])
+                            .observe(now.duration_since(t).as_secs_f64());
                     }
                 }
                 progress.acked.send_replace(seq);
                 let last = ctx.log.lock().expect("log").last_seq;
                 m.acked_seq.with_label_values(&[peer]).set(seq as i64);
-                m.unacked.with_label_values(&[peer]).set(last.saturating_sub(seq) as i64);
+                m.unacked
+                    .with_label_values(&[peer])
+                    .set(last.saturating_sub(seq) as i64);
                 ctx.shared.set_status(|s| {
                     if let Some(p) = s.peers.iter_mut().find(|p| p.name == peer) {
                         p.acked_seq = seq;
@@ -548,11 +644,17 @@ impl Sender<'_> {
             }
             // bounded in-flight window
             let mut acked = self.progress.acked.subscribe();
-            let _ = acked.wait_for(|a| next.saturating_sub(*a) <= max_inflight).await;
+            let _ = acked
+                .wait_for(|a| next.saturating_sub(*a) <= max_inflight)
+                .await;
             let batch = self.ctx.log.lock().expect("log").get(next);
             match batch {
                 None => {
-                    tracing::info!(peer = self.peer, next, "batch no longer in the log; resyncing");
+                    tracing::info!(
+                        peer = self.peer,
+                        next,
+                        "batch no longer in the log; resyncing"
+                    );
                     let target = self.ctx.log.lock().expect("log").last_seq;
                     self.resync(target, &mut man_rx).await?;
                     next = target + 1;
@@ -570,16 +672,27 @@ impl Sender<'_> {
     }
 
     fn track(&self, seq: u64, sealed_at: Instant) {
-        self.progress.inflight.lock().expect("inflight").push_back((seq, sealed_at));
+        self.progress
+            .inflight
+            .lock()
+            .expect("inflight")
+            .push_back((seq, sealed_at));
     }
 
-    async fn resync(&mut self, target: u64, man_rx: &mut mpsc::Receiver<Option<Entry>>) -> anyhow::Result<()> {
+    async fn resync(
+        &mut self,
+        target: u64,
+        man_rx: &mut mpsc::Receiver<Option<Entry>>,
+    ) -> anyhow::Result<()> {
         let m = &self.ctx.shared.metrics;
         m.resyncs.with_label_values(&[self.peer]).inc();
         let started = Instant::now();
         tracing::info!(peer = self.peer, target, "resync: comparing manifests");
-        self.ctx.shared.set_status(|s| s.resync = Some(format!("{}: comparing manifests", self.peer)));
-        self.send.send(&Message::ManifestRequest).await?;
+        self.ctx
+            .shared
+            .set_status(|s| s.resync = Some(format!("{}: comparing manifests", self.peer)));
+        let verify = self.verify;
+        self.send.send(&Message::ManifestRequest { verify }).await?;
         self.send.flush().await?;
         let root = self.ctx.shared.cfg.root.clone();
         let excludes = self.ctx.excludes.clone();
@@ -589,19 +702,38 @@ impl Sender<'_> {
             scan::scan_tree(&root, None, &excludes, &mut out, &mut skipped).map(|_| (out, skipped))
         });
         let mut remote = Vec::new();
-        while let Some(e) = man_rx.recv().await.ok_or_else(|| anyhow!("stream ended during the manifest"))? {
+        while let Some(e) = man_rx
+            .recv()
+            .await
+            .ok_or_else(|| anyhow!("stream ended during the manifest"))?
+        {
             remote.push(e);
         }
         remote.sort_by(|a, b| a.path.walk_cmp(&b.path));
-        let (local, skipped) = local.await??;
+        let (mut local, skipped) = local.await??;
         note_skips(&self.ctx.shared, &skipped);
+        if verify {
+            local = self.hash_lookalikes(local, &remote).await?;
+        }
         let actions = diff(&local, |s| &s.entry, &remote);
         let total = actions.len();
-        tracing::info!(peer = self.peer, local = local.len(), remote = remote.len(), to_send = total, "resync: sending differences");
+        tracing::info!(
+            peer = self.peer,
+            local = local.len(),
+            remote = remote.len(),
+            to_send = total,
+            "resync: sending differences"
+        );
         self.missing.clear();
         let sealed_at = Instant::now();
         self.send
-            .send(&Message::BatchBegin(BatchHeader { epoch: self.epoch, seq: target, sealed_at_ns: now_ns(), exact: false, resync: true }))
+            .send(&Message::BatchBegin(BatchHeader {
+                epoch: self.epoch,
+                seq: target,
+                sealed_at_ns: now_ns(),
+                exact: false,
+                resync: true,
+            }))
             .await?;
         for (i, a) in actions.into_iter().enumerate() {
             match a {
@@ -609,16 +741,66 @@ impl Sender<'_> {
                 Action::Send(s) => self.send_state(&s, true).await?,
             }
             if i % 1000 == 999 {
-                self.ctx.shared.set_status(|s| s.resync = Some(format!("{}: {}/{} entries sent", self.peer, i + 1, total)));
+                self.ctx.shared.set_status(|s| {
+                    s.resync = Some(format!("{}: {}/{} entries sent", self.peer, i + 1, total))
+                });
             }
         }
         self.send.send(&Message::BatchEnd { seq: target }).await?;
         self.send.flush().await?;
         self.track(target, sealed_at);
         self.progress.need_resync.store(false, Ordering::Relaxed);
+        self.verify = false;
         self.ctx.shared.set_status(|s| s.resync = None);
-        tracing::info!(peer = self.peer, target, elapsed_ms = started.elapsed().as_millis() as u64, "resync sent");
+        tracing::info!(
+            peer = self.peer,
+            target,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "resync sent"
+        );
         Ok(())
+    }
+
+    /// Hashes the local files whose size and mtime match a remote entry that
+    /// carries a hash, so the diff compares content for them.
+    async fn hash_lookalikes(
+        &self,
+        mut local: Vec<Scanned>,
+        remote: &[Entry],
+    ) -> anyhow::Result<Vec<Scanned>> {
+        let by_path: std::collections::HashMap<&RelPath, &Entry> =
+            remote.iter().map(|e| (&e.path, e)).collect();
+        let todo: Vec<usize> = local
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.entry.kind == EntryKind::File
+                    && by_path.get(&s.entry.path).is_some_and(|r| {
+                        r.hash.is_some() && r.size == s.entry.size && r.mtime == s.entry.mtime
+                    })
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if todo.is_empty() {
+            return Ok(local);
+        }
+        let root = self.ctx.shared.cfg.root.clone();
+        let paths: Vec<(usize, std::path::PathBuf)> = todo
+            .iter()
+            .map(|&i| (i, scan::abs(&root, &local[i].entry.path)))
+            .collect();
+        let hashes = tokio::task::spawn_blocking(move || {
+            paths
+                .into_iter()
+                .map(|(i, p)| (i, scan::hash_file(&p).ok()))
+                .collect::<Vec<_>>()
+        })
+        .await?;
+        for (i, h) in hashes {
+            // unreadable now: leave it unhashed, so it differs and is sent
+            local[i].entry.hash = h.or(Some([0; 32]));
+        }
+        Ok(local)
     }
 
     fn is_missing(&self, p: &RelPath) -> bool {
@@ -654,8 +836,12 @@ impl Sender<'_> {
         for (from, to) in &b.renames {
             if self.is_missing(from) {
                 // The peer never got what was moved: send it whole instead.
-                self.send.send(&Message::Op(Op::Delete { path: from.clone() })).await?;
-                self.send.send(&Message::Op(Op::Delete { path: to.clone() })).await?;
+                self.send
+                    .send(&Message::Op(Op::Delete { path: from.clone() }))
+                    .await?;
+                self.send
+                    .send(&Message::Op(Op::Delete { path: to.clone() }))
+                    .await?;
                 self.forget_missing_under(from);
                 self.forget_missing_under(to);
                 let root = self.ctx.shared.cfg.root.clone();
@@ -664,7 +850,8 @@ impl Sender<'_> {
                 let (now, skipped) = tokio::task::spawn_blocking(move || {
                     let mut out = Vec::new();
                     let mut skipped = Vec::new();
-                    scan::scan_tree(&root, Some(&to2), &excludes, &mut out, &mut skipped).map(|_| (out, skipped))
+                    scan::scan_tree(&root, Some(&to2), &excludes, &mut out, &mut skipped)
+                        .map(|_| (out, skipped))
                 })
                 .await??;
                 note_skips(&self.ctx.shared, &skipped);
@@ -672,9 +859,19 @@ impl Sender<'_> {
                     self.send_state(&s, false).await?;
                 }
             } else {
-                self.send.send(&Message::Op(Op::Rename { from: from.clone(), to: to.clone() })).await?;
+                self.send
+                    .send(&Message::Op(Op::Rename {
+                        from: from.clone(),
+                        to: to.clone(),
+                    }))
+                    .await?;
                 if !self.missing.is_empty() {
-                    let moved: Vec<RelPath> = self.missing.iter().filter(|m| m.starts_with(from)).cloned().collect();
+                    let moved: Vec<RelPath> = self
+                        .missing
+                        .iter()
+                        .filter(|m| m.starts_with(from))
+                        .cloned()
+                        .collect();
                     for mp in moved {
                         self.missing.remove(&mp);
                         if let Some(n) = mp.rebase(from, to) {
@@ -686,13 +883,21 @@ impl Sender<'_> {
         }
         for item in &b.items {
             if item.replace {
-                self.send.send(&Message::Op(Op::Delete { path: item.path.clone() })).await?;
+                self.send
+                    .send(&Message::Op(Op::Delete {
+                        path: item.path.clone(),
+                    }))
+                    .await?;
                 self.forget_missing_under(&item.path);
             }
             match &item.state {
                 None => {
                     if !item.replace {
-                        self.send.send(&Message::Op(Op::Delete { path: item.path.clone() })).await?;
+                        self.send
+                            .send(&Message::Op(Op::Delete {
+                                path: item.path.clone(),
+                            }))
+                            .await?;
                         self.forget_missing_under(&item.path);
                     }
                 }
@@ -702,7 +907,12 @@ impl Sender<'_> {
         self.send.send(&Message::BatchEnd { seq: b.seq }).await?;
         self.send.flush().await?;
         self.track(b.seq, b.sealed_at);
-        self.ctx.shared.metrics.batches_sent.with_label_values(&[self.peer]).inc();
+        self.ctx
+            .shared
+            .metrics
+            .batches_sent
+            .with_label_values(&[self.peer])
+            .inc();
         Ok(())
     }
 
@@ -710,17 +920,31 @@ impl Sender<'_> {
         let e = &s.entry;
         match e.kind {
             EntryKind::Dir => {
-                self.send.send(&Message::Op(Op::Mkdir { path: e.path.clone(), mode: e.mode })).await?;
+                self.send
+                    .send(&Message::Op(Op::Mkdir {
+                        path: e.path.clone(),
+                        mode: e.mode,
+                    }))
+                    .await?;
             }
             EntryKind::Symlink => {
                 self.send
-                    .send(&Message::Op(Op::Symlink { path: e.path.clone(), target: e.target.clone(), mtime: e.mtime }))
+                    .send(&Message::Op(Op::Symlink {
+                        path: e.path.clone(),
+                        target: e.target.clone(),
+                        mtime: e.mtime,
+                    }))
                     .await?;
             }
             EntryKind::File => match self.send_file(s, any_inode).await? {
                 FileOutcome::Sent(n) => {
                     self.missing.remove(&e.path);
-                    self.ctx.shared.metrics.bytes_sent.with_label_values(&[self.peer]).inc_by(n);
+                    self.ctx
+                        .shared
+                        .metrics
+                        .bytes_sent
+                        .with_label_values(&[self.peer])
+                        .inc_by(n);
                 }
                 FileOutcome::Vanished => {
                     self.missing.insert(e.path.clone());
@@ -739,11 +963,16 @@ impl Sender<'_> {
         let path = scan::abs(&self.ctx.shared.cfg.root, &s.entry.path);
         'attempt: for _ in 0..4 {
             let f = tokio::task::block_in_place(|| {
-                std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&path)
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(&path)
             });
             let mut f = match f {
                 Ok(f) => f,
-                Err(e) if scan::gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => return Ok(FileOutcome::Vanished),
+                Err(e) if scan::gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => {
+                    return Ok(FileOutcome::Vanished)
+                }
                 Err(e) => return Err(anyhow!("cannot open {}: {e}", path.display())),
             };
             let before = tokio::task::block_in_place(|| f.metadata())?;
@@ -752,9 +981,17 @@ impl Sender<'_> {
             }
             let size = before.len();
             let mode = before.mode() & ferry_proto::MODE_ALLOWED;
-            let mtime = ferry_proto::Mtime { secs: before.mtime(), nanos: before.mtime_nsec().clamp(0, 999_999_999) as u32 };
+            let mtime = ferry_proto::Mtime {
+                secs: before.mtime(),
+                nanos: before.mtime_nsec().clamp(0, 999_999_999) as u32,
+            };
             self.send
-                .send(&Message::FileBegin(FileHeader { path: s.entry.path.clone(), mode, mtime, size }))
+                .send(&Message::FileBegin(FileHeader {
+                    path: s.entry.path.clone(),
+                    mode,
+                    mtime,
+                    size,
+                }))
                 .await?;
             let mut hasher = blake3::Hasher::new();
             let mut sent = 0u64;
@@ -769,7 +1006,9 @@ impl Sender<'_> {
                 }
                 hasher.update(&buf);
                 sent += n as u64;
-                self.send.send(&Message::FileData(bytes::Bytes::from(buf))).await?;
+                self.send
+                    .send(&Message::FileData(bytes::Bytes::from(buf)))
+                    .await?;
             }
             let after = tokio::task::block_in_place(|| f.metadata())?;
             let same = after.len() == size
@@ -781,7 +1020,11 @@ impl Sender<'_> {
                 self.send.send(&Message::FileAbort).await?;
                 continue;
             }
-            self.send.send(&Message::FileEnd { hash: *hasher.finalize().as_bytes() }).await?;
+            self.send
+                .send(&Message::FileEnd {
+                    hash: *hasher.finalize().as_bytes(),
+                })
+                .await?;
             return Ok(FileOutcome::Sent(size));
         }
         Ok(FileOutcome::Unstable)

@@ -4,7 +4,7 @@
 use super::Shared;
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
-use ferry_apply::{ApplyError, ApplyStats, Applier};
+use ferry_apply::{Applier, ApplyError, ApplyStats};
 use ferry_core::fence::{admit, Admit, ReplicaView};
 use ferry_net::{Conn, MsgSend, Transport};
 use ferry_proto::{BatchHeader, Entry, FileHeader, Message, Op, Refuse, RefuseCode, Welcome};
@@ -23,7 +23,8 @@ enum Cmd {
     FileAbort,
     Commit(oneshot::Sender<Result<ApplyStats, ApplyError>>),
     Reset,
-    Manifest(oneshot::Sender<std::io::Result<Vec<Entry>>>),
+    /// The root's manifest; `true`: with content hashes.
+    Manifest(bool, oneshot::Sender<std::io::Result<Vec<Entry>>>),
 }
 
 /// Handle to the apply thread.
@@ -66,11 +67,22 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
                         f2.store(false, Ordering::Relaxed);
                         continue;
                     }
-                    Cmd::Manifest(reply) => {
+                    Cmd::Manifest(verify, reply) => {
                         let mut out = Vec::new();
                         let mut skipped = Vec::new();
                         let r = scan::scan_tree(&root, None, &excludes, &mut out, &mut skipped)
-                            .map(|_| out.into_iter().map(|s| s.entry).collect());
+                            .map(|_| {
+                                out.into_iter()
+                                    .map(|s| {
+                                        let mut e = s.entry;
+                                        if verify && e.kind == ferry_proto::EntryKind::File {
+                                            e.hash =
+                                                scan::hash_file(&scan::abs(&root, &e.path)).ok();
+                                        }
+                                        e
+                                    })
+                                    .collect()
+                            });
                         let _ = reply.send(r);
                         continue;
                     }
@@ -95,7 +107,10 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
 
 impl Worker {
     async fn send(&self, c: Cmd) -> anyhow::Result<()> {
-        self.tx.send(c).await.map_err(|_| anyhow!("apply thread stopped"))
+        self.tx
+            .send(c)
+            .await
+            .map_err(|_| anyhow!("apply thread stopped"))
     }
     async fn commit(&self) -> anyhow::Result<Result<ApplyStats, ApplyError>> {
         let (tx, rx) = oneshot::channel();
@@ -111,14 +126,21 @@ pub async fn start(
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> anyhow::Result<()> {
     let root = shared.cfg.root.clone();
-    let cleaned = tokio::task::spawn_blocking(move || ferry_apply::clean_temp_files(&root)).await??;
+    let cleaned =
+        tokio::task::spawn_blocking(move || ferry_apply::clean_temp_files(&root)).await??;
     if cleaned > 0 {
-        tracing::info!(count = cleaned, "removed temp files left by an interrupted apply");
+        tracing::info!(
+            count = cleaned,
+            "removed temp files left by an interrupted apply"
+        );
     }
     let worker = spawn_worker(&shared)?;
     let st = shared.node_state();
     shared.metrics.applied_seq.set(st.seq as i64);
-    shared.metrics.consistent_as_of.set(st.sealed_at_ns as f64 / 1e9);
+    shared
+        .metrics
+        .consistent_as_of
+        .set(st.sealed_at_ns as f64 / 1e9);
     shared.set_status(|s| {
         s.applied_seq = st.seq;
         s.consistent_as_of_ns = st.sealed_at_ns;
@@ -171,7 +193,13 @@ struct Sessions {
 }
 
 async fn refuse(send: &mut MsgSend, code: RefuseCode, epoch: u64, message: String) {
-    let _ = send.send(&Message::Refuse(Refuse { code, epoch, message })).await;
+    let _ = send
+        .send(&Message::Refuse(Refuse {
+            code,
+            epoch,
+            message,
+        }))
+        .await;
     let _ = send.finish().await;
 }
 
@@ -179,7 +207,9 @@ fn code_for(e: &ApplyError) -> RefuseCode {
     match e {
         ApplyError::Inconsistent { .. } => RefuseCode::Inconsistent,
         ApplyError::Refused { .. } | ApplyError::BadStream { .. } => RefuseCode::Protocol,
-        ApplyError::NoSpace { .. } | ApplyError::Sync { .. } | ApplyError::Io { .. } => RefuseCode::Apply,
+        ApplyError::NoSpace { .. } | ApplyError::Sync { .. } | ApplyError::Io { .. } => {
+            RefuseCode::Apply
+        }
     }
 }
 
@@ -203,13 +233,33 @@ async fn session(
     };
     if hello.node != conn.peer() {
         m.error("protocol");
-        refuse(&mut send, RefuseCode::Protocol, 0, "hello names another node than the certificate".into()).await;
-        bail!("hello from {:?} over a connection authenticated as {:?}", hello.node, conn.peer());
+        refuse(
+            &mut send,
+            RefuseCode::Protocol,
+            0,
+            "hello names another node than the certificate".into(),
+        )
+        .await;
+        bail!(
+            "hello from {:?} over a connection authenticated as {:?}",
+            hello.node,
+            conn.peer()
+        );
     }
     let st = shared.node_state();
-    match admit(ReplicaView { is_primary: st.role == Role::Primary, epoch: st.epoch }, &hello) {
+    match admit(
+        ReplicaView {
+            is_primary: st.role == Role::Primary,
+            epoch: st.epoch,
+        },
+        &hello,
+    ) {
         Admit::Refuse(code, msg) => {
-            m.error(if code == RefuseCode::StaleEpoch { "fenced" } else { "refused_primary" });
+            m.error(if code == RefuseCode::StaleEpoch {
+                "fenced"
+            } else {
+                "refused_primary"
+            });
             tracing::warn!(peer = conn.peer(), ?code, reason = %msg, "refused a primary");
             refuse(&mut send, code, st.epoch, msg).await;
             return Ok(());
@@ -248,9 +298,20 @@ async fn session(
     if st.applied_epoch == hello.epoch && st.seq >= caught_up_at {
         shared.ready.store(true, Ordering::Relaxed);
     }
-    tracing::info!(peer = conn.peer(), epoch = hello.epoch, last_seq = hello.last_seq, applied_seq = st.seq, "primary connected");
+    tracing::info!(
+        peer = conn.peer(),
+        epoch = hello.epoch,
+        last_seq = hello.last_seq,
+        applied_seq = st.seq,
+        "primary connected"
+    );
     shared.set_status(|s| {
-        s.peers = vec![super::PeerStatus { name: conn.peer().to_owned(), connected: true, acked_seq: st.seq, ..Default::default() }];
+        s.peers = vec![super::PeerStatus {
+            name: conn.peer().to_owned(),
+            connected: true,
+            acked_seq: st.seq,
+            ..Default::default()
+        }];
     });
     let mut batch: Option<(BatchHeader, Instant)> = None;
     let res: anyhow::Result<()> = async {
@@ -338,9 +399,9 @@ async fn session(
                         shared.ready.store(true, Ordering::Relaxed);
                     }
                 }
-                Message::ManifestRequest if batch.is_none() => {
+                Message::ManifestRequest { verify } if batch.is_none() => {
                     let (tx, rx) = oneshot::channel();
-                    worker.send(Cmd::Manifest(tx)).await?;
+                    worker.send(Cmd::Manifest(verify, tx)).await?;
                     let entries = rx.await.map_err(|_| anyhow!("apply thread stopped"))??;
                     let n = entries.len() as u64;
                     for e in entries {
@@ -374,7 +435,7 @@ fn kind_name(m: &Message) -> &'static str {
         Message::Hello(_) => "hello",
         Message::Welcome(_) => "welcome",
         Message::Refuse(_) => "refuse",
-        Message::ManifestRequest => "manifest request",
+        Message::ManifestRequest { .. } => "manifest request",
         Message::ManifestEntry(_) => "manifest entry",
         Message::ManifestEnd { .. } => "manifest end",
         Message::BatchBegin(_) => "batch begin",
@@ -412,7 +473,9 @@ pub async fn refuse_as_primary(shared: Arc<Shared>, transport: Arc<Transport>) {
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(Duration::from_secs(10), conn.accept()).await else {
+            let Ok(Ok((mut send, mut recv))) =
+                tokio::time::timeout(Duration::from_secs(10), conn.accept()).await
+            else {
                 return;
             };
             if let Ok(Some(Message::Hello(h))) = recv.recv().await {
@@ -421,7 +484,13 @@ pub async fn refuse_as_primary(shared: Arc<Shared>, transport: Arc<Transport>) {
                     shared.metrics.error("fenced");
                     tracing::error!(peer = %h.node, their_epoch = h.epoch, our_epoch = st.epoch, "a primary with a newer epoch exists: this node is stale");
                 }
-                refuse(&mut send, RefuseCode::NotReplica, st.epoch, format!("{} is a primary at epoch {}", shared.cfg.name, st.epoch)).await;
+                refuse(
+                    &mut send,
+                    RefuseCode::NotReplica,
+                    st.epoch,
+                    format!("{} is a primary at epoch {}", shared.cfg.name, st.epoch),
+                )
+                .await;
             }
         });
     }

@@ -1,0 +1,293 @@
+//! Process tests of the core engine: real `ferry` processes on loopback.
+//! G1 (convergence), G3 (no torn files, checked by a poller while writes
+//! run), catch-up of a replica added mid-stream and of a restarted one.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::workload::Workload;
+use support::*;
+
+/// Keeps the test dir when FERRY_TEST_KEEP is set (for post-mortems).
+struct Keep(Option<tempfile::TempDir>);
+impl Drop for Keep {
+    fn drop(&mut self) {
+        if std::env::var_os("FERRY_TEST_KEEP").is_some() {
+            if let Some(t) = self.0.take() {
+                let _ = t.keep();
+            }
+        }
+    }
+}
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+struct Set {
+    _tmp: Keep,
+    primary: Node,
+    replicas: Vec<Node>,
+}
+
+/// A primary and `n` replicas; replicas are not started.
+fn set(n: usize, extra: &[&str]) -> Set {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    eprintln!("test dir: {}", base.display());
+    if std::env::var_os("FERRY_TEST_KEEP").is_some() {
+        let _ = std::fs::write(base.join("KEEP"), b"");
+    }
+    let pki = Pki::new(base, "ca-one");
+    let names: Vec<String> = (0..n).map(|i| format!("replica-{i}")).collect();
+    let mut replicas: Vec<Node> = names
+        .iter()
+        .map(|nm| Node::new(base, nm, &pki.issue(nm), "replica", &[], extra))
+        .collect();
+    let peers: Vec<(&str, u16)> = replicas.iter().map(|r| (r.name.as_str(), r.port)).collect();
+    let primary = Node::new(
+        base,
+        "primary",
+        &pki.issue("primary"),
+        "primary",
+        &peers,
+        extra,
+    );
+    for r in replicas.iter_mut() {
+        r.peer("primary", primary.port);
+    }
+    Set {
+        _tmp: Keep(Some(tmp)),
+        primary,
+        replicas,
+    }
+}
+
+/// Reads replica files while writes run and counts torn `.sv` files (G3).
+fn poller(
+    root: &Path,
+    stop: Arc<AtomicBool>,
+    checked: Arc<AtomicU64>,
+    torn: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<Vec<String>> {
+    let root = root.to_path_buf();
+    std::thread::spawn(move || {
+        let mut bad = Vec::new();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut files = Vec::new();
+        let mut refreshed = Instant::now() - Duration::from_secs(1);
+        while !stop.load(Ordering::Relaxed) {
+            if refreshed.elapsed() > Duration::from_millis(200) {
+                files = walkdir::WalkDir::new(&root)
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| {
+                        e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "sv")
+                    })
+                    .map(|e| e.path().to_path_buf())
+                    .collect();
+                refreshed = Instant::now();
+            }
+            if files.is_empty() {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            let f = &files[rng.usize(..files.len())];
+            if let Ok(data) = std::fs::read(f) {
+                checked.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = sv_check(&data) {
+                    torn.fetch_add(1, Ordering::Relaxed);
+                    bad.push(format!("{}: {e}", f.display()));
+                }
+            }
+        }
+        bad
+    })
+}
+
+#[test]
+fn g1_g3_random_workload_converges_on_two_replicas() {
+    let seed = seed();
+    let mut s = set(2, &[]);
+    for r in s.replicas.iter_mut() {
+        r.start();
+    }
+    s.primary.start().wait_ready(Duration::from_secs(20));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (checked, torn) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let poll = poller(
+        &s.replicas[0].root,
+        stop.clone(),
+        checked.clone(),
+        torn.clone(),
+    );
+    // A file rewritten in place while ferry reads it: never shipped torn.
+    let hot_stop = Arc::new(AtomicBool::new(false));
+    let hot = {
+        let root = s.primary.root.clone();
+        let stop = hot_stop.clone();
+        std::thread::spawn(move || {
+            let mut rng = fastrand::Rng::with_seed(seed ^ 1);
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && n < 400 {
+                let len = rng.usize(100_000..1_500_000);
+                let data = sv_content(&mut rng, len);
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(true)
+                    .open(root.join("hot.sv"))
+                    .unwrap();
+                for chunk in data.chunks(64 << 10) {
+                    std::io::Write::write_all(&mut f, chunk).unwrap();
+                }
+                drop(f);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(rng.u64(0..10)));
+            }
+        })
+    };
+    let mut w = Workload::new(&s.primary.root, seed);
+    let t0 = Instant::now();
+    while w.ops < 1500 && t0.elapsed() < Duration::from_secs(40) {
+        w.step();
+    }
+    hot_stop.store(true, Ordering::Relaxed);
+    hot.join().unwrap();
+    for r in &s.replicas {
+        let took = wait_converged(&s.primary.root, &r.root, CONVERGE);
+        eprintln!(
+            "{} converged {:?} after writes stopped ({} ops)",
+            r.name, took, w.ops
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let bad = poll.join().unwrap();
+    eprintln!(
+        "G3 poller: {} reads, {} torn",
+        checked.load(Ordering::Relaxed),
+        torn.load(Ordering::Relaxed)
+    );
+    assert!(bad.is_empty(), "torn files seen on the replica: {bad:?}");
+    assert!(
+        checked.load(Ordering::Relaxed) > 100,
+        "the poller checked too little to mean anything"
+    );
+    assert!(s.primary.metric("ferry_batches_sealed_total") > 10.0);
+    assert!(s.replicas[0].metric("ferry_batches_applied_total") > 10.0);
+    assert_eq!(
+        s.replicas[0].metric("ferry_errors_total"),
+        0.0,
+        "{}",
+        s.replicas[0].log_tail()
+    );
+}
+
+#[test]
+fn replica_added_midstream_and_restarted_replica_catch_up() {
+    let seed = seed();
+    let mut s = set(2, &[]);
+    s.replicas[0].start();
+    s.primary.start().wait_ready(Duration::from_secs(20));
+    let mut w = Workload::new(&s.primary.root, seed);
+    for _ in 0..300 {
+        w.step();
+    }
+    wait_converged(&s.primary.root, &s.replicas[0].root, CONVERGE);
+    // replica-1 joins late: initial sync, then the stream
+    s.replicas[1].start();
+    for _ in 0..200 {
+        w.step();
+    }
+    let took = wait_converged(&s.primary.root, &s.replicas[1].root, CONVERGE);
+    eprintln!("late replica caught up in {took:?}");
+    wait_converged(&s.primary.root, &s.replicas[0].root, CONVERGE);
+    // replica-0 is killed; writes go on; it comes back and catches up
+    s.replicas[0].kill9();
+    for _ in 0..300 {
+        w.step();
+    }
+    wait_converged(&s.primary.root, &s.replicas[1].root, CONVERGE);
+    s.replicas[0].start();
+    let took = wait_converged(&s.primary.root, &s.replicas[0].root, CONVERGE);
+    eprintln!("restarted replica caught up in {took:?}");
+    assert!(s.primary.metric("ferry_resyncs_total") >= 3.0);
+}
+
+#[test]
+fn existing_replica_content_converges_and_status_reports_consistency() {
+    let mut s = set(1, &["--exclude", "*.log", "--exclude", "/cache/"]);
+    let p = s.primary.root.clone();
+    let r = s.replicas[0].root.clone();
+    // the replica already holds content: what the primary lacks goes
+    std::fs::create_dir_all(r.join("old/deep")).unwrap();
+    std::fs::write(r.join("old/deep/stale.txt"), b"stale").unwrap();
+    std::fs::write(r.join("same.txt"), b"replica version").unwrap();
+    std::fs::write(r.join("keep.log"), b"excluded on the replica too").unwrap();
+    std::fs::create_dir_all(p.join("sub/.ferry")).unwrap();
+    std::fs::write(p.join("sub/.ferry/nested"), b"a nested .ferry replicates").unwrap();
+    std::fs::write(p.join("same.txt"), b"primary version").unwrap();
+    std::fs::create_dir_all(p.join("cache")).unwrap();
+    std::fs::write(p.join("cache/big"), b"not replicated").unwrap();
+    std::fs::write(p.join("app.log"), b"not replicated").unwrap();
+    std::fs::create_dir_all(p.join("empty")).unwrap();
+    s.replicas[0].start();
+    s.primary.start().wait_ready(Duration::from_secs(20));
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let ok = std::fs::read(r.join("same.txt")).ok().as_deref()
+            == Some(b"primary version".as_slice())
+            && !r.join("old").exists()
+            && r.join("sub/.ferry/nested").exists()
+            && r.join("empty").is_dir();
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no convergence: {}\n{}",
+            s.replicas[0].log_tail(),
+            s.primary.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !r.join("cache").exists(),
+        "excluded directory was replicated"
+    );
+    assert!(!r.join("app.log").exists(), "excluded file was replicated");
+    assert!(
+        r.join("keep.log").exists(),
+        "an excluded path on the replica was deleted"
+    );
+    // live changes after the initial sync
+    std::fs::write(p.join("later.txt"), b"later").unwrap();
+    std::fs::rename(p.join("sub"), p.join("moved")).unwrap();
+    let deadline = Instant::now() + CONVERGE;
+    while !(r.join("later.txt").exists()
+        && r.join("moved/.ferry/nested").exists()
+        && !r.join("sub").exists())
+    {
+        assert!(Instant::now() < deadline, "live changes did not arrive");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.replicas[0].wait_ready(Duration::from_secs(10));
+    let text = run_ok(&["status", "--root", r.to_str().unwrap()]);
+    assert!(text.contains("role:      replica"), "{text}");
+    assert!(text.contains("consistent as of seq"), "{text}");
+    let json = run_ok(&["status", "--root", r.to_str().unwrap(), "--json"]);
+    assert!(
+        json.contains("\"applied_seq\":") && json.contains("\"role\":\"replica\""),
+        "{json}"
+    );
+    let applied = s.replicas[0].metric("ferry_applied_seq");
+    assert!(applied >= 1.0);
+    assert!(s.replicas[0].metric("ferry_consistent_as_of_timestamp_seconds") > 1.7e9);
+    let ptext = run_ok(&["status", "--root", p.to_str().unwrap()]);
+    assert!(ptext.contains("peer replica-0: connected"), "{ptext}");
+    // SIGTERM: exits 0
+    assert_eq!(s.primary.stop(), Some(0));
+    assert_eq!(s.replicas[0].stop(), Some(0));
+}

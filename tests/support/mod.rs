@@ -1,0 +1,387 @@
+//! Test harness for process tests: real `ferry` binaries on loopback.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn ferry() -> &'static str {
+    env!("CARGO_BIN_EXE_ferry")
+}
+
+pub fn free_port() -> u16 {
+    // Both protocols must be free: QUIC (UDP) and metrics (TCP) use one each.
+    loop {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let p = u.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// A temp dir with a CA and per-node certificates.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(base: &Path, ca_name: &str) -> Pki {
+        let dir = base.join(format!("pki-{ca_name}"));
+        run_ok(&[
+            "cert",
+            "init",
+            "--out",
+            dir.join("ca").to_str().unwrap(),
+            "--name",
+            ca_name,
+        ]);
+        Pki { dir }
+    }
+    /// Issues a certificate for `name`; returns its TLS dir.
+    pub fn issue(&self, name: &str) -> PathBuf {
+        let out = self.dir.join(format!("tls-{name}"));
+        if !out.exists() {
+            run_ok(&[
+                "cert",
+                "issue",
+                "--ca",
+                self.dir.join("ca").to_str().unwrap(),
+                "--name",
+                name,
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+        }
+        out
+    }
+}
+
+pub fn run_ok(args: &[&str]) -> String {
+    let out = Command::new(ferry()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ferry {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One `ferry run` process.
+pub struct Node {
+    pub name: String,
+    pub root: PathBuf,
+    pub port: u16,
+    pub metrics: u16,
+    pub log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn new(
+        base: &Path,
+        name: &str,
+        tls: &Path,
+        role: &str,
+        peers: &[(&str, u16)],
+        extra: &[&str],
+    ) -> Node {
+        let root = base.join(format!("root-{name}"));
+        std::fs::create_dir_all(&root).unwrap();
+        let port = free_port();
+        let metrics = free_port();
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--root".into(),
+            root.display().to_string(),
+            "--name".into(),
+            name.into(),
+            "--tls-dir".into(),
+            tls.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--role".into(),
+            role.into(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{metrics}"),
+        ];
+        for (n, p) in peers {
+            args.push("--peer".into());
+            args.push(format!("{n}=127.0.0.1:{p}"));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Node {
+            name: name.into(),
+            root,
+            port,
+            metrics,
+            log: base.join(format!("{name}.log")),
+            args,
+            child: None,
+        }
+    }
+
+    /// Sets the peers after construction (ports are known only then).
+    pub fn peer(&mut self, name: &str, port: u16) {
+        self.args.push("--peer".into());
+        self.args.push(format!("{name}=127.0.0.1:{port}"));
+    }
+
+    pub fn start(&mut self) -> &mut Self {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(ferry())
+            .args(&self.args)
+            .env("FERRY_LOG_LEVEL", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self
+    }
+
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("{} exited early with {st}:\n{}", self.name, self.log_tail());
+                }
+            }
+            if http_get(self.metrics, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} not ready within {timeout:?}:\n{}",
+            self.name,
+            self.log_tail()
+        );
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        unsafe_free_kill(c.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        metric(self.metrics, name)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn unsafe_free_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Minimal HTTP/1.0 GET on loopback: (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+/// Sum of all samples of a metric family (any labels); 0 when absent.
+pub fn metric(port: u16, name: &str) -> f64 {
+    let Some((_, body)) = http_get(port, "/metrics") else {
+        return 0.0;
+    };
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ') | Some(b'{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ent {
+    File {
+        mode: u32,
+        mtime: (i64, i64),
+        hash: [u8; 32],
+        len: u64,
+    },
+    Dir {
+        mode: u32,
+    },
+    Link(PathBuf),
+}
+
+/// Everything below `root` except the top-level `.ferry` state dir.
+pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Ent> {
+    let mut out = BTreeMap::new();
+    let walker = walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .into_iter()
+        .filter_entry(|e| !(e.depth() == 1 && e.file_name() == ".ferry"));
+    for e in walker {
+        let Ok(e) = e else { continue };
+        let rel = e.path().strip_prefix(root).unwrap().to_path_buf();
+        let Ok(md) = e.path().symlink_metadata() else {
+            continue;
+        };
+        let ent = if md.file_type().is_symlink() {
+            Ent::Link(std::fs::read_link(e.path()).unwrap_or_default())
+        } else if md.is_dir() {
+            Ent::Dir {
+                mode: md.permissions().mode() & 0o7777,
+            }
+        } else {
+            let data = std::fs::read(e.path()).unwrap_or_default();
+            Ent::File {
+                mode: md.permissions().mode() & 0o7777,
+                mtime: (md.mtime(), md.mtime_nsec()),
+                hash: *blake3::hash(&data).as_bytes(),
+                len: data.len() as u64,
+            }
+        };
+        out.insert(rel, ent);
+    }
+    out
+}
+
+/// First differences between two snapshots, for failure messages.
+pub fn diff_summary(a: &BTreeMap<PathBuf, Ent>, b: &BTreeMap<PathBuf, Ent>) -> String {
+    let mut out = Vec::new();
+    for (k, v) in a {
+        match b.get(k) {
+            None => out.push(format!("only on primary: {}", k.display())),
+            Some(w) if w != v => out.push(format!("differs: {} {v:?} vs {w:?}", k.display())),
+            _ => {}
+        }
+    }
+    for k in b.keys() {
+        if !a.contains_key(k) {
+            out.push(format!("only on replica: {}", k.display()));
+        }
+    }
+    let n = out.len();
+    out.truncate(12);
+    format!("{n} differences, first: \n  {}", out.join("\n  "))
+}
+
+/// Waits until `replica` equals `primary`; returns the time it took.
+pub fn wait_converged(primary: &Path, replica: &Path, timeout: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let a = snapshot(primary);
+        let b = snapshot(replica);
+        if a == b {
+            return t0.elapsed();
+        }
+        if t0.elapsed() > timeout {
+            panic!(
+                "{} did not converge to {} within {timeout:?}: {}",
+                replica.display(),
+                primary.display(),
+                diff_summary(&a, &b)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Self-verifying file content: `FV1 <len> <blake3 hex>\n<payload>`.
+pub fn sv_content(rng: &mut fastrand::Rng, len: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..len).map(|_| rng.alphanumeric() as u8).collect();
+    let mut v = format!("FV1 {} {}\n", len, blake3::hash(&payload).to_hex()).into_bytes();
+    v.extend_from_slice(&payload);
+    v
+}
+
+/// Checks a self-verifying file; `Err` describes a torn one.
+pub fn sv_check(data: &[u8]) -> Result<(), String> {
+    let nl = data
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or("no header line")?;
+    let head = std::str::from_utf8(&data[..nl]).map_err(|_| "header not utf8")?;
+    let mut it = head.split(' ');
+    if it.next() != Some("FV1") {
+        return Err(format!("bad magic in {head:?}"));
+    }
+    let len: usize = it.next().and_then(|x| x.parse().ok()).ok_or("bad len")?;
+    let hash = it.next().ok_or("no hash")?;
+    let payload = &data[nl + 1..];
+    if payload.len() != len {
+        return Err(format!(
+            "payload {} bytes, header says {len}",
+            payload.len()
+        ));
+    }
+    if blake3::hash(payload).to_hex().as_str() != hash {
+        return Err("payload does not match its hash".into());
+    }
+    Ok(())
+}
+
+pub fn seed() -> u64 {
+    let s = std::env::var("FERRY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("seed: {s} (replay with FERRY_TEST_SEED={s})");
+    s
+}
+pub mod workload;
