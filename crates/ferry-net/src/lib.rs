@@ -297,6 +297,15 @@ impl MsgSend {
         self.flush().await?;
         self.s.finish().map_err(|e| NetError::Lost(e.to_string()))
     }
+
+    /// Flushes, ends the stream and waits (up to `limit`) until the peer has
+    /// read it or stopped it: a last message (a refusal) is not lost to a
+    /// connection closed right after.
+    pub async fn finish_and_wait(&mut self, limit: Duration) -> Result<(), NetError> {
+        self.finish().await?;
+        let _ = tokio::time::timeout(limit, self.s.stopped()).await;
+        Ok(())
+    }
 }
 
 /// Receives framed messages, never buffering more than one frame.

@@ -78,9 +78,13 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
             let msg = truncate_utf8(&r.message, MAX_TEXT);
             put_str(out, msg);
         }
-        Message::ManifestRequest { verify } => {
+        Message::ManifestRequest { verify, prefix } => {
             out.put_u8(kind::MANIFEST_REQUEST);
             out.put_u8(u8::from(*verify));
+            match prefix {
+                None => out.put_u16(0),
+                Some(p) => put_path(out, p),
+            }
         }
         Message::ManifestEntry(e) => {
             out.put_u8(kind::MANIFEST_ENTRY);
@@ -361,6 +365,14 @@ fn decode_message(frame: Bytes) -> Result<Message, ProtoError> {
                     })
                 }
             },
+            prefix: {
+                let b = r.bytes16("prefix", MAX_PATH_LEN)?;
+                if b.is_empty() {
+                    None
+                } else {
+                    Some(RelPath::new(b.to_vec())?)
+                }
+            },
         },
         kind::MANIFEST_ENTRY => {
             let path = r.path("path")?;
@@ -518,7 +530,14 @@ mod tests {
                 epoch: 4,
                 message: "stale".into(),
             }),
-            Message::ManifestRequest { verify: true },
+            Message::ManifestRequest {
+                verify: true,
+                prefix: None,
+            },
+            Message::ManifestRequest {
+                verify: false,
+                prefix: Some(p("a/b")),
+            },
             Message::ManifestEntry(Entry {
                 path: p("a/b"),
                 kind: EntryKind::Symlink,

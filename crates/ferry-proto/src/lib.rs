@@ -185,6 +185,8 @@ pub enum Message {
     /// mtime can match by accident).
     ManifestRequest {
         verify: bool,
+        /// Only this subtree (after a directory move), or the whole root.
+        prefix: Option<RelPath>,
     },
     ManifestEntry(Entry),
     ManifestEnd {

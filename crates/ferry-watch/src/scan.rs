@@ -151,6 +151,7 @@ pub fn scan_tree(
     };
     let walker = walkdir::WalkDir::new(&base)
         .follow_links(false)
+        .follow_root_links(false) // a symlink given as the start is a link, not its target
         .sort_by_file_name()
         .min_depth(if start.is_some() { 0 } else { 1 });
     let mut it = walker.into_iter();
@@ -220,6 +221,30 @@ mod tests {
             skipped,
             vec![Skip::LinkEscapes(RelPath::new("bad").unwrap())]
         );
+        // a symlink as the start of a scan is the link itself (walkdir follows
+        // a root link by default)
+        let mut out = Vec::new();
+        scan_tree(
+            r,
+            Some(&RelPath::new("link").unwrap()),
+            &ex,
+            &mut out,
+            &mut skipped,
+        )
+        .unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].entry.kind, EntryKind::Symlink);
+        std::os::unix::fs::symlink("nowhere", r.join("dangling")).unwrap();
+        let mut out = Vec::new();
+        scan_tree(
+            r,
+            Some(&RelPath::new("dangling").unwrap()),
+            &ex,
+            &mut out,
+            &mut skipped,
+        )
+        .unwrap();
+        assert_eq!(out.len(), 1, "a dangling link is still an entry");
         // a path below a symlink is reported absent, never read through it
         std::os::unix::fs::symlink("a", r.join("dirlink")).unwrap();
         let got = lstat_entry(r, &RelPath::new("dirlink/b/f").unwrap(), &mut skipped).unwrap();

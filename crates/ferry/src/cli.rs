@@ -37,6 +37,21 @@ pub enum Command {
     Run(RunArgs),
     /// Ask a running node for its role, epoch, peers and consistency point.
     Status(StatusArgs),
+    /// Serve the Kubernetes mutating admission webhook that injects the sidecar.
+    Inject(InjectArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InjectArgs {
+    /// HTTPS address to listen on.
+    #[arg(long, env = "FERRY_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: String,
+    /// Directory with tls.crt and tls.key (the webhook's serving certificate; reloaded when it changes).
+    #[arg(long, env = "FERRY_TLS_DIR")]
+    pub tls_dir: PathBuf,
+    /// Image of the injected sidecar (a pod's ferry.io/image annotation overrides it).
+    #[arg(long, env = "FERRY_SIDECAR_IMAGE", default_value = ferry_inject::DEFAULT_SIDECAR_IMAGE)]
+    pub sidecar_image: String,
 }
 
 #[derive(Args, Debug)]
@@ -421,6 +436,43 @@ pub fn main() -> i32 {
             }
         }
         Command::Demo(a) => runtime().block_on(crate::demo::run(a)),
+        Command::Inject(a) => {
+            let listen: SocketAddr = match a.listen.parse() {
+                Ok(l) => l,
+                Err(_) => {
+                    return usage_exit(&[format!(
+                        "--listen {:?}: expected IP:PORT, e.g. 0.0.0.0:8443",
+                        a.listen
+                    )])
+                }
+            };
+            let cfg = ferry_inject::InjectConfig {
+                listen,
+                tls_dir: a.tls_dir,
+                sidecar_image: a.sidecar_image,
+            };
+            runtime().block_on(async move {
+                let shutdown = async {
+                    let mut term = match tokio::signal::unix::signal(
+                        tokio::signal::unix::SignalKind::terminate(),
+                    ) {
+                        Ok(t) => t,
+                        Err(_) => return std::future::pending().await,
+                    };
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                };
+                match ferry_inject::serve(cfg, shutdown).await {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("ferry inject: {e}");
+                        1
+                    }
+                }
+            })
+        }
     }
 }
 

@@ -50,6 +50,10 @@ pub struct SealedBatch {
     pub resync_all: bool,
     pub renames: Vec<(RelPath, RelPath)>,
     pub items: Vec<Item>,
+    /// Directories moved in this batch. notify re-watches a moved tree
+    /// after the fact and can lose or misname events inside it for a moment,
+    /// so each peer verifies these subtrees by manifest once caught up.
+    pub moved_dirs: Vec<RelPath>,
 }
 
 /// Sealed batches kept for peers that are behind.
@@ -246,6 +250,16 @@ fn note_skips(shared: &Shared, skipped: &[Skip]) {
     }
 }
 
+/// Rename destinations that are directories now.
+fn moved_dirs(root: &Path, pending: &ferry_core::Pending) -> Vec<RelPath> {
+    pending
+        .renames
+        .iter()
+        .filter(|(_, to)| std::fs::symlink_metadata(scan::abs(root, to)).is_ok_and(|m| m.is_dir()))
+        .map(|(_, to)| to.clone())
+        .collect()
+}
+
 /// Reads the state of everything the batch must carry.
 fn read_items(
     root: &Path,
@@ -308,11 +322,12 @@ async fn seal(ctx: &Ctx, co: &mut Coalescer, rx: &mpsc::Receiver<RawEvent>) -> a
     let pending = co.take();
     let root = ctx.shared.cfg.root.clone();
     let excludes = ctx.excludes.clone();
-    let (items, skipped) = {
+    let (items, skipped, moved) = {
         let pending = pending.clone();
         tokio::task::spawn_blocking(move || {
             let mut skipped = Vec::new();
-            read_items(&root, &excludes, &pending, &mut skipped).map(|i| (i, skipped))
+            let moved = moved_dirs(&root, &pending);
+            read_items(&root, &excludes, &pending, &mut skipped).map(|i| (i, skipped, moved))
         })
         .await??
     };
@@ -334,6 +349,7 @@ async fn seal(ctx: &Ctx, co: &mut Coalescer, rx: &mpsc::Receiver<RawEvent>) -> a
         resync_all: pending.rescan_all,
         renames: pending.renames,
         items,
+        moved_dirs: moved,
     });
     if exact {
         ctx.shared.metrics.exact.inc();
@@ -436,6 +452,8 @@ struct Sender<'a> {
     /// The peer never applied a batch: its content is of unknown origin, so
     /// the first resync compares content hashes, not just size and mtime.
     verify: bool,
+    /// Moved directories to verify by subtree manifest once caught up.
+    pending_verify: Vec<RelPath>,
 }
 
 async fn session(
@@ -507,6 +525,7 @@ async fn session(
         missing: HashSet::new(),
         epoch: st.epoch,
         verify: welcome.applied_epoch == 0,
+        pending_verify: Vec::new(),
     };
     let first = {
         let log = ctx.log.lock().expect("log");
@@ -617,7 +636,7 @@ impl Sender<'_> {
             Resume::From(n) => n,
             Resume::Resync => {
                 let target = self.ctx.log.lock().expect("log").last_seq;
-                self.resync(target, &mut man_rx).await?;
+                self.resync(target, None, &mut man_rx).await?;
                 target + 1
             }
         };
@@ -630,6 +649,10 @@ impl Sender<'_> {
                 };
                 if next <= last {
                     break;
+                }
+                if !self.pending_verify.is_empty() {
+                    self.verify_moved(next - 1, &mut man_rx).await?;
+                    continue;
                 }
                 if closed && *shutdown.borrow() {
                     // everything sealed was sent: wait for the acks, then end
@@ -656,11 +679,11 @@ impl Sender<'_> {
                         "batch no longer in the log; resyncing"
                     );
                     let target = self.ctx.log.lock().expect("log").last_seq;
-                    self.resync(target, &mut man_rx).await?;
+                    self.resync(target, None, &mut man_rx).await?;
                     next = target + 1;
                 }
                 Some(b) if b.resync_all => {
-                    self.resync(b.seq, &mut man_rx).await?;
+                    self.resync(b.seq, None, &mut man_rx).await?;
                     next = b.seq + 1;
                 }
                 Some(b) => {
@@ -679,27 +702,65 @@ impl Sender<'_> {
             .push_back((seq, sealed_at));
     }
 
-    async fn resync(
+    /// Verifies the moved directories still pending, by subtree manifest.
+    async fn verify_moved(
         &mut self,
         target: u64,
         man_rx: &mut mpsc::Receiver<Option<Entry>>,
     ) -> anyhow::Result<()> {
+        let mut prefixes = std::mem::take(&mut self.pending_verify);
+        prefixes.sort_by(|a, b| a.walk_cmp(b));
+        prefixes.dedup();
+        let mut done: Vec<RelPath> = Vec::new();
+        for p in prefixes {
+            if done.iter().any(|d| p.starts_with(d)) {
+                continue;
+            }
+            let root = self.ctx.shared.cfg.root.clone();
+            let is_dir = std::fs::symlink_metadata(scan::abs(&root, &p)).is_ok_and(|m| m.is_dir());
+            if is_dir {
+                self.resync(target, Some(p.clone()), man_rx).await?;
+            }
+            done.push(p);
+        }
+        Ok(())
+    }
+
+    /// Manifest-diff resync of the whole root (`prefix` `None`) or of one
+    /// subtree; after it the peer is at batch `target`.
+    async fn resync(
+        &mut self,
+        target: u64,
+        prefix: Option<RelPath>,
+        man_rx: &mut mpsc::Receiver<Option<Entry>>,
+    ) -> anyhow::Result<()> {
         let m = &self.ctx.shared.metrics;
-        m.resyncs.with_label_values(&[self.peer]).inc();
+        let whole = prefix.is_none();
+        if whole {
+            m.resyncs.with_label_values(&[self.peer]).inc();
+            tracing::info!(peer = self.peer, target, "resync: comparing manifests");
+            self.ctx
+                .shared
+                .set_status(|s| s.resync = Some(format!("{}: comparing manifests", self.peer)));
+        } else {
+            tracing::debug!(peer = self.peer, prefix = %prefix.as_ref().map(|p| p.display()).unwrap_or_default(), "verifying a moved directory");
+        }
         let started = Instant::now();
-        tracing::info!(peer = self.peer, target, "resync: comparing manifests");
-        self.ctx
-            .shared
-            .set_status(|s| s.resync = Some(format!("{}: comparing manifests", self.peer)));
-        let verify = self.verify;
-        self.send.send(&Message::ManifestRequest { verify }).await?;
+        let verify = self.verify && whole;
+        self.send
+            .send(&Message::ManifestRequest {
+                verify,
+                prefix: prefix.clone(),
+            })
+            .await?;
         self.send.flush().await?;
         let root = self.ctx.shared.cfg.root.clone();
         let excludes = self.ctx.excludes.clone();
         let local = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             let mut skipped = Vec::new();
-            scan::scan_tree(&root, None, &excludes, &mut out, &mut skipped).map(|_| (out, skipped))
+            scan::scan_tree(&root, prefix.as_ref(), &excludes, &mut out, &mut skipped)
+                .map(|_| (out, skipped))
         });
         let mut remote = Vec::new();
         while let Some(e) = man_rx
@@ -717,14 +778,23 @@ impl Sender<'_> {
         }
         let actions = diff(&local, |s| &s.entry, &remote);
         let total = actions.len();
-        tracing::info!(
-            peer = self.peer,
-            local = local.len(),
-            remote = remote.len(),
-            to_send = total,
-            "resync: sending differences"
-        );
-        self.missing.clear();
+        if whole {
+            tracing::info!(
+                peer = self.peer,
+                local = local.len(),
+                remote = remote.len(),
+                to_send = total,
+                "resync: sending differences"
+            );
+            self.missing.clear();
+            self.pending_verify.clear();
+        } else if total > 0 {
+            tracing::info!(
+                peer = self.peer,
+                to_send = total,
+                "a moved directory differed on the peer; repaired"
+            );
+        }
         let sealed_at = Instant::now();
         self.send
             .send(&Message::BatchBegin(BatchHeader {
@@ -749,15 +819,17 @@ impl Sender<'_> {
         self.send.send(&Message::BatchEnd { seq: target }).await?;
         self.send.flush().await?;
         self.track(target, sealed_at);
-        self.progress.need_resync.store(false, Ordering::Relaxed);
-        self.verify = false;
-        self.ctx.shared.set_status(|s| s.resync = None);
-        tracing::info!(
-            peer = self.peer,
-            target,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "resync sent"
-        );
+        if whole {
+            self.progress.need_resync.store(false, Ordering::Relaxed);
+            self.verify = false;
+            self.ctx.shared.set_status(|s| s.resync = None);
+            tracing::info!(
+                peer = self.peer,
+                target,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "resync sent"
+            );
+        }
         Ok(())
     }
 
@@ -906,6 +978,7 @@ impl Sender<'_> {
         }
         self.send.send(&Message::BatchEnd { seq: b.seq }).await?;
         self.send.flush().await?;
+        self.pending_verify.extend(b.moved_dirs.iter().cloned());
         self.track(b.seq, b.sealed_at);
         self.ctx
             .shared

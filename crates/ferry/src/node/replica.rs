@@ -24,7 +24,11 @@ enum Cmd {
     Commit(oneshot::Sender<Result<ApplyStats, ApplyError>>),
     Reset,
     /// The root's manifest; `true`: with content hashes.
-    Manifest(bool, oneshot::Sender<std::io::Result<Vec<Entry>>>),
+    Manifest(
+        bool,
+        Option<ferry_proto::RelPath>,
+        oneshot::Sender<std::io::Result<Vec<Entry>>>,
+    ),
 }
 
 /// Handle to the apply thread.
@@ -67,22 +71,27 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
                         f2.store(false, Ordering::Relaxed);
                         continue;
                     }
-                    Cmd::Manifest(verify, reply) => {
+                    Cmd::Manifest(verify, prefix, reply) => {
                         let mut out = Vec::new();
                         let mut skipped = Vec::new();
-                        let r = scan::scan_tree(&root, None, &excludes, &mut out, &mut skipped)
-                            .map(|_| {
-                                out.into_iter()
-                                    .map(|s| {
-                                        let mut e = s.entry;
-                                        if verify && e.kind == ferry_proto::EntryKind::File {
-                                            e.hash =
-                                                scan::hash_file(&scan::abs(&root, &e.path)).ok();
-                                        }
-                                        e
-                                    })
-                                    .collect()
-                            });
+                        let r = scan::scan_tree(
+                            &root,
+                            prefix.as_ref(),
+                            &excludes,
+                            &mut out,
+                            &mut skipped,
+                        )
+                        .map(|_| {
+                            out.into_iter()
+                                .map(|s| {
+                                    let mut e = s.entry;
+                                    if verify && e.kind == ferry_proto::EntryKind::File {
+                                        e.hash = scan::hash_file(&scan::abs(&root, &e.path)).ok();
+                                    }
+                                    e
+                                })
+                                .collect()
+                        });
                         let _ = reply.send(r);
                         continue;
                     }
@@ -399,9 +408,9 @@ async fn session(
                         shared.ready.store(true, Ordering::Relaxed);
                     }
                 }
-                Message::ManifestRequest { verify } if batch.is_none() => {
+                Message::ManifestRequest { verify, prefix } if batch.is_none() => {
                     let (tx, rx) = oneshot::channel();
-                    worker.send(Cmd::Manifest(verify, tx)).await?;
+                    worker.send(Cmd::Manifest(verify, prefix, tx)).await?;
                     let entries = rx.await.map_err(|_| anyhow!("apply thread stopped"))??;
                     let n = entries.len() as u64;
                     for e in entries {
