@@ -385,3 +385,35 @@ pub fn seed() -> u64 {
     s
 }
 pub mod workload;
+
+/// Block-structured self-verifying content for files rewritten in place:
+/// 4 KiB blocks, each starting with the BLAKE3 of its other 4064 bytes. An
+/// in-place rewrite (truncate, then block-sized writes) only ever leaves
+/// whole blocks, of one version or another; a read torn by a concurrent
+/// write leaves a block that fails its hash.
+pub const BLOCK: usize = 4096;
+
+pub fn blk_content(rng: &mut fastrand::Rng, blocks: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(blocks * BLOCK);
+    for _ in 0..blocks {
+        let body: Vec<u8> = (0..BLOCK - 32).map(|_| rng.u8(..)).collect();
+        v.extend_from_slice(blake3::hash(&body).as_bytes());
+        v.extend_from_slice(&body);
+    }
+    v
+}
+
+pub fn blk_check(data: &[u8]) -> Result<(), String> {
+    if data.len() % BLOCK != 0 {
+        return Err(format!(
+            "{} bytes is not a whole number of blocks",
+            data.len()
+        ));
+    }
+    for (i, b) in data.chunks(BLOCK).enumerate() {
+        if blake3::hash(&b[32..]).as_bytes() != &b[..32] {
+            return Err(format!("block {i} is torn"));
+        }
+    }
+    Ok(())
+}

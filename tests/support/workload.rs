@@ -10,16 +10,19 @@ pub struct Workload {
     pub rng: fastrand::Rng,
     pub root: PathBuf,
     pub ops: u64,
+    trace: Option<std::fs::File>,
 }
 
 const MODES: [u32; 5] = [0o644, 0o600, 0o755, 0o640, 0o444];
 
 impl Workload {
     pub fn new(root: &Path, seed: u64) -> Workload {
+        let trace = std::env::var_os("FERRY_TEST_TRACE").map(|p| std::fs::File::create(p).unwrap());
         Workload {
             rng: fastrand::Rng::with_seed(seed),
             root: root.to_path_buf(),
             ops: 0,
+            trace,
         }
     }
 
@@ -59,6 +62,16 @@ impl Workload {
         v
     }
 
+    fn log(&mut self, what: std::fmt::Arguments) {
+        if let Some(t) = self.trace.as_mut() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            let _ =
+                std::io::Write::write_fmt(t, format_args!("{:.6} {}\n", now.as_secs_f64(), what));
+        }
+    }
+
     fn name(&mut self) -> String {
         const W: [&str; 8] = [
             "alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta",
@@ -95,6 +108,7 @@ impl Workload {
                 let d = dir.join(self.name());
                 if d.components().count() < 5 {
                     std::fs::create_dir_all(r.join(&d)).and_then(|_| {
+                        self.log(format_args!("mkdir {}", d.display()));
                         let m = [0o755, 0o700, 0o750][self.rng.usize(..3)];
                         std::fs::set_permissions(r.join(&d), std::fs::Permissions::from_mode(m))
                     })
@@ -105,6 +119,10 @@ impl Workload {
             12..=39 => {
                 // new file
                 let p = r.join(&dir).join(format!("{}.sv", self.name()));
+                self.log(format_args!(
+                    "create {}",
+                    p.strip_prefix(r).unwrap().display()
+                ));
                 let n = self.size();
                 let data = sv_content(&mut self.rng, n);
                 std::fs::write(&p, &data).and_then(|_| {
@@ -145,14 +163,12 @@ impl Workload {
                 }
             }
             62..=67 => {
-                // symlink inside the root (relative), sometimes dangling
+                // symlink to a sibling name (stays inside the root wherever it
+                // is moved; links leaving the root are refused by G6), sometimes dangling
                 let files = self.files();
                 let target = match self.pick(&files) {
                     Some(t) if self.rng.u32(..4) > 0 => {
-                        let depth = dir.components().count();
-                        let mut s = "../".repeat(depth);
-                        s.push_str(&t.display().to_string());
-                        s
+                        t.file_name().unwrap().to_string_lossy().into_owned()
                     }
                     _ => "dangling-target".into(),
                 };
@@ -172,6 +188,11 @@ impl Workload {
                             .map(|e| e.to_string_lossy().into_owned())
                             .unwrap_or_default();
                         let to = to_dir.join(format!("{}.{ext}", self.name()));
+                        self.log(format_args!(
+                            "rename file {} -> {}",
+                            f.display(),
+                            to.display()
+                        ));
                         std::fs::rename(r.join(f), r.join(to))
                     }
                     None => Ok(()),
@@ -190,6 +211,11 @@ impl Workload {
                         if r.join(&to).exists() {
                             Ok(())
                         } else {
+                            self.log(format_args!(
+                                "rename dir {} -> {}",
+                                dir.display(),
+                                to.display()
+                            ));
                             std::fs::rename(r.join(&dir), r.join(to))
                         }
                     }
@@ -198,7 +224,10 @@ impl Workload {
             84..=93 => {
                 let files = self.files();
                 match self.pick(&files) {
-                    Some(f) => std::fs::remove_file(r.join(f)),
+                    Some(f) => {
+                        self.log(format_args!("remove {}", f.display()));
+                        std::fs::remove_file(r.join(f))
+                    }
                     None => Ok(()),
                 }
             }
@@ -206,6 +235,7 @@ impl Workload {
                 if dir.as_os_str().is_empty() || self.rng.u32(..3) > 0 {
                     Ok(())
                 } else {
+                    self.log(format_args!("remove tree {}", dir.display()));
                     std::fs::remove_dir_all(r.join(dir))
                 }
             }

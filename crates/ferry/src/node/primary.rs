@@ -448,6 +448,14 @@ struct Sender<'a> {
     progress: &'a PeerProgress,
     /// Paths the peer lacks the sealed content of (vanished before send).
     missing: HashSet<RelPath>,
+    /// Paths this sender told the peer to delete, with the batch that did.
+    /// A seal reads the tree as it is *now*, so it can see the effect of a
+    /// rename whose event has not arrived yet (the source looks deleted);
+    /// the rename then comes in a later batch and must be sent as content.
+    recently_deleted: std::collections::HashMap<RelPath, u64>,
+    /// Batches up to this seq were sealed before the last resync scan,
+    /// which already reflects their renames: those are sent as content too.
+    degrade_until: u64,
     epoch: u64,
     /// The peer never applied a batch: its content is of unknown origin, so
     /// the first resync compares content hashes, not just size and mtime.
@@ -523,6 +531,8 @@ async fn session(
         send,
         progress,
         missing: HashSet::new(),
+        recently_deleted: std::collections::HashMap::new(),
+        degrade_until: 0,
         epoch: st.epoch,
         verify: welcome.applied_epoch == 0,
         pending_verify: Vec::new(),
@@ -542,21 +552,23 @@ async fn session(
         }
     };
     let sending = sender.run(first, man_rx, &mut shutdown);
+    tokio::pin!(reader);
+    tokio::pin!(sending);
     tokio::select! {
-        r = reader => r,
-        r = sending => {
-            let r = r;
-            if r.is_ok() {
-                let _ = sender_finish(&conn).await;
+        r = &mut reader => r,
+        r = &mut sending => match r {
+            Ok(()) => {
+                conn.close(0, "primary shutting down");
+                Ok(())
             }
-            r
-        }
+            // A write failed: the peer may have stopped the stream with a
+            // refusal that says why (and asks for a resync); read it.
+            Err(e) => match tokio::time::timeout(Duration::from_secs(1), &mut reader).await {
+                Ok(Err(refusal)) => Err(refusal),
+                _ => Err(e),
+            },
+        },
     }
-}
-
-async fn sender_finish(conn: &ferry_net::Conn) -> anyhow::Result<()> {
-    conn.close(0, "primary shutting down");
-    Ok(())
 }
 
 async fn read_acks(
@@ -772,6 +784,7 @@ impl Sender<'_> {
         }
         remote.sort_by(|a, b| a.path.walk_cmp(&b.path));
         let (mut local, skipped) = local.await??;
+        self.degrade_until = self.ctx.log.lock().expect("log").last_seq;
         note_skips(&self.ctx.shared, &skipped);
         if verify {
             local = self.hash_lookalikes(local, &remote).await?;
@@ -787,6 +800,7 @@ impl Sender<'_> {
                 "resync: sending differences"
             );
             self.missing.clear();
+            self.recently_deleted.clear();
             self.pending_verify.clear();
         } else if total > 0 {
             tracing::info!(
@@ -889,6 +903,20 @@ impl Sender<'_> {
         false
     }
 
+    fn recently_gone(&self, p: &RelPath) -> bool {
+        if self.recently_deleted.is_empty() {
+            return false;
+        }
+        let mut cur = Some(p.clone());
+        while let Some(c) = cur {
+            if self.recently_deleted.contains_key(&c) {
+                return true;
+            }
+            cur = c.parent();
+        }
+        false
+    }
+
     fn forget_missing_under(&mut self, p: &RelPath) {
         if !self.missing.is_empty() {
             self.missing.retain(|m| !m.starts_with(p));
@@ -906,7 +934,7 @@ impl Sender<'_> {
             }))
             .await?;
         for (from, to) in &b.renames {
-            if self.is_missing(from) {
+            if self.is_missing(from) || self.recently_gone(from) || b.seq <= self.degrade_until {
                 // The peer never got what was moved: send it whole instead.
                 self.send
                     .send(&Message::Op(Op::Delete { path: from.clone() }))
@@ -916,6 +944,7 @@ impl Sender<'_> {
                     .await?;
                 self.forget_missing_under(from);
                 self.forget_missing_under(to);
+                self.recently_deleted.insert(from.clone(), b.seq);
                 let root = self.ctx.shared.cfg.root.clone();
                 let excludes = self.ctx.excludes.clone();
                 let to2 = to.clone();
@@ -927,6 +956,12 @@ impl Sender<'_> {
                 })
                 .await??;
                 note_skips(&self.ctx.shared, &skipped);
+                // moved on again already: the peer now lacks `to` as well
+                if now.is_empty() {
+                    self.recently_deleted.insert(to.clone(), b.seq);
+                } else {
+                    self.recently_deleted.remove(to);
+                }
                 for s in now {
                     self.send_state(&s, false).await?;
                 }
@@ -951,6 +986,20 @@ impl Sender<'_> {
                         }
                     }
                 }
+                if !self.recently_deleted.is_empty() {
+                    let moved: Vec<(RelPath, u64)> = self
+                        .recently_deleted
+                        .iter()
+                        .filter(|(m, _)| m.starts_with(from))
+                        .map(|(m, q)| (m.clone(), *q))
+                        .collect();
+                    for (mp, q) in moved {
+                        self.recently_deleted.remove(&mp);
+                        if let Some(n) = mp.rebase(from, to) {
+                            self.recently_deleted.insert(n, q);
+                        }
+                    }
+                }
             }
         }
         for item in &b.items {
@@ -972,13 +1021,19 @@ impl Sender<'_> {
                             .await?;
                         self.forget_missing_under(&item.path);
                     }
+                    self.recently_deleted.insert(item.path.clone(), b.seq);
                 }
-                Some(s) => self.send_state(s, false).await?,
+                Some(s) => {
+                    self.recently_deleted.remove(&item.path);
+                    self.send_state(s, false).await?
+                }
             }
         }
         self.send.send(&Message::BatchEnd { seq: b.seq }).await?;
         self.send.flush().await?;
         self.pending_verify.extend(b.moved_dirs.iter().cloned());
+        // The race above spans a batch or two; keep a margin, bound the memory.
+        self.recently_deleted.retain(|_, q| *q + 64 >= b.seq);
         self.track(b.seq, b.sealed_at);
         self.ctx
             .shared
@@ -1023,8 +1078,11 @@ impl Sender<'_> {
                     self.missing.insert(e.path.clone());
                 }
                 FileOutcome::Unstable => {
-                    // Still being written: the next batch carries it.
+                    // Still being written: the next batch carries it. Until
+                    // then the peer lacks it (a later move of it is sent as
+                    // content).
                     self.ctx.shared.metrics.error("file_unstable");
+                    self.missing.insert(e.path.clone());
                 }
             },
         }
@@ -1048,7 +1106,11 @@ impl Sender<'_> {
                 }
                 Err(e) => return Err(anyhow!("cannot open {}: {e}", path.display())),
             };
-            let before = tokio::task::block_in_place(|| f.metadata())?;
+            let before = tokio::task::block_in_place(|| {
+                let md = f.metadata()?;
+                write_barrier(&f);
+                Ok::<_, std::io::Error>(md)
+            })?;
             if !before.is_file() || (!any_inode && (before.dev(), before.ino()) != (s.dev, s.ino)) {
                 return Ok(FileOutcome::Vanished);
             }
@@ -1102,6 +1164,23 @@ impl Sender<'_> {
         }
         Ok(FileOutcome::Unstable)
     }
+}
+
+/// Waits for a buffered write already in progress on `f` to finish.
+///
+/// The G3 check compares size, mtime and ctime before and after a read; with
+/// multigrain timestamps (Linux 6.13+) every write after our `fstat` changes
+/// mtime. What it cannot see is a write that began before the `fstat` and is
+/// still copying data. ext4 and XFS take the inode lock shared for
+/// `lseek(SEEK_DATA)`, which waits for such a write to release it; on other
+/// filesystems this is a cheap no-op.
+fn write_barrier(f: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a file descriptor we own; no memory is passed.
+    let _ = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+    // The offset moved: reads below use read(), so rewind.
+    // SAFETY: as above.
+    let _ = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_SET) };
 }
 
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {

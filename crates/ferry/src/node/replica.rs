@@ -186,6 +186,9 @@ pub async fn start(
                 if let Err(e) = session(&shared2, &conn, &worker2, &sessions2).await {
                     tracing::warn!(peer = %peer, error = %format!("{e:#}"), "primary session ended");
                 }
+                // Let the primary read our last word (a refusal) and close
+                // first: dropping the connection now would discard it.
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
             });
         }
     });
