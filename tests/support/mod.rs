@@ -254,6 +254,19 @@ pub fn metric(port: u16, name: &str) -> f64 {
         .sum()
 }
 
+/// Sum of a metric's samples whose labels contain `label` (e.g. `kind="x"`).
+pub fn metric_labeled(port: u16, name: &str, label: &str) -> f64 {
+    let Some((_, body)) = http_get(port, "/metrics") else {
+        return 0.0;
+    };
+    body.lines()
+        .filter(|l| {
+            l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b'{') && l.contains(label)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ent {
     File {
