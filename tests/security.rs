@@ -56,9 +56,23 @@ fn g8_wrong_ca_and_unlisted_name_are_refused_and_write_nothing() {
         "unlisted primary was not refused:\n{}",
         rogue_name.log_tail()
     );
+    // ...and refused during the TLS handshake itself, before any stream.
+    for rogue in [&rogue_ca, &rogue_name] {
+        let log = std::fs::read_to_string(&rogue.log).unwrap();
+        assert!(
+            log.contains("connecting to replica at"),
+            "{} was not refused at the handshake:\n{}",
+            rogue.name,
+            rogue.log_tail()
+        );
+        assert!(!log.contains("peer connected"), "{} got past the handshake", rogue.name);
+    }
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(entries(&replica.root), 0, "a refused peer wrote to the replica");
-    assert!(replica.metric("ferry_errors_total") >= 2.0, "refusals are counted");
+    assert!(
+        metric_labeled(replica.metrics, "ferry_errors_total", "kind=\"auth\"") >= 2.0,
+        "handshake refusals are counted as auth errors"
+    );
     assert_eq!(replica.metric("ferry_batches_applied_total"), 0.0);
     assert!(replica.running());
 
