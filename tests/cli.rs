@@ -36,7 +36,11 @@ fn ferry_run(args: &[&str]) -> Out {
     let out = child.wait_with_output().unwrap();
     Out {
         code: out.status.code(),
-        text: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        text: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     }
 }
 
@@ -44,7 +48,11 @@ fn check(args: &[&str], code: i32, needles: &[&str]) {
     let o = ferry_run(args);
     assert_eq!(o.code, Some(code), "ferry {args:?}:\n{}", o.text);
     for n in needles {
-        assert!(o.text.contains(n), "ferry {args:?}: {n:?} missing from:\n{}", o.text);
+        assert!(
+            o.text.contains(n),
+            "ferry {args:?}: {n:?} missing from:\n{}",
+            o.text
+        );
     }
 }
 
@@ -71,9 +79,26 @@ fn usage_errors_exit_64_and_list_every_problem() {
             "{a,b",
         ],
         64,
-        &["--root", "--name", "--tls-dir is required", "--listen", "--role", "--peer \"x\"", "--peer \"a=host\"", "--exclude"],
+        &[
+            "--root",
+            "--name",
+            "--tls-dir is required",
+            "--listen",
+            "--role",
+            "--peer \"x\"",
+            "--peer \"a=host\"",
+            "--exclude",
+        ],
     );
-    check(&["run"], 64, &["--root is required", "--name is required", "--tls-dir is required"]);
+    check(
+        &["run"],
+        64,
+        &[
+            "--root is required",
+            "--name is required",
+            "--tls-dir is required",
+        ],
+    );
     check(&["no-such-command"], 64, &["unrecognized subcommand"]);
     check(&["--help"], 0, &["demo", "run", "cert", "status", "inject"]);
 }
@@ -86,24 +111,53 @@ fn bad_roots_are_refused_with_the_reason() {
     let tls = pki.issue("n1");
     let tls = tls.to_str().unwrap();
     let run = |root: &str| -> Vec<String> {
-        ["run", "--root", root, "--name", "n1", "--tls-dir", tls, "--listen", "127.0.0.1:0"].iter().map(|s| s.to_string()).collect()
+        [
+            "run",
+            "--root",
+            root,
+            "--name",
+            "n1",
+            "--tls-dir",
+            tls,
+            "--listen",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     let args = |v: &Vec<String>| v.clone();
     let slash = run("/");
-    check(&args(&slash).iter().map(|s| s.as_str()).collect::<Vec<_>>(), 64, &["--root /", "whole filesystem"]);
+    check(
+        &args(&slash).iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        64,
+        &["--root /", "whole filesystem"],
+    );
     let real = base.join("real");
     std::fs::create_dir_all(&real).unwrap();
     std::os::unix::fs::symlink(&real, base.join("link")).unwrap();
     let l = run(base.join("link").to_str().unwrap());
-    check(&l.iter().map(|s| s.as_str()).collect::<Vec<_>>(), 64, &["is a symlink", "pass the real directory"]);
+    check(
+        &l.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        64,
+        &["is a symlink", "pass the real directory"],
+    );
     let f = base.join("file");
     std::fs::write(&f, b"x").unwrap();
     let fr = run(f.to_str().unwrap());
-    check(&fr.iter().map(|s| s.as_str()).collect::<Vec<_>>(), 64, &["not a directory"]);
+    check(
+        &fr.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        64,
+        &["not a directory"],
+    );
     // unreadable: run as an unprivileged user against a root-only directory
     let private = base.join("private");
     std::fs::create_dir_all(&private).unwrap();
-    std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     let o = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", ferry()])
         .args(run(private.to_str().unwrap()))
@@ -111,7 +165,10 @@ fn bad_roots_are_refused_with_the_reason() {
     if let Ok(o) = o {
         let text = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(64), "{text}");
-        assert!(text.contains("cannot read it") || text.contains("Permission denied"), "{text}");
+        assert!(
+            text.contains("cannot read it") || text.contains("Permission denied"),
+            "{text}"
+        );
     }
 }
 
@@ -126,10 +183,38 @@ fn tls_problems_and_busy_ports_are_named() {
     // missing TLS files
     let empty = base.join("empty-tls");
     std::fs::create_dir_all(&empty).unwrap();
-    check(&["run", "--root", r, "--name", "n1", "--tls-dir", empty.to_str().unwrap(), "--listen", "127.0.0.1:0"], 1, &["tls.crt", "missing", "ferry cert issue"]);
+    check(
+        &[
+            "run",
+            "--root",
+            r,
+            "--name",
+            "n1",
+            "--tls-dir",
+            empty.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        1,
+        &["tls.crt", "missing", "ferry cert issue"],
+    );
     // a certificate for another name
     let other = pki.issue("other");
-    check(&["run", "--root", r, "--name", "n1", "--tls-dir", other.to_str().unwrap(), "--listen", "127.0.0.1:0"], 1, &["not issued for the name \"n1\""]);
+    check(
+        &[
+            "run",
+            "--root",
+            r,
+            "--name",
+            "n1",
+            "--tls-dir",
+            other.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        1,
+        &["not issued for the name \"n1\""],
+    );
     // a key that does not match the certificate
     let mixed = base.join("mixed");
     std::fs::create_dir_all(&mixed).unwrap();
@@ -137,7 +222,21 @@ fn tls_problems_and_busy_ports_are_named() {
     std::fs::copy(n1.join("tls.crt"), mixed.join("tls.crt")).unwrap();
     std::fs::copy(n1.join("ca.crt"), mixed.join("ca.crt")).unwrap();
     std::fs::copy(other.join("tls.key"), mixed.join("tls.key")).unwrap();
-    check(&["run", "--root", r, "--name", "n1", "--tls-dir", mixed.to_str().unwrap(), "--listen", "127.0.0.1:0"], 1, &["tls.key", "does not match"]);
+    check(
+        &[
+            "run",
+            "--root",
+            r,
+            "--name",
+            "n1",
+            "--tls-dir",
+            mixed.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        1,
+        &["tls.key", "does not match"],
+    );
     // a certificate from another CA than ca.crt
     let evil = Pki::new(base, "evil");
     let foreign = base.join("foreign");
@@ -146,20 +245,72 @@ fn tls_problems_and_busy_ports_are_named() {
     std::fs::copy(e1.join("tls.crt"), foreign.join("tls.crt")).unwrap();
     std::fs::copy(e1.join("tls.key"), foreign.join("tls.key")).unwrap();
     std::fs::copy(n1.join("ca.crt"), foreign.join("ca.crt")).unwrap();
-    check(&["run", "--root", r, "--name", "n1", "--tls-dir", foreign.to_str().unwrap(), "--listen", "127.0.0.1:0"], 1, &["not valid under ca.crt"]);
+    check(
+        &[
+            "run",
+            "--root",
+            r,
+            "--name",
+            "n1",
+            "--tls-dir",
+            foreign.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        1,
+        &["not valid under ca.crt"],
+    );
     // the listen port is taken
     let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();
-    check(&["run", "--root", r, "--name", "n1", "--tls-dir", n1.to_str().unwrap(), "--listen", &addr], 1, &["cannot listen on", &addr, "another process"]);
+    check(
+        &[
+            "run",
+            "--root",
+            r,
+            "--name",
+            "n1",
+            "--tls-dir",
+            n1.to_str().unwrap(),
+            "--listen",
+            &addr,
+        ],
+        1,
+        &["cannot listen on", &addr, "another process"],
+    );
     // a second daemon on the same root is refused by the state-dir lock
     let port = free_port();
     let mut first = Command::new(ferry())
-        .args(["run", "--root", r, "--name", "n1", "--tls-dir", n1.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "run",
+            "--root",
+            r,
+            "--name",
+            "n1",
+            "--tls-dir",
+            n1.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(800));
-    check(&["run", "--root", r, "--name", "n1", "--tls-dir", n1.to_str().unwrap(), "--listen", "127.0.0.1:0"], 1, &["locked by another ferry process"]);
+    check(
+        &[
+            "run",
+            "--root",
+            r,
+            "--name",
+            "n1",
+            "--tls-dir",
+            n1.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        1,
+        &["locked by another ferry process"],
+    );
     let _ = first.kill();
     let _ = first.wait();
 }
@@ -170,7 +321,14 @@ fn unreachable_peer_is_reported_and_retried() {
     let base = tmp.path();
     let pki = Pki::new(base, "ca");
     let dead = free_port();
-    let mut p = Node::new(base, "primary", &pki.issue("primary"), "primary", &[("far", dead)], &[]);
+    let mut p = Node::new(
+        base,
+        "primary",
+        &pki.issue("primary"),
+        "primary",
+        &[("far", dead)],
+        &[],
+    );
     p.start().wait_ready(Duration::from_secs(20));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -178,11 +336,18 @@ fn unreachable_peer_is_reported_and_retried() {
         if st.contains("peer far: disconnected") && st.contains("last error: connecting to far") {
             break;
         }
-        assert!(Instant::now() < deadline, "status never named the unreachable peer:\n{st}");
+        assert!(
+            Instant::now() < deadline,
+            "status never named the unreachable peer:\n{st}"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     assert!(p.running(), "an unreachable peer must not stop the primary");
-    assert_eq!(p.stop(), Some(0), "SIGTERM with an unreachable peer exits promptly and cleanly");
+    assert_eq!(
+        p.stop(),
+        Some(0),
+        "SIGTERM with an unreachable peer exits promptly and cleanly"
+    );
 }
 
 #[test]
@@ -195,17 +360,32 @@ fn demo_runs_and_stops_cleanly_on_ctrl_c() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(4));
-    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
     let deadline = Instant::now() + Duration::from_secs(20);
     while child.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "demo did not stop on Ctrl-C");
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = child.wait_with_output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.status.code(), Some(0), "{text}");
-    assert!(text.contains("primary root:") && text.contains("replica root:"), "{text}");
-    assert!(text.contains("first in sync after") && !text.contains("not yet"), "{text}");
+    assert!(
+        text.contains("primary root:") && text.contains("replica root:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("first in sync after") && !text.contains("not yet"),
+        "{text}"
+    );
     assert!(text.contains("demo stopped cleanly"), "{text}");
-    assert!(text.contains("304/304 files"), "the demo's sample data did not all arrive:\n{text}");
+    assert!(
+        text.contains("304/304 files"),
+        "the demo's sample data did not all arrive:\n{text}"
+    );
 }

@@ -124,7 +124,8 @@ impl Transport {
         // node answers packets of a connection it no longer knows with a reset
         // the peer accepts, so the peer reconnects at once instead of waiting
         // for the idle timeout.
-        let secret = blake3::derive_key("ferry 2026 QUIC stateless reset key", tls.key.secret_der());
+        let secret =
+            blake3::derive_key("ferry 2026 QUIC stateless reset key", tls.key.secret_der());
         let reset_key = Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret));
         let ep = quinn::Endpoint::new(
             quinn::EndpointConfig::new(reset_key),
@@ -292,10 +293,10 @@ impl MsgSend {
     pub async fn flush(&mut self) -> Result<(), NetError> {
         if !self.buf.is_empty() {
             let chunk = self.buf.split().freeze();
-            self.s
-                .write_chunk(chunk)
-                .await
-                .map_err(|e| NetError::Lost(e.to_string()))?;
+            self.s.write_chunk(chunk).await.map_err(|e| match e {
+                quinn::WriteError::ConnectionLost(c) => NetError::Lost(c.to_string()),
+                e => NetError::Lost(e.to_string()),
+            })?;
         }
         Ok(())
     }
@@ -354,6 +355,9 @@ impl MsgRecv {
                     quinn::ConnectionError::ApplicationClosed(c),
                 )) if c.error_code == quinn::VarInt::from_u32(0) && self.dec.buffered() == 0 => {
                     return Ok(None)
+                }
+                Err(quinn::ReadError::ConnectionLost(e)) => {
+                    return Err(NetError::Lost(e.to_string()))
                 }
                 Err(e) => return Err(NetError::Lost(e.to_string())),
             }
