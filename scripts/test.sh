@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit/property/process tests (real
+# ferry processes on loopback), and the Kubernetes checks (schemas, kustomize,
+# the webhook as a process). Installs what it needs, non-interactively.
+# Usage: bash scripts/test.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+say() { printf '\n== %s\n' "$*"; }
+
+# System tools the tests use (present on most machines; installed if not).
+need=()
+command -v setpriv >/dev/null || need+=(util-linux)
+command -v curl >/dev/null || need+=(curl)
+if ((${#need[@]})); then
+    say "installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+say "unit, property and process tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    # process tests start several daemons each: two at a time on two cores
+    cargo nextest run --workspace --no-fail-fast --test-threads 2
+else
+    cargo test --workspace --no-fail-fast -- --test-threads 2
+fi
+
+say "Kubernetes manifests, schemas and webhook process"
+bash scripts/test-k8s.sh
+
+say "all tests passed"
