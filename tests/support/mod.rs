@@ -417,7 +417,7 @@ pub fn blk_content(rng: &mut fastrand::Rng, blocks: usize) -> Vec<u8> {
 }
 
 pub fn blk_check(data: &[u8]) -> Result<(), String> {
-    if data.len() % BLOCK != 0 {
+    if !data.len().is_multiple_of(BLOCK) {
         return Err(format!(
             "{} bytes is not a whole number of blocks",
             data.len()
