@@ -231,7 +231,8 @@ fn replica_added_midstream_and_restarted_replica_catch_up() {
     s.replicas[0].start();
     let took = wait_converged(&s.primary.root, &s.replicas[0].root, CONVERGE);
     eprintln!("restarted replica caught up in {took:?}");
-    assert!(s.primary.metric("ferry_resyncs_total") >= 3.0);
+    // one resync per replica at its first session; the restarted one resumes from the log
+    assert!(s.primary.metric("ferry_resyncs_total") >= 2.0);
 }
 
 #[test]

@@ -132,10 +132,30 @@ pub struct Applier {
     /// Open handles of directories touched in this batch, by path ("" = root).
     cache: HashMap<Vec<u8>, Dir>,
     /// Directories whose entries changed: fsynced by [`Applier::commit`].
-    to_sync: HashMap<Vec<u8>, Dir>,
+    /// Keyed by (dev, inode): a path may name two directories in one batch.
+    /// Kept across [`Applier::reset`]: what an aborted batch changed must
+    /// still be fsynced before the next acknowledgement.
+    to_sync: HashMap<(u64, u64), (Vec<u8>, Dir)>,
     incoming: Option<Incoming>,
+    /// Complete, verified temp files waiting to be made durable and renamed
+    /// into place together (see [`Applier::flush_files`]).
+    staged: Vec<Staged>,
+    staged_paths: std::collections::HashSet<RelPath>,
     stats: ApplyStats,
 }
+
+/// A verified temp file not yet fsynced nor renamed into place.
+struct Staged {
+    path: RelPath,
+    parent: Dir,
+    tmp_name: Vec<u8>,
+    file: std::fs::File,
+}
+
+/// Files staged before they are flushed together. Bounds open descriptors.
+const MAX_STAGED: usize = 512;
+/// From this many staged files on, one `syncfs` replaces per-file fsyncs.
+const SYNCFS_FROM: usize = 8;
 
 impl Applier {
     /// Opens `root`. `protected`: the state dir relative to the root, when
@@ -148,6 +168,8 @@ impl Applier {
             cache: HashMap::new(),
             to_sync: HashMap::new(),
             incoming: None,
+            staged: Vec::new(),
+            staged_paths: std::collections::HashSet::new(),
             stats: ApplyStats::default(),
         })
     }
@@ -225,13 +247,19 @@ impl Applier {
     }
 
     fn mark_changed(&mut self, p: &RelPath, dir: &Dir) {
-        let key = p
-            .parent()
-            .map(|x| x.as_bytes().to_vec())
-            .unwrap_or_default();
+        use cap_std::fs::MetadataExt;
+        let key = match dir.dir_metadata() {
+            Ok(md) => (md.dev(), md.ino()),
+            // unknown identity: keep it under a key of its own
+            Err(_) => (u64::MAX, self.to_sync.len() as u64),
+        };
         if let std::collections::hash_map::Entry::Vacant(v) = self.to_sync.entry(key) {
             if let Ok(c) = dir.try_clone() {
-                v.insert(c);
+                let name = p
+                    .parent()
+                    .map(|x| x.as_bytes().to_vec())
+                    .unwrap_or_default();
+                v.insert((name, c));
             }
         }
     }
@@ -266,6 +294,12 @@ impl Applier {
     /// Applies one metadata operation.
     pub fn apply_op(&mut self, op: &Op) -> Result<(), ApplyError> {
         self.stats.ops += 1;
+        // Staged files must be in place before anything that could touch
+        // them (a creation of a directory elsewhere cannot).
+        match op {
+            Op::Mkdir { path, .. } if !self.staged_paths.contains(path) => {}
+            _ => self.flush_files()?,
+        }
         match op {
             Op::Mkdir { path, mode } => {
                 self.guard(path)?;
@@ -344,33 +378,36 @@ impl Applier {
                         .is_some_and(|d| d.symlink_metadata(os(p.file_name())).is_ok())
                 };
                 if !exists(&from_dir, from) {
-                    let to_dir = self.parent(to, false)?;
-                    if exists(&to_dir, to) {
-                        return Ok(()); // already moved (a resync got there first)
-                    }
-                    return Err(inconsistent(
-                        from,
-                        "rename source and destination are both missing",
-                    ));
+                    // Never guess: even with something at `to`, it may be an
+                    // older version. The primary answers with a resync.
+                    return Err(inconsistent(from, "rename source is missing"));
                 }
                 let from_dir = from_dir.ok_or_else(|| inconsistent(from, "no parent"))?;
                 let to_dir = self
                     .parent(to, true)?
                     .ok_or_else(|| inconsistent(to, "no parent"))?;
-                // The primary's rename succeeded, so whatever is at `to` is replaced.
+                // The primary's rename succeeded, so whatever the replica still
+                // has at `to` (of any kind: it may be deleted later in this
+                // batch) is replaced.
                 if let Ok(md) = to_dir.symlink_metadata(os(to.file_name())) {
-                    if md.is_dir() {
-                        self.invalidate(to);
-                        to_dir
-                            .remove_dir_all(os(to.file_name()))
-                            .map_err(|e| io_err("remove tree", to, e))?;
-                    }
+                    self.invalidate(to);
+                    let r = if md.is_dir() {
+                        to_dir.remove_dir_all(os(to.file_name()))
+                    } else {
+                        to_dir.remove_file(os(to.file_name()))
+                    };
+                    r.map_err(|e| io_err("remove", to, e))?;
                 }
                 self.invalidate(from);
                 self.invalidate(to);
                 from_dir
                     .rename(os(from.file_name()), &to_dir, os(to.file_name()))
-                    .map_err(|e| io_err("rename", from, e))?;
+                    .map_err(|e| match e.raw_os_error() {
+                        Some(libc::ENOTDIR | libc::EISDIR | libc::ENOTEMPTY | libc::EEXIST) => {
+                            inconsistent(from, format!("rename to {to} failed: {e}"))
+                        }
+                        _ => io_err("rename", from, e),
+                    })?;
                 self.mark_changed(from, &from_dir);
                 self.mark_changed(to, &to_dir);
             }
@@ -425,6 +462,9 @@ impl Applier {
     /// Starts receiving a regular file.
     pub fn file_begin(&mut self, h: &FileHeader) -> Result<(), ApplyError> {
         self.file_abort();
+        if self.staged_paths.contains(&h.path) || self.staged.len() >= MAX_STAGED {
+            self.flush_files()?;
+        }
         self.guard(&h.path)?;
         if !mode_ok(h.mode) {
             return Err(refused(
@@ -515,21 +555,82 @@ impl Applier {
                 .map_err(|e| io_err("chmod", &path, e))?;
             inc.file
                 .set_modified(systime(inc.header.mtime))
-                .map_err(|e| io_err("set mtime", &path, e))?;
-            inc.file.sync_all().map_err(|source| ApplyError::Sync {
-                path: path.display(),
-                source,
-            })
+                .map_err(|e| io_err("set mtime", &path, e))
         })();
         if let Err(e) = res {
             cleanup(&inc);
             return Err(e);
         }
-        self.replace(&inc.parent, &inc.tmp_name, &path)?;
-        self.mark_changed(&path, &inc.parent);
         self.stats.files += 1;
         self.stats.bytes += inc.written;
+        self.staged_paths.insert(path.clone());
+        self.staged.push(Staged {
+            path,
+            parent: inc.parent,
+            tmp_name: inc.tmp_name,
+            file: inc.file,
+        });
         Ok(())
+    }
+
+    /// Makes the staged files durable, then renames each into place (G3:
+    /// readers see the old version or the new, never a partial one; G4: the
+    /// data is on stable storage before the name points at it). Many files
+    /// are flushed with one `syncfs` of the replica's filesystem instead of
+    /// one fsync each; an error from either is fatal for the batch.
+    pub fn flush_files(&mut self) -> Result<(), ApplyError> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let staged = std::mem::take(&mut self.staged);
+        self.staged_paths.clear();
+        let synced = if staged.len() >= SYNCFS_FROM {
+            // one syncfs per filesystem the staged files live on (a root can
+            // span mount points)
+            let mut devs: Vec<(u64, usize)> = Vec::new();
+            for (i, st) in staged.iter().enumerate() {
+                let dev = std::os::unix::fs::MetadataExt::dev(
+                    &st.file
+                        .metadata()
+                        .map_err(|e| io_err("stat", &st.path, e))?,
+                );
+                if !devs.iter().any(|(d, _)| *d == dev) {
+                    devs.push((dev, i));
+                }
+            }
+            devs.iter().try_for_each(|(_, i)| {
+                rustix::fs::syncfs(&staged[*i].file).map_err(|e| ApplyError::Sync {
+                    path: format!("{} files staged in this batch", staged.len()),
+                    source: e.into(),
+                })
+            })
+        } else {
+            staged.iter().try_for_each(|st| {
+                st.file.sync_all().map_err(|source| ApplyError::Sync {
+                    path: st.path.display(),
+                    source,
+                })
+            })
+        };
+        if let Err(e) = synced {
+            for st in &staged {
+                let _ = st.parent.remove_file(os(&st.tmp_name));
+            }
+            return Err(e);
+        }
+        let mut res = Ok(());
+        for st in staged {
+            drop(st.file);
+            if res.is_err() {
+                let _ = st.parent.remove_file(os(&st.tmp_name));
+                continue;
+            }
+            res = self.replace(&st.parent, &st.tmp_name, &st.path);
+            if res.is_ok() {
+                self.mark_changed(&st.path, &st.parent);
+            }
+        }
+        res
     }
 
     /// Drops a file in progress (the primary saw it change while reading).
@@ -543,7 +644,8 @@ impl Applier {
     /// Only after this returns may the batch be acknowledged (G4).
     pub fn commit(&mut self) -> Result<ApplyStats, ApplyError> {
         self.file_abort();
-        let dirs: Vec<(Vec<u8>, Dir)> = self.to_sync.drain().collect();
+        self.flush_files()?;
+        let dirs: Vec<(Vec<u8>, Dir)> = self.to_sync.drain().map(|(_, v)| v).collect();
         self.cache.clear();
         for (k, d) in dirs {
             open_readable(&d, OsStr::new("."))
@@ -559,8 +661,11 @@ impl Applier {
     /// Forgets cached handles and any file in progress (after an error).
     pub fn reset(&mut self) {
         self.file_abort();
+        for st in std::mem::take(&mut self.staged) {
+            let _ = st.parent.remove_file(os(&st.tmp_name));
+        }
+        self.staged_paths.clear();
         self.cache.clear();
-        self.to_sync.clear();
         self.stats = ApplyStats::default();
     }
 }

@@ -17,7 +17,8 @@ fn write(a: &mut Applier, path: &str, data: &[u8], mode: u32) -> Result<(), Appl
         size: data.len() as u64,
     })?;
     a.file_data(data)?;
-    a.file_end(blake3::hash(data).as_bytes())
+    a.file_end(blake3::hash(data).as_bytes())?;
+    a.flush_files()
 }
 
 struct Fixture {
@@ -200,17 +201,28 @@ fn renames_deletes_and_kind_changes() {
     })
     .unwrap();
     assert!(f.root.join("b/new").exists());
-    // rename with source gone but destination present is a no-op (resync overlap)
-    f.a.apply_op(&Op::Rename {
+    // a missing source is never guessed around, even with something at `to`
+    let r = f.a.apply_op(&Op::Rename {
         from: p("a"),
         to: p("b"),
-    })
-    .unwrap();
+    });
+    assert!(matches!(r, Err(ApplyError::Inconsistent { .. })), "{r:?}");
     let r = f.a.apply_op(&Op::Rename {
         from: p("q"),
         to: p("r"),
     });
     assert!(matches!(r, Err(ApplyError::Inconsistent { .. })));
+    // a directory renamed over a file the batch deletes later: the file goes
+    std::fs::create_dir_all(f.root.join("dirA")).unwrap();
+    std::fs::write(f.root.join("dirA/in"), b"i").unwrap();
+    std::fs::write(f.root.join("fileB"), b"stale").unwrap();
+    f.a.apply_op(&Op::Rename {
+        from: p("dirA"),
+        to: p("fileB"),
+    })
+    .unwrap();
+    assert!(f.root.join("fileB/in").exists());
+    f.a.apply_op(&Op::Delete { path: p("fileB") }).unwrap();
     f.a.apply_op(&Op::Delete { path: p("b") }).unwrap();
     f.a.apply_op(&Op::Delete { path: p("b") }).unwrap();
     f.a.apply_op(&Op::Symlink {
@@ -229,6 +241,61 @@ fn renames_deletes_and_kind_changes() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("link")]);
+}
+
+#[test]
+fn staged_files_land_together_and_in_order() {
+    let mut f = fixture();
+    // many files: flushed with one syncfs, then renamed into place
+    for i in 0..40 {
+        f.a.file_begin(&FileHeader {
+            path: p(&format!("d/f{i}")),
+            mode: 0o644,
+            mtime: Mtime::default(),
+            size: 1,
+        })
+        .unwrap();
+        f.a.file_data(b"x").unwrap();
+        f.a.file_end(blake3::hash(b"x").as_bytes()).unwrap();
+    }
+    // not visible before they are durable
+    assert!(!f.root.join("d/f0").exists());
+    // an operation on a staged path sees it in place
+    f.a.apply_op(&Op::Rename {
+        from: p("d/f3"),
+        to: p("d/g3"),
+    })
+    .unwrap();
+    assert!(f.root.join("d/g3").exists() && f.root.join("d/f39").exists());
+    // the same path twice in a batch: the later version wins
+    for v in [b"1", b"2"] {
+        f.a.file_begin(&FileHeader {
+            path: p("twice"),
+            mode: 0o644,
+            mtime: Mtime::default(),
+            size: 1,
+        })
+        .unwrap();
+        f.a.file_data(v).unwrap();
+        f.a.file_end(blake3::hash(v).as_bytes()).unwrap();
+    }
+    let stats = f.a.commit().unwrap();
+    assert_eq!(stats.files, 42);
+    assert_eq!(std::fs::read(f.root.join("twice")).unwrap(), b"2");
+    no_temp_files(&f.root);
+    // a reset drops staged files without leaving temp files behind
+    f.a.file_begin(&FileHeader {
+        path: p("dropped"),
+        mode: 0o644,
+        mtime: Mtime::default(),
+        size: 1,
+    })
+    .unwrap();
+    f.a.file_data(b"x").unwrap();
+    f.a.file_end(blake3::hash(b"x").as_bytes()).unwrap();
+    f.a.reset();
+    assert!(!f.root.join("dropped").exists());
+    no_temp_files(&f.root);
 }
 
 #[test]

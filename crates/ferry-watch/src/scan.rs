@@ -27,6 +27,8 @@ pub enum Skip {
     SetuidDropped(RelPath),
     /// A symlink whose target leaves the root: not replicated (G6).
     LinkEscapes(RelPath),
+    /// ferry may not read it (permissions).
+    Unreadable(RelPath),
 }
 
 /// The path on disk for `rel`.
@@ -112,6 +114,10 @@ pub fn lstat_entry(
     match std::fs::symlink_metadata(abs(root, rel)) {
         Ok(md) => entry_from_meta(root, rel, &md, skipped),
         Err(e) if gone(&e) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            skipped.push(Skip::Unreadable(rel.clone()));
+            Ok(None)
+        }
         Err(e) => Err(e),
     }
 }
@@ -161,6 +167,16 @@ pub fn scan_tree(
             Err(e) => {
                 if let Some(io) = e.io_error() {
                     if gone(io) {
+                        continue;
+                    }
+                    if io.kind() == io::ErrorKind::PermissionDenied {
+                        if let Some(rel) = e
+                            .path()
+                            .and_then(|p| p.strip_prefix(root).ok())
+                            .and_then(|r| RelPath::new(r.as_os_str().as_bytes().to_vec()).ok())
+                        {
+                            skipped.push(Skip::Unreadable(rel));
+                        }
                         continue;
                     }
                 }

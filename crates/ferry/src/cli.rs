@@ -268,6 +268,12 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
             if sd_abs == *root {
                 errs.push("--state-dir is the root itself; use a subdirectory (default ROOT/.ferry) or a path outside the root".into());
             }
+            if rel.as_ref().is_some_and(|r| r.depth() > 1) {
+                errs.push(format!(
+                    "--state-dir {}: inside the root it must be a top-level directory (e.g. ROOT/.ferry), or lie outside the root; a deeper one could be removed with its parent by a peer",
+                    sd.display()
+                ));
+            }
             (sd_abs, rel)
         }
         None => (PathBuf::new(), None),

@@ -28,6 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
+/// Largest manifest accepted from a peer (entries).
+const MAX_MANIFEST: usize = 64 << 20;
+
 /// One entry of a sealed batch.
 #[derive(Debug, Clone)]
 pub struct Item {
@@ -205,7 +208,9 @@ async fn batcher(
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
                 fold(ev, &mut tr, &mut co, &mut timer, &mut changes);
-                while let Ok(ev) = rx.try_recv() {
+                // bounded, so a flood of events cannot hold off sealing
+                for _ in 0..4096 {
+                    let Ok(ev) = rx.try_recv() else { break };
                     fold(ev, &mut tr, &mut co, &mut timer, &mut changes);
                 }
             }
@@ -244,6 +249,7 @@ fn note_skips(shared: &Shared, skipped: &[Skip]) {
             Skip::Special(p) => ("special_file", p),
             Skip::SetuidDropped(p) => ("setuid_dropped", p),
             Skip::LinkEscapes(p) => ("link_escapes_root", p),
+            Skip::Unreadable(p) => ("unreadable", p),
         };
         shared.metrics.skipped.with_label_values(&[reason]).inc();
         tracing::warn!(path = %path, reason, "entry not replicated as is (G6)");
@@ -373,6 +379,8 @@ struct PeerProgress {
     acked: watch::Sender<u64>,
     inflight: Mutex<VecDeque<(u64, Instant)>>,
     need_resync: AtomicBool,
+    /// A manifest was requested and has not ended: entries are expected.
+    expect_manifest: AtomicBool,
 }
 
 async fn peer_loop(
@@ -388,6 +396,7 @@ async fn peer_loop(
         // The first session after a start resyncs: changes made while the
         // node was down are found by the manifest diff.
         need_resync: AtomicBool::new(true),
+        expect_manifest: AtomicBool::new(false),
     });
     ctx.shared.set_status(|s| {
         s.peers.push(super::PeerStatus {
@@ -396,6 +405,7 @@ async fn peer_loop(
         })
     });
     let mut backoff = Duration::from_millis(100);
+    let mut sender_state = SenderState::default();
     loop {
         if *shutdown.borrow() && done(&ctx, &progress) {
             return;
@@ -406,6 +416,7 @@ async fn peer_loop(
             &peer,
             &progress,
             &mut backoff,
+            &mut sender_state,
             shutdown.clone(),
         )
         .await;
@@ -441,11 +452,11 @@ fn done(ctx: &Ctx, progress: &PeerProgress) -> bool {
     log.closed && *progress.acked.borrow() >= log.last_seq
 }
 
-struct Sender<'a> {
-    ctx: &'a Ctx,
-    peer: &'a str,
-    send: MsgSend,
-    progress: &'a PeerProgress,
+/// What a sender knows about its peer beyond acked seqs. It outlives a
+/// session: a reconnect that resumes from the log must still send as content
+/// the renames of things the peer never got.
+#[derive(Default)]
+struct SenderState {
     /// Paths the peer lacks the sealed content of (vanished before send).
     missing: HashSet<RelPath>,
     /// Paths this sender told the peer to delete, with the batch that did.
@@ -456,12 +467,20 @@ struct Sender<'a> {
     /// Batches up to this seq were sealed before the last resync scan,
     /// which already reflects their renames: those are sent as content too.
     degrade_until: u64,
+    /// Moved directories to verify by subtree manifest once caught up.
+    pending_verify: Vec<RelPath>,
+}
+
+struct Sender<'a> {
+    ctx: &'a Ctx,
+    peer: &'a str,
+    send: MsgSend,
+    progress: &'a PeerProgress,
+    st: &'a mut SenderState,
     epoch: u64,
     /// The peer never applied a batch: its content is of unknown origin, so
     /// the first resync compares content hashes, not just size and mtime.
     verify: bool,
-    /// Moved directories to verify by subtree manifest once caught up.
-    pending_verify: Vec<RelPath>,
 }
 
 async fn session(
@@ -470,6 +489,7 @@ async fn session(
     peer: &PeerSpec,
     progress: &Arc<PeerProgress>,
     backoff: &mut Duration,
+    sender_state: &mut SenderState,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let addr = tokio::net::lookup_host(&peer.addr)
@@ -523,6 +543,7 @@ async fn session(
             0
         });
     progress.inflight.lock().expect("inflight").clear();
+    progress.expect_manifest.store(false, Ordering::Relaxed);
     let (man_tx, man_rx) = mpsc::channel(1024);
     let reader = read_acks(ctx, &peer.name, progress, &mut recv, man_tx);
     let mut sender = Sender {
@@ -530,12 +551,9 @@ async fn session(
         peer: &peer.name,
         send,
         progress,
-        missing: HashSet::new(),
-        recently_deleted: std::collections::HashMap::new(),
-        degrade_until: 0,
+        st: sender_state,
         epoch: st.epoch,
         verify: welcome.applied_epoch == 0,
-        pending_verify: Vec::new(),
     };
     let first = {
         let log = ctx.log.lock().expect("log");
@@ -608,12 +626,19 @@ async fn read_acks(
                     }
                 });
             }
+            Some(Message::ManifestEntry(_) | Message::ManifestEnd { .. })
+                if !progress.expect_manifest.load(Ordering::Relaxed) =>
+            {
+                m.error("protocol");
+                bail!("{peer} sent a manifest nobody asked for");
+            }
             Some(Message::ManifestEntry(e)) => {
                 if man_tx.send(Some(e)).await.is_err() {
                     bail!("manifest arrived while no resync was running");
                 }
             }
             Some(Message::ManifestEnd { .. }) => {
+                progress.expect_manifest.store(false, Ordering::Relaxed);
                 let _ = man_tx.send(None).await;
             }
             Some(Message::Refuse(r)) => {
@@ -633,6 +658,8 @@ enum FileOutcome {
     Sent(u64),
     Vanished,
     Unstable,
+    /// ferry may not read it (permissions): skipped, named in the log.
+    Unreadable(String),
 }
 
 impl Sender<'_> {
@@ -662,7 +689,7 @@ impl Sender<'_> {
                 if next <= last {
                     break;
                 }
-                if !self.pending_verify.is_empty() {
+                if !self.st.pending_verify.is_empty() {
                     self.verify_moved(next - 1, &mut man_rx).await?;
                     continue;
                 }
@@ -720,7 +747,7 @@ impl Sender<'_> {
         target: u64,
         man_rx: &mut mpsc::Receiver<Option<Entry>>,
     ) -> anyhow::Result<()> {
-        let mut prefixes = std::mem::take(&mut self.pending_verify);
+        let mut prefixes = std::mem::take(&mut self.st.pending_verify);
         prefixes.sort_by(|a, b| a.walk_cmp(b));
         prefixes.dedup();
         let mut done: Vec<RelPath> = Vec::new();
@@ -759,6 +786,7 @@ impl Sender<'_> {
         }
         let started = Instant::now();
         let verify = self.verify && whole;
+        self.progress.expect_manifest.store(true, Ordering::Relaxed);
         self.send
             .send(&Message::ManifestRequest {
                 verify,
@@ -780,11 +808,18 @@ impl Sender<'_> {
             .await
             .ok_or_else(|| anyhow!("stream ended during the manifest"))?
         {
+            // bounded: about 100 bytes each, 64 Mi entries at most
+            if remote.len() >= MAX_MANIFEST {
+                bail!(
+                    "{}'s manifest passed {MAX_MANIFEST} entries; refusing to hold more",
+                    self.peer
+                );
+            }
             remote.push(e);
         }
         remote.sort_by(|a, b| a.path.walk_cmp(&b.path));
         let (mut local, skipped) = local.await??;
-        self.degrade_until = self.ctx.log.lock().expect("log").last_seq;
+        self.st.degrade_until = self.ctx.log.lock().expect("log").last_seq;
         note_skips(&self.ctx.shared, &skipped);
         if verify {
             local = self.hash_lookalikes(local, &remote).await?;
@@ -799,9 +834,9 @@ impl Sender<'_> {
                 to_send = total,
                 "resync: sending differences"
             );
-            self.missing.clear();
-            self.recently_deleted.clear();
-            self.pending_verify.clear();
+            self.st.missing.clear();
+            self.st.recently_deleted.clear();
+            self.st.pending_verify.clear();
         } else if total > 0 {
             tracing::info!(
                 peer = self.peer,
@@ -890,12 +925,12 @@ impl Sender<'_> {
     }
 
     fn is_missing(&self, p: &RelPath) -> bool {
-        if self.missing.is_empty() {
+        if self.st.missing.is_empty() {
             return false;
         }
         let mut cur = Some(p.clone());
         while let Some(c) = cur {
-            if self.missing.contains(&c) {
+            if self.st.missing.contains(&c) {
                 return true;
             }
             cur = c.parent();
@@ -904,12 +939,12 @@ impl Sender<'_> {
     }
 
     fn recently_gone(&self, p: &RelPath) -> bool {
-        if self.recently_deleted.is_empty() {
+        if self.st.recently_deleted.is_empty() {
             return false;
         }
         let mut cur = Some(p.clone());
         while let Some(c) = cur {
-            if self.recently_deleted.contains_key(&c) {
+            if self.st.recently_deleted.contains_key(&c) {
                 return true;
             }
             cur = c.parent();
@@ -918,8 +953,8 @@ impl Sender<'_> {
     }
 
     fn forget_missing_under(&mut self, p: &RelPath) {
-        if !self.missing.is_empty() {
-            self.missing.retain(|m| !m.starts_with(p));
+        if !self.st.missing.is_empty() {
+            self.st.missing.retain(|m| !m.starts_with(p));
         }
     }
 
@@ -934,7 +969,7 @@ impl Sender<'_> {
             }))
             .await?;
         for (from, to) in &b.renames {
-            if self.is_missing(from) || self.recently_gone(from) || b.seq <= self.degrade_until {
+            if self.is_missing(from) || self.recently_gone(from) || b.seq <= self.st.degrade_until {
                 // The peer never got what was moved: send it whole instead.
                 self.send
                     .send(&Message::Op(Op::Delete { path: from.clone() }))
@@ -944,7 +979,7 @@ impl Sender<'_> {
                     .await?;
                 self.forget_missing_under(from);
                 self.forget_missing_under(to);
-                self.recently_deleted.insert(from.clone(), b.seq);
+                self.st.recently_deleted.insert(from.clone(), b.seq);
                 let root = self.ctx.shared.cfg.root.clone();
                 let excludes = self.ctx.excludes.clone();
                 let to2 = to.clone();
@@ -958,9 +993,9 @@ impl Sender<'_> {
                 note_skips(&self.ctx.shared, &skipped);
                 // moved on again already: the peer now lacks `to` as well
                 if now.is_empty() {
-                    self.recently_deleted.insert(to.clone(), b.seq);
+                    self.st.recently_deleted.insert(to.clone(), b.seq);
                 } else {
-                    self.recently_deleted.remove(to);
+                    self.st.recently_deleted.remove(to);
                 }
                 for s in now {
                     self.send_state(&s, false).await?;
@@ -972,31 +1007,33 @@ impl Sender<'_> {
                         to: to.clone(),
                     }))
                     .await?;
-                if !self.missing.is_empty() {
+                if !self.st.missing.is_empty() {
                     let moved: Vec<RelPath> = self
+                        .st
                         .missing
                         .iter()
                         .filter(|m| m.starts_with(from))
                         .cloned()
                         .collect();
                     for mp in moved {
-                        self.missing.remove(&mp);
+                        self.st.missing.remove(&mp);
                         if let Some(n) = mp.rebase(from, to) {
-                            self.missing.insert(n);
+                            self.st.missing.insert(n);
                         }
                     }
                 }
-                if !self.recently_deleted.is_empty() {
+                if !self.st.recently_deleted.is_empty() {
                     let moved: Vec<(RelPath, u64)> = self
+                        .st
                         .recently_deleted
                         .iter()
                         .filter(|(m, _)| m.starts_with(from))
                         .map(|(m, q)| (m.clone(), *q))
                         .collect();
                     for (mp, q) in moved {
-                        self.recently_deleted.remove(&mp);
+                        self.st.recently_deleted.remove(&mp);
                         if let Some(n) = mp.rebase(from, to) {
-                            self.recently_deleted.insert(n, q);
+                            self.st.recently_deleted.insert(n, q);
                         }
                     }
                 }
@@ -1021,19 +1058,19 @@ impl Sender<'_> {
                             .await?;
                         self.forget_missing_under(&item.path);
                     }
-                    self.recently_deleted.insert(item.path.clone(), b.seq);
+                    self.st.recently_deleted.insert(item.path.clone(), b.seq);
                 }
                 Some(s) => {
-                    self.recently_deleted.remove(&item.path);
+                    self.st.recently_deleted.remove(&item.path);
                     self.send_state(s, false).await?
                 }
             }
         }
         self.send.send(&Message::BatchEnd { seq: b.seq }).await?;
         self.send.flush().await?;
-        self.pending_verify.extend(b.moved_dirs.iter().cloned());
+        self.st.pending_verify.extend(b.moved_dirs.iter().cloned());
         // The race above spans a batch or two; keep a margin, bound the memory.
-        self.recently_deleted.retain(|_, q| *q + 64 >= b.seq);
+        self.st.recently_deleted.retain(|_, q| *q + 64 >= b.seq);
         self.track(b.seq, b.sealed_at);
         self.ctx
             .shared
@@ -1066,7 +1103,7 @@ impl Sender<'_> {
             }
             EntryKind::File => match self.send_file(s, any_inode).await? {
                 FileOutcome::Sent(n) => {
-                    self.missing.remove(&e.path);
+                    self.st.missing.remove(&e.path);
                     self.ctx
                         .shared
                         .metrics
@@ -1075,14 +1112,24 @@ impl Sender<'_> {
                         .inc_by(n);
                 }
                 FileOutcome::Vanished => {
-                    self.missing.insert(e.path.clone());
+                    self.st.missing.insert(e.path.clone());
+                }
+                FileOutcome::Unreadable(err) => {
+                    self.ctx
+                        .shared
+                        .metrics
+                        .skipped
+                        .with_label_values(&["unreadable"])
+                        .inc();
+                    tracing::warn!(path = %e.path, error = %err, "file not replicated: ferry cannot read it; give the ferry user read access");
+                    self.st.missing.insert(e.path.clone());
                 }
                 FileOutcome::Unstable => {
                     // Still being written: the next batch carries it. Until
                     // then the peer lacks it (a later move of it is sent as
                     // content).
                     self.ctx.shared.metrics.error("file_unstable");
-                    self.missing.insert(e.path.clone());
+                    self.st.missing.insert(e.path.clone());
                 }
             },
         }
@@ -1103,6 +1150,9 @@ impl Sender<'_> {
                 Ok(f) => f,
                 Err(e) if scan::gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => {
                     return Ok(FileOutcome::Vanished)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Ok(FileOutcome::Unreadable(e.to_string()))
                 }
                 Err(e) => return Err(anyhow!("cannot open {}: {e}", path.display())),
             };
@@ -1175,12 +1225,9 @@ impl Sender<'_> {
 /// `lseek(SEEK_DATA)`, which waits for such a write to release it; on other
 /// filesystems this is a cheap no-op.
 fn write_barrier(f: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: lseek on a file descriptor we own; no memory is passed.
-    let _ = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
-    // The offset moved: reads below use read(), so rewind.
-    // SAFETY: as above.
-    let _ = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_SET) };
+    let _ = rustix::fs::seek(f, rustix::fs::SeekFrom::Data(0));
+    // The offset moved: the reads below start at 0.
+    let _ = rustix::fs::seek(f, rustix::fs::SeekFrom::Start(0));
 }
 
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
