@@ -310,3 +310,48 @@ fn existing_replica_content_converges_and_status_reports_consistency() {
     assert_eq!(s.primary.stop(), Some(0));
     assert_eq!(s.replicas[0].stop(), Some(0));
 }
+
+#[test]
+fn appends_ship_only_the_tail_and_edits_are_not_mistaken_for_appends() {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    let mut s = set(1, &[]);
+    s.replicas[0].start();
+    s.primary.start().wait_ready(Duration::from_secs(20));
+    let p = s.primary.root.join("app.log");
+    let r = s.replicas[0].root.join("app.log");
+    std::fs::write(&p, vec![b'a'; 256 << 10]).unwrap();
+    wait_converged(&s.primary.root, &s.replicas[0].root, CONVERGE);
+    let ino = std::fs::metadata(&r).unwrap().ino();
+    let before = s.primary.metric("ferry_bytes_sent_total");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+    for i in 0..20u8 {
+        f.write_all(&[b'0' + i % 10; 4096]).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    drop(f);
+    wait_converged(&s.primary.root, &s.replicas[0].root, CONVERGE);
+    let sent = s.primary.metric("ferry_bytes_sent_total") - before;
+    assert_eq!(
+        std::fs::metadata(&r).unwrap().ino(),
+        ino,
+        "the replica's file was replaced, not extended"
+    );
+    assert!(
+        sent <= (20 * 4096) as f64 * 1.5,
+        "appends cost {sent} bytes on the wire for 80 KiB appended"
+    );
+    // an edit in the middle plus growth is not an append: the whole file goes
+    let mut data = std::fs::read(&p).unwrap();
+    data[1000] = b'X';
+    data.extend_from_slice(b"tail");
+    std::fs::write(&p, &data).unwrap();
+    wait_converged(&s.primary.root, &s.replicas[0].root, CONVERGE);
+    assert_eq!(std::fs::read(&r).unwrap(), data);
+    assert_eq!(
+        s.replicas[0].metric("ferry_errors_total"),
+        0.0,
+        "{}",
+        s.replicas[0].log_tail()
+    );
+}

@@ -109,12 +109,36 @@ fn systime(m: Mtime) -> SystemTime {
 }
 
 struct Incoming {
+    /// For an append, `size` is the file's final size.
     header: FileHeader,
     parent: Dir,
+    /// Empty for an append (written in place).
     tmp_name: Vec<u8>,
     file: std::fs::File,
     written: u64,
     hasher: blake3::Hasher,
+    /// An append: the size and mtime the file had before it.
+    base: Option<(u64, Mtime)>,
+}
+
+impl Incoming {
+    fn expected(&self) -> u64 {
+        self.header.size - self.base.map_or(0, |b| b.0)
+    }
+
+    /// Undoes a file in progress: removes the temp file, or truncates an
+    /// appended file back to its base (it then holds its old version again).
+    fn undo(&self) {
+        match self.base {
+            None => {
+                let _ = self.parent.remove_file(os(&self.tmp_name));
+            }
+            Some((len, mtime)) => {
+                let _ = self.file.set_len(len);
+                let _ = self.file.set_modified(systime(mtime));
+            }
+        }
+    }
 }
 
 /// Counters of what one batch did, for metrics.
@@ -148,8 +172,24 @@ pub struct Applier {
 struct Staged {
     path: RelPath,
     parent: Dir,
+    /// Empty for an append: nothing to rename.
     tmp_name: Vec<u8>,
     file: std::fs::File,
+    base: Option<(u64, Mtime)>,
+}
+
+impl Staged {
+    fn undo(&self) {
+        match self.base {
+            None => {
+                let _ = self.parent.remove_file(os(&self.tmp_name));
+            }
+            Some((len, mtime)) => {
+                let _ = self.file.set_len(len);
+                let _ = self.file.set_modified(systime(mtime));
+            }
+        }
+    }
 }
 
 /// Files staged before they are flushed together. Bounds open descriptors.
@@ -489,6 +529,70 @@ impl Applier {
             file,
             written: 0,
             hasher: blake3::Hasher::new(),
+            base: None,
+        });
+        Ok(())
+    }
+
+    /// Starts extending a file in place (the append fast path). Readers see
+    /// the old version growing into the new one: always a prefix of a
+    /// version the primary sealed (G3). The file must be exactly the base
+    /// the primary appended to (size and mtime), or nothing is written.
+    pub fn append_begin(&mut self, a: &ferry_proto::AppendHeader) -> Result<(), ApplyError> {
+        self.file_abort();
+        if self.staged_paths.contains(&a.path) {
+            self.flush_files()?;
+        }
+        self.guard(&a.path)?;
+        if !mode_ok(a.mode) {
+            return Err(refused(
+                &a.path,
+                format!("mode {:o} carries setuid/setgid or unknown bits", a.mode),
+            ));
+        }
+        let parent = self
+            .parent(&a.path, false)?
+            .ok_or_else(|| inconsistent(&a.path, "append to a file whose directory is missing"))?;
+        let mut oo = OpenOptions::new();
+        oo.write(true).follow(FollowSymlinks::No);
+        let file = parent
+            .open_with(os(a.path.file_name()), &oo)
+            .map_err(|e| {
+                inconsistent(
+                    &a.path,
+                    format!("append to a file that cannot be opened ({e})"),
+                )
+            })?
+            .into_std();
+        let md = file.metadata().map_err(|e| io_err("stat", &a.path, e))?;
+        let mtime = std::os::unix::fs::MetadataExt::mtime(&md);
+        let nanos = std::os::unix::fs::MetadataExt::mtime_nsec(&md);
+        if !md.is_file()
+            || md.len() != a.offset
+            || (mtime, nanos) != (a.prev_mtime.secs, a.prev_mtime.nanos as i64)
+        {
+            return Err(inconsistent(
+                &a.path,
+                "the replica's file is not the version the append extends",
+            ));
+        }
+        use std::io::Seek;
+        let mut file = file;
+        file.seek(std::io::SeekFrom::Start(a.offset))
+            .map_err(|e| io_err("seek", &a.path, e))?;
+        self.incoming = Some(Incoming {
+            header: FileHeader {
+                path: a.path.clone(),
+                mode: a.mode,
+                mtime: a.mtime,
+                size: a.size,
+            },
+            parent,
+            tmp_name: Vec::new(),
+            file,
+            written: 0,
+            hasher: blake3::Hasher::new(),
+            base: Some((a.offset, a.prev_mtime)),
         });
         Ok(())
     }
@@ -501,7 +605,7 @@ impl Applier {
                 reason: "file data without a file header".into(),
             });
         };
-        if inc.written + data.len() as u64 > inc.header.size {
+        if inc.written + data.len() as u64 > inc.expected() {
             let path = inc.header.path.clone();
             self.file_abort();
             return Err(ApplyError::BadStream {
@@ -529,16 +633,15 @@ impl Applier {
             });
         };
         let path = inc.header.path.clone();
-        let cleanup = |inc: &Incoming| {
-            let _ = inc.parent.remove_file(os(&inc.tmp_name));
-        };
-        if inc.written != inc.header.size {
+        let cleanup = |inc: &Incoming| inc.undo();
+        if inc.written != inc.expected() {
             cleanup(&inc);
             return Err(ApplyError::BadStream {
                 path: path.display(),
                 reason: format!(
                     "received {} bytes of an announced {}",
-                    inc.written, inc.header.size
+                    inc.written,
+                    inc.expected()
                 ),
             });
         }
@@ -569,6 +672,7 @@ impl Applier {
             parent: inc.parent,
             tmp_name: inc.tmp_name,
             file: inc.file,
+            base: inc.base,
         });
         Ok(())
     }
@@ -614,12 +718,15 @@ impl Applier {
         };
         if let Err(e) = synced {
             for st in &staged {
-                let _ = st.parent.remove_file(os(&st.tmp_name));
+                st.undo();
             }
             return Err(e);
         }
         let mut res = Ok(());
         for st in staged {
+            if st.base.is_some() {
+                continue; // an append: already in place, and now durable
+            }
             drop(st.file);
             if res.is_err() {
                 let _ = st.parent.remove_file(os(&st.tmp_name));
@@ -636,7 +743,7 @@ impl Applier {
     /// Drops a file in progress (the primary saw it change while reading).
     pub fn file_abort(&mut self) {
         if let Some(inc) = self.incoming.take() {
-            let _ = inc.parent.remove_file(os(&inc.tmp_name));
+            inc.undo();
         }
     }
 
@@ -662,7 +769,7 @@ impl Applier {
     pub fn reset(&mut self) {
         self.file_abort();
         for st in std::mem::take(&mut self.staged) {
-            let _ = st.parent.remove_file(os(&st.tmp_name));
+            st.undo();
         }
         self.staged_paths.clear();
         self.cache.clear();

@@ -304,3 +304,55 @@ fn no_space_is_reported_as_such() {
     assert!(matches!(e, ApplyError::NoSpace { .. }));
     assert!(e.to_string().contains("no space"));
 }
+
+#[test]
+fn append_extends_in_place_or_refuses_a_different_base() {
+    let mut f = fixture();
+    write(&mut f.a, "log", b"hello", 0o644).unwrap();
+    f.a.commit().unwrap();
+    let prev = Mtime {
+        secs: 1_600_000_000,
+        nanos: 5,
+    };
+    let ino = std::fs::metadata(f.root.join("log")).unwrap().ino();
+    let hdr = |offset: u64, prev_mtime: Mtime, size: u64| ferry_proto::AppendHeader {
+        path: p("log"),
+        offset,
+        prev_mtime,
+        size,
+        mode: 0o600,
+        mtime: Mtime {
+            secs: 1_700_000_000,
+            nanos: 0,
+        },
+    };
+    // a wrong base (size or mtime) writes nothing
+    let r = f.a.append_begin(&hdr(4, prev, 9));
+    assert!(matches!(r, Err(ApplyError::Inconsistent { .. })), "{r:?}");
+    let r = f.a.append_begin(&hdr(5, Mtime::default(), 9));
+    assert!(matches!(r, Err(ApplyError::Inconsistent { .. })), "{r:?}");
+    // an aborted append leaves the old version, mtime included
+    f.a.append_begin(&hdr(5, prev, 11)).unwrap();
+    f.a.file_data(b" wor").unwrap();
+    f.a.file_abort();
+    assert_eq!(std::fs::read(f.root.join("log")).unwrap(), b"hello");
+    let md = std::fs::metadata(f.root.join("log")).unwrap();
+    assert_eq!((md.mtime(), md.mtime_nsec()), (prev.secs, 5));
+    // a tail that does not match its hash is undone too
+    f.a.append_begin(&hdr(5, prev, 11)).unwrap();
+    f.a.file_data(b" world").unwrap();
+    assert!(f.a.file_end(&[0; 32]).is_err());
+    assert_eq!(std::fs::read(f.root.join("log")).unwrap(), b"hello");
+    // the real thing: extended in place (same inode), new mode and mtime
+    f.a.append_begin(&hdr(5, prev, 11)).unwrap();
+    f.a.file_data(b" world").unwrap();
+    f.a.file_end(blake3::hash(b" world").as_bytes()).unwrap();
+    let st = f.a.commit().unwrap();
+    assert_eq!(st.bytes, 6);
+    assert_eq!(std::fs::read(f.root.join("log")).unwrap(), b"hello world");
+    let md = std::fs::metadata(f.root.join("log")).unwrap();
+    assert_eq!(md.ino(), ino, "appended in place, not copied");
+    assert_eq!(md.mode() & 0o777, 0o600);
+    assert_eq!(md.mtime(), 1_700_000_000);
+    no_temp_files(&f.root);
+}

@@ -50,6 +50,7 @@ mod kind {
     pub const FILE_ABORT: u8 = 16;
     pub const BATCH_END: u8 = 17;
     pub const ACK: u8 = 18;
+    pub const FILE_APPEND: u8 = 19;
 }
 
 /// Appends one framed message to `out`.
@@ -155,6 +156,15 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
             out.put_u32(f.mode);
             put_mtime(out, f.mtime);
             out.put_u64(f.size);
+        }
+        Message::FileAppend(a) => {
+            out.put_u8(kind::FILE_APPEND);
+            put_path(out, &a.path);
+            out.put_u64(a.offset);
+            put_mtime(out, a.prev_mtime);
+            out.put_u64(a.size);
+            out.put_u32(a.mode);
+            put_mtime(out, a.mtime);
         }
         Message::FileData(d) => {
             out.put_u8(kind::FILE_DATA);
@@ -472,6 +482,28 @@ fn decode_message(frame: Bytes) -> Result<Message, ProtoError> {
                 size,
             })
         }
+        kind::FILE_APPEND => {
+            let path = r.path("path")?;
+            let offset = r.u64("offset")?;
+            let prev_mtime = r.mtime()?;
+            let size = r.u64("size")?;
+            let mode = r.u32("mode")?;
+            let mtime = r.mtime()?;
+            if size > MAX_FILE_SIZE || offset >= size {
+                return Err(ProtoError::BadValue {
+                    field: "append range",
+                    value: size,
+                });
+            }
+            Message::FileAppend(AppendHeader {
+                path,
+                offset,
+                prev_mtime,
+                size,
+                mode,
+                mtime,
+            })
+        }
         kind::FILE_DATA => {
             let len = r.b.remaining();
             if len > MAX_DATA {
@@ -588,6 +620,14 @@ mod tests {
                 mode: 0o644,
                 mtime: Mtime { secs: 9, nanos: 0 },
                 size: 5,
+            }),
+            Message::FileAppend(AppendHeader {
+                path: p("log"),
+                offset: 10,
+                prev_mtime: Mtime { secs: 3, nanos: 4 },
+                size: 15,
+                mode: 0o640,
+                mtime: Mtime { secs: 5, nanos: 6 },
             }),
             Message::FileData(Bytes::from_static(b"hello")),
             Message::FileEnd { hash: [7; 32] },

@@ -174,6 +174,21 @@ pub struct FileHeader {
     pub size: u64,
 }
 
+/// Extends a file the replica already holds in place: the bytes from
+/// `offset` to `size` follow as [`Message::FileData`], then
+/// [`Message::FileEnd`] (hash of the appended bytes) or
+/// [`Message::FileAbort`] (the replica truncates back to `offset`). The
+/// replica's file must be exactly `offset` bytes with mtime `prev_mtime`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendHeader {
+    pub path: RelPath,
+    pub offset: u64,
+    pub prev_mtime: Mtime,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime: Mtime,
+}
+
 /// Every message of protocol version 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -195,6 +210,7 @@ pub enum Message {
     BatchBegin(BatchHeader),
     Op(Op),
     FileBegin(FileHeader),
+    FileAppend(AppendHeader),
     FileData(Bytes),
     /// End of a file; BLAKE3 of its content.
     FileEnd {

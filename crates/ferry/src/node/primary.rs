@@ -28,6 +28,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
+/// Files smaller than this are always sent whole (cheap, and not worth
+/// remembering).
+const APPEND_MIN: u64 = 64 << 10;
+/// Files remembered per peer for the append fast path.
+const SENT_CAP: usize = 4096;
+
+/// What a peer holds of a file we sent it.
+#[derive(Clone)]
+struct SentFile {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: ferry_proto::Mtime,
+    hash: [u8; 32],
+}
+
 /// Largest manifest accepted from a peer (entries).
 const MAX_MANIFEST: usize = 64 << 20;
 
@@ -457,6 +473,9 @@ fn done(ctx: &Ctx, progress: &PeerProgress) -> bool {
 /// the renames of things the peer never got.
 #[derive(Default)]
 struct SenderState {
+    /// Files of at least [`APPEND_MIN`] bytes last sent to the peer, for the
+    /// append fast path (bounded to [`SENT_CAP`] entries).
+    sent: std::collections::HashMap<RelPath, SentFile>,
     /// Paths the peer lacks the sealed content of (vanished before send).
     missing: HashSet<RelPath>,
     /// Paths this sender told the peer to delete, with the batch that did.
@@ -836,6 +855,7 @@ impl Sender<'_> {
             );
             self.st.missing.clear();
             self.st.recently_deleted.clear();
+            self.st.sent.clear();
             self.st.pending_verify.clear();
         } else if total > 0 {
             tracing::info!(
@@ -938,6 +958,19 @@ impl Sender<'_> {
         false
     }
 
+    fn remember_sent(&mut self, p: &RelPath, f: SentFile) {
+        if f.size < APPEND_MIN {
+            self.st.sent.remove(p);
+            return;
+        }
+        if self.st.sent.len() >= SENT_CAP && !self.st.sent.contains_key(p) {
+            if let Some(k) = self.st.sent.keys().next().cloned() {
+                self.st.sent.remove(&k);
+            }
+        }
+        self.st.sent.insert(p.clone(), f);
+    }
+
     fn recently_gone(&self, p: &RelPath) -> bool {
         if self.st.recently_deleted.is_empty() {
             return false;
@@ -1007,6 +1040,9 @@ impl Sender<'_> {
                         to: to.clone(),
                     }))
                     .await?;
+                if let Some(f) = self.st.sent.remove(from) {
+                    self.st.sent.insert(to.clone(), f);
+                }
                 if !self.st.missing.is_empty() {
                     let moved: Vec<RelPath> = self
                         .st
@@ -1050,6 +1086,7 @@ impl Sender<'_> {
             }
             match &item.state {
                 None => {
+                    self.st.sent.remove(&item.path);
                     if !item.replace {
                         self.send
                             .send(&Message::Op(Op::Delete {
@@ -1170,16 +1207,49 @@ impl Sender<'_> {
                 secs: before.mtime(),
                 nanos: before.mtime_nsec().clamp(0, 999_999_999) as u32,
             };
-            self.send
-                .send(&Message::FileBegin(FileHeader {
-                    path: s.entry.path.clone(),
-                    mode,
-                    mtime,
-                    size,
-                }))
-                .await?;
+            // The append fast path: the peer holds what we last sent (same
+            // inode, acked or not: the replica checks the base), the file only
+            // grew, and its prefix still hashes the same: send only the tail.
             let mut hasher = blake3::Hasher::new();
             let mut sent = 0u64;
+            let mut tail: Option<blake3::Hasher> = None;
+            if let Some(prev) = self.st.sent.get(&s.entry.path).cloned() {
+                if (prev.dev, prev.ino) == (before.dev(), before.ino()) && size > prev.size {
+                    let prefix = tokio::task::block_in_place(|| hash_prefix(&mut f, prev.size))?;
+                    match prefix {
+                        Some(h) if *h.clone().finalize().as_bytes() == prev.hash => {
+                            hasher = h;
+                            sent = prev.size;
+                            tail = Some(blake3::Hasher::new());
+                            self.send
+                                .send(&Message::FileAppend(ferry_proto::AppendHeader {
+                                    path: s.entry.path.clone(),
+                                    offset: prev.size,
+                                    prev_mtime: prev.mtime,
+                                    size,
+                                    mode,
+                                    mtime,
+                                }))
+                                .await?;
+                        }
+                        _ => {
+                            use std::io::Seek;
+                            tokio::task::block_in_place(|| f.seek(std::io::SeekFrom::Start(0)))?;
+                        }
+                    }
+                }
+            }
+            if tail.is_none() {
+                self.send
+                    .send(&Message::FileBegin(FileHeader {
+                        path: s.entry.path.clone(),
+                        mode,
+                        mtime,
+                        size,
+                    }))
+                    .await?;
+            }
+            let start = sent;
             while sent < size {
                 let want = ((size - sent) as usize).min(MAX_DATA);
                 let mut buf = vec![0u8; want];
@@ -1190,6 +1260,9 @@ impl Sender<'_> {
                     continue 'attempt;
                 }
                 hasher.update(&buf);
+                if let Some(t) = tail.as_mut() {
+                    t.update(&buf);
+                }
                 sent += n as u64;
                 self.send
                     .send(&Message::FileData(bytes::Bytes::from(buf)))
@@ -1205,12 +1278,23 @@ impl Sender<'_> {
                 self.send.send(&Message::FileAbort).await?;
                 continue;
             }
-            self.send
-                .send(&Message::FileEnd {
-                    hash: *hasher.finalize().as_bytes(),
-                })
-                .await?;
-            return Ok(FileOutcome::Sent(size));
+            let full = *hasher.finalize().as_bytes();
+            let end = match &tail {
+                Some(t) => *t.finalize().as_bytes(),
+                None => full,
+            };
+            self.send.send(&Message::FileEnd { hash: end }).await?;
+            self.remember_sent(
+                &s.entry.path,
+                SentFile {
+                    dev: before.dev(),
+                    ino: before.ino(),
+                    size,
+                    mtime,
+                    hash: full,
+                },
+            );
+            return Ok(FileOutcome::Sent(size - start));
         }
         Ok(FileOutcome::Unstable)
     }
@@ -1228,6 +1312,23 @@ fn write_barrier(f: &std::fs::File) {
     let _ = rustix::fs::seek(f, rustix::fs::SeekFrom::Data(0));
     // The offset moved: the reads below start at 0.
     let _ = rustix::fs::seek(f, rustix::fs::SeekFrom::Start(0));
+}
+
+/// BLAKE3 state after the first `len` bytes of `f` (`None`: shorter).
+fn hash_prefix(f: &mut std::fs::File, len: u64) -> std::io::Result<Option<blake3::Hasher>> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; MAX_DATA];
+    let mut left = len;
+    while left > 0 {
+        let want = (left as usize).min(MAX_DATA);
+        let n = read_full(f, &mut buf[..want])?;
+        if n < want {
+            return Ok(None);
+        }
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(Some(h))
 }
 
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 enum Cmd {
     Op(Op),
     FileBegin(FileHeader),
+    Append(ferry_proto::AppendHeader),
     Data(Bytes),
     FileEnd([u8; 32]),
     FileAbort,
@@ -98,6 +99,7 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
                     _ if err.is_some() => continue,
                     Cmd::Op(op) => applier.apply_op(&op),
                     Cmd::FileBegin(h) => applier.file_begin(&h),
+                    Cmd::Append(a) => applier.append_begin(&a),
                     Cmd::Data(d) => applier.file_data(&d),
                     Cmd::FileEnd(h) => applier.file_end(&h),
                     Cmd::FileAbort => {
@@ -368,6 +370,7 @@ async fn session(
                 }
                 Message::Op(op) if batch.is_some() => worker.send(Cmd::Op(op)).await?,
                 Message::FileBegin(f) if batch.is_some() => worker.send(Cmd::FileBegin(f)).await?,
+                Message::FileAppend(a) if batch.is_some() => worker.send(Cmd::Append(a)).await?,
                 Message::FileData(d) if batch.is_some() => worker.send(Cmd::Data(d)).await?,
                 Message::FileEnd { hash } if batch.is_some() => worker.send(Cmd::FileEnd(hash)).await?,
                 Message::FileAbort if batch.is_some() => worker.send(Cmd::FileAbort).await?,
@@ -453,6 +456,7 @@ fn kind_name(m: &Message) -> &'static str {
         Message::BatchBegin(_) => "batch begin",
         Message::Op(_) => "operation outside a batch",
         Message::FileBegin(_) => "file outside a batch",
+        Message::FileAppend(_) => "append outside a batch",
         Message::FileData(_) => "file data outside a batch",
         Message::FileEnd { .. } => "file end outside a batch",
         Message::FileAbort => "file abort outside a batch",
