@@ -231,6 +231,13 @@ fn replica_added_midstream_and_restarted_replica_catch_up() {
     s.replicas[0].start();
     let took = wait_converged(&s.primary.root, &s.replicas[0].root, CONVERGE);
     eprintln!("restarted replica caught up in {took:?}");
+    // Not a speed target: a functional check that the restarted replica's
+    // hello makes the primary redial at once instead of waiting for its 10 s
+    // idle timeout to notice the dead session (measured: ~0.2 s vs ~9.4 s).
+    assert!(
+        took < Duration::from_secs(8),
+        "the primary waited out its idle timeout: {took:?}"
+    );
     // one resync per replica at its first session; the restarted one resumes from the log
     assert!(s.primary.metric("ferry_resyncs_total") >= 2.0);
 }

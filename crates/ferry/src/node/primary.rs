@@ -156,21 +156,35 @@ pub async fn start(
     }
     // A transport in both roles: only the listed peers may connect, and a
     // primary refuses batches (a peer that thinks it is primary is told so).
+    // A peer that connects to us restarted (a replica says hello when it
+    // starts): its old session here is dead, so redial at once.
+    let wakers: Arc<std::collections::HashMap<String, Arc<tokio::sync::Notify>>> = Arc::new(
+        shared
+            .cfg
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), Arc::new(tokio::sync::Notify::new())))
+            .collect(),
+    );
     {
         let transport = transport.clone();
         let shared = shared.clone();
-        services.spawn(async move { super::replica::refuse_as_primary(shared, transport).await });
+        let wakers = wakers.clone();
+        services.spawn(async move {
+            super::replica::refuse_as_primary(shared, transport, wakers).await
+        });
     }
     for p in shared.cfg.peers.clone() {
         let ctx = ctx.clone();
         let transport = transport.clone();
         let shutdown = shutdown.clone();
+        let wake = wakers.get(&p.name).cloned().unwrap_or_default();
         shared
             .metrics
             .peer_connected
             .with_label_values(&[&p.name])
             .set(0);
-        tasks.spawn(async move { peer_loop(ctx, transport, p, shutdown).await });
+        tasks.spawn(async move { peer_loop(ctx, transport, p, shutdown, wake).await });
     }
     shared.ready.store(true, Ordering::Relaxed);
     Ok(())
@@ -404,6 +418,7 @@ async fn peer_loop(
     transport: Arc<Transport>,
     peer: PeerSpec,
     mut shutdown: watch::Receiver<bool>,
+    wake: Arc<tokio::sync::Notify>,
 ) {
     let m = &ctx.shared.metrics;
     let progress = Arc::new(PeerProgress {
@@ -426,16 +441,21 @@ async fn peer_loop(
         if *shutdown.borrow() && done(&ctx, &progress) {
             return;
         }
-        let res = session(
-            &ctx,
-            &transport,
-            &peer,
-            &progress,
-            &mut backoff,
-            &mut sender_state,
-            shutdown.clone(),
-        )
-        .await;
+        let res = tokio::select! {
+            r = session(
+                &ctx,
+                &transport,
+                &peer,
+                &progress,
+                &mut backoff,
+                &mut sender_state,
+                shutdown.clone(),
+            ) => r,
+            _ = wake.notified() => {
+                backoff = Duration::from_millis(1);
+                Err(anyhow!("{} restarted; redialling", peer.name))
+            }
+        };
         m.peer_connected.with_label_values(&[&peer.name]).set(0);
         match res {
             Ok(()) => return,
@@ -458,6 +478,7 @@ async fn peer_loop(
         tokio::select! {
             _ = tokio::time::sleep(backoff + jitter) => {}
             _ = shutdown.changed() => {}
+            _ = wake.notified() => { backoff = Duration::from_millis(50); }
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }

@@ -156,6 +156,22 @@ pub async fn start(
         s.applied_seq = st.seq;
         s.consistent_as_of_ns = st.sealed_at_ns;
     });
+    // Tell the peers we (re)started: a primary holding a session from our
+    // previous life redials now instead of waiting for its idle timeout.
+    for p in shared.cfg.peers.clone() {
+        let transport = transport.clone();
+        tokio::spawn(async move {
+            let Ok(Some(addr)) = tokio::net::lookup_host(&p.addr).await.map(|mut a| a.next())
+            else {
+                return;
+            };
+            if let Ok(Ok(conn)) =
+                tokio::time::timeout(Duration::from_secs(3), transport.connect(addr, &p.name)).await
+            {
+                conn.close(2, "replica started");
+            }
+        });
+    }
     let sessions = Arc::new(Sessions::default());
     tasks.spawn(async move {
         let mut shutdown = shutdown;
@@ -234,9 +250,13 @@ async fn session(
     sessions: &Sessions,
 ) -> anyhow::Result<()> {
     let m = &shared.metrics;
-    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept())
-        .await
-        .map_err(|_| anyhow!("no stream opened within 10 s"))??;
+    let (mut send, mut recv) =
+        match tokio::time::timeout(Duration::from_secs(10), conn.accept()).await {
+            Ok(Ok(stream)) => stream,
+            // closed without a stream: a peer saying it (re)started
+            Ok(Err(_)) => return Ok(()),
+            Err(_) => bail!("no stream opened within 10 s"),
+        };
     let hello = match recv.recv().await? {
         Some(Message::Hello(h)) => h,
         other => {
@@ -481,12 +501,19 @@ async fn apply_failed(shared: &Shared, send: &mut MsgSend, e: ApplyError) -> any
 
 /// On a primary: tell any peer that tries to ship batches here that this
 /// node is primary (and notice a newer epoch: this node is then stale).
-pub async fn refuse_as_primary(shared: Arc<Shared>, transport: Arc<Transport>) {
+pub async fn refuse_as_primary(
+    shared: Arc<Shared>,
+    transport: Arc<Transport>,
+    wakers: Arc<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>,
+) {
     while let Some(res) = transport.accept().await {
         let Ok(conn) = res else {
             shared.metrics.error("auth");
             continue;
         };
+        if let Some(w) = wakers.get(conn.peer()) {
+            w.notify_waiters();
+        }
         let shared = shared.clone();
         tokio::spawn(async move {
             let Ok(Ok((mut send, mut recv))) =
