@@ -32,6 +32,9 @@ else
     cargo test --workspace --no-fail-fast -- --test-threads 2
 fi
 
+say "observability: promtool rules and alert tests, a real Prometheus scraping ferry"
+bash scripts/test-observability.sh
+
 say "Kubernetes manifests, schemas and webhook process"
 bash scripts/test-k8s.sh
 

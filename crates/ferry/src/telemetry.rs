@@ -27,6 +27,7 @@ pub struct Metrics {
     pub sealed_seq: IntGauge,
     pub consistent_as_of: prometheus::Gauge,
     pub resyncs: IntCounterVec,
+    pub bytes_saved: IntCounterVec,
     pub overflows: IntCounter,
     pub rescans: IntCounter,
     pub exact: IntCounter,
@@ -48,6 +49,8 @@ impl Metrics {
         let lag_buckets = vec![
             0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             10.0, 30.0, 60.0,
+            // past the FerryReplicationLagHigh threshold (60 s), so its p99 can exceed it
+            120.0, 300.0, 600.0,
         ];
         let m = Metrics {
             lag: reg(
@@ -75,6 +78,17 @@ impl Metrics {
             sealed_seq: reg(&r, IntGauge::new("ferry_sealed_seq", "Last batch sealed on this primary.").unwrap()),
             consistent_as_of: reg(&r, prometheus::Gauge::new("ferry_consistent_as_of_timestamp_seconds", "Source seal time of the last applied batch: the replica is consistent as of then.").unwrap()),
             resyncs: reg(&r, IntCounterVec::new(Opts::new("ferry_resyncs_total", "Manifest-diff resyncs, by peer."), &["peer"]).unwrap()),
+            bytes_saved: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ferry_bytes_saved_total",
+                        "File bytes not sent, by reason: append (only the tail of a grown file), dedup, compression.",
+                    ),
+                    &["reason"],
+                )
+                .unwrap(),
+            ),
             overflows: reg(&r, IntCounter::new("ferry_watch_overflows_total", "inotify queue overflows (events lost, rescan follows).").unwrap()),
             rescans: reg(&r, IntCounter::new("ferry_rescans_total", "Rescans of the root.").unwrap()),
             exact: reg(&r, IntCounter::new("ferry_exact_batches_total", "Batches whose content was read unchanged since seal.").unwrap()),
@@ -85,6 +99,10 @@ impl Metrics {
             apply_seconds: reg(&r, Histogram::with_opts(HistogramOpts::new("ferry_apply_seconds", "Seconds to apply and fsync one batch on the replica.")).unwrap()),
             registry: r,
         };
+        // reasons fed by chunk reuse and compression (issue 4) exist from the start
+        for reason in ["append", "dedup", "compression"] {
+            m.bytes_saved.with_label_values(&[reason]);
+        }
         let info = IntGaugeVec::new(
             Opts::new("ferry_build_info", "Build information."),
             &["version"],

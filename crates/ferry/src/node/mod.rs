@@ -23,7 +23,7 @@ pub struct Status {
     pub applied_seq: u64,
     pub consistent_as_of_ns: u64,
     pub peers: Vec<PeerStatus>,
-    pub resync: Option<String>,
+    pub resync: Option<ResyncProgress>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -32,7 +32,17 @@ pub struct PeerStatus {
     pub connected: bool,
     pub acked_seq: u64,
     pub unacked: u64,
+    /// Seal-to-ack time of the last acknowledged batch (primary side).
+    pub lag_ms: f64,
     pub last_error: Option<String>,
+}
+
+/// A manifest-diff resync in progress (`total` 0: not known yet).
+#[derive(Debug, Clone, Default)]
+pub struct ResyncProgress {
+    pub peer: String,
+    pub done: u64,
+    pub total: u64,
 }
 
 /// JSON string escaping for `ferry status --json` (no serde dependency).
@@ -73,11 +83,18 @@ impl Status {
             o += &format!("consistent as of seq {}, {when}\n", self.applied_seq);
         }
         if let Some(r) = &self.resync {
-            o += &format!("resync:    {r}\n");
+            if r.total > 0 {
+                o += &format!(
+                    "resync:    with {}: {}/{} entries\n",
+                    r.peer, r.done, r.total
+                );
+            } else {
+                o += &format!("resync:    with {}: comparing manifests\n", r.peer);
+            }
         }
         for p in &self.peers {
             o += &format!(
-                "peer {}: {}, acked seq {}, backlog {} batches{}\n",
+                "peer {}: {}, acked seq {}, backlog {} batches, lag {:.1} ms{}\n",
                 p.name,
                 if p.connected {
                     "connected"
@@ -86,6 +103,7 @@ impl Status {
                 },
                 p.acked_seq,
                 p.unacked,
+                p.lag_ms,
                 p.last_error
                     .as_deref()
                     .map(|e| format!(", last error: {e}"))
@@ -101,11 +119,12 @@ impl Status {
             .iter()
             .map(|p| {
                 format!(
-                    "{{\"name\":{},\"connected\":{},\"acked_seq\":{},\"unacked\":{},\"last_error\":{}}}",
+                    "{{\"name\":{},\"connected\":{},\"acked_seq\":{},\"unacked\":{},\"lag_ms\":{:.3},\"last_error\":{}}}",
                     esc(&p.name),
                     p.connected,
                     p.acked_seq,
                     p.unacked,
+                    p.lag_ms,
                     p.last_error.as_deref().map(esc).unwrap_or_else(|| "null".into())
                 )
             })
@@ -118,7 +137,10 @@ impl Status {
             self.sealed_seq,
             self.applied_seq,
             self.consistent_as_of_ns,
-            self.resync.as_deref().map(esc).unwrap_or_else(|| "null".into()),
+            self.resync
+                .as_ref()
+                .map(|r| format!("{{\"peer\":{},\"done\":{},\"total\":{}}}", esc(&r.peer), r.done, r.total))
+                .unwrap_or_else(|| "null".into()),
             peers.join(",")
         )
     }

@@ -641,6 +641,7 @@ async fn read_acks(
         match recv.recv().await? {
             Some(Message::Ack { epoch: _, seq }) => {
                 let now = Instant::now();
+                let mut last_lag = None;
                 {
                     let mut inf = progress.inflight.lock().expect("inflight");
                     while let Some((s, t)) = inf.front().copied() {
@@ -648,9 +649,9 @@ async fn read_acks(
                             break;
                         }
                         inf.pop_front();
-                        m.lag
-                            .with_label_values(&[peer])
-                            .observe(now.duration_since(t).as_secs_f64());
+                        let lag = now.duration_since(t).as_secs_f64();
+                        m.lag.with_label_values(&[peer]).observe(lag);
+                        last_lag = Some(lag);
                     }
                 }
                 progress.acked.send_replace(seq);
@@ -663,6 +664,9 @@ async fn read_acks(
                     if let Some(p) = s.peers.iter_mut().find(|p| p.name == peer) {
                         p.acked_seq = seq;
                         p.unacked = last.saturating_sub(seq);
+                        if let Some(l) = last_lag {
+                            p.lag_ms = l * 1e3;
+                        }
                     }
                 });
             }
@@ -818,9 +822,13 @@ impl Sender<'_> {
         if whole {
             m.resyncs.with_label_values(&[self.peer]).inc();
             tracing::info!(peer = self.peer, target, "resync: comparing manifests");
-            self.ctx
-                .shared
-                .set_status(|s| s.resync = Some(format!("{}: comparing manifests", self.peer)));
+            self.ctx.shared.set_status(|s| {
+                s.resync = Some(super::ResyncProgress {
+                    peer: self.peer.to_owned(),
+                    done: 0,
+                    total: 0,
+                })
+            });
         } else {
             tracing::debug!(peer = self.peer, prefix = %prefix.as_ref().map(|p| p.display()).unwrap_or_default(), "verifying a moved directory");
         }
@@ -900,9 +908,13 @@ impl Sender<'_> {
                 Action::Delete(p) => self.send.send(&Message::Op(Op::Delete { path: p })).await?,
                 Action::Send(s) => self.send_state(&s, true).await?,
             }
-            if i % 1000 == 999 {
+            if i % 200 == 199 {
                 self.ctx.shared.set_status(|s| {
-                    s.resync = Some(format!("{}: {}/{} entries sent", self.peer, i + 1, total))
+                    s.resync = Some(super::ResyncProgress {
+                        peer: self.peer.to_owned(),
+                        done: i as u64 + 1,
+                        total: total as u64,
+                    })
                 });
             }
         }
@@ -1315,6 +1327,14 @@ impl Sender<'_> {
                     hash: full,
                 },
             );
+            if start > 0 {
+                self.ctx
+                    .shared
+                    .metrics
+                    .bytes_saved
+                    .with_label_values(&["append"])
+                    .inc_by(start);
+            }
             return Ok(FileOutcome::Sent(size - start));
         }
         Ok(FileOutcome::Unstable)

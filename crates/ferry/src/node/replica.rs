@@ -347,6 +347,7 @@ async fn session(
             ..Default::default()
         }];
     });
+    m.peer_connected.with_label_values(&[conn.peer()]).set(1);
     let mut batch: Option<(BatchHeader, Instant)> = None;
     let res: anyhow::Result<()> = async {
         loop {
@@ -457,6 +458,7 @@ async fn session(
         let _ = worker.send(Cmd::Reset).await;
     }
     sessions.in_batch.store(false, Ordering::Relaxed);
+    m.peer_connected.with_label_values(&[conn.peer()]).set(0);
     shared.set_status(|s| {
         if let Some(p) = s.peers.first_mut() {
             p.connected = false;
