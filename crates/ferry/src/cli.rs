@@ -430,6 +430,9 @@ pub fn main() -> i32 {
                 }
             };
             let cmd = if a.json { "status" } else { "status-text" };
+            if !a.json && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                runtime().block_on(resync_progress_bar(&sd));
+            }
             match runtime().block_on(crate::control::query(&sd, cmd)) {
                 Ok(out) => {
                     print!("{}", out.replace("\\n", "\n"));
@@ -482,6 +485,53 @@ pub fn main() -> i32 {
     }
 }
 
+/// The `"resync":{"peer":..,"done":N,"total":M}` part of a status reply.
+pub fn parse_resync(json: &str) -> Option<(String, u64, u64)> {
+    let r = &json[json.find("\"resync\":{")? + 10..];
+    let peer = r.split("\"peer\":\"").nth(1)?.split('"').next()?.to_owned();
+    let num = |key: &str| -> Option<u64> {
+        r.split(&format!("\"{key}\":"))
+            .nth(1)?
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((peer, num("done")?, num("total")?))
+}
+
+/// While a resync runs on the node, shows its progress (terminal only).
+async fn resync_progress_bar(state_dir: &Path) {
+    let Ok(first) = crate::control::query(state_dir, "status").await else {
+        return;
+    };
+    let Some((_, _, total)) = parse_resync(&first) else {
+        return;
+    };
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "resync with {msg}: {bar:30} {pos}/{len} entries ({eta} left)",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    loop {
+        let Ok(st) = crate::control::query(state_dir, "status").await else {
+            break;
+        };
+        match parse_resync(&st) {
+            None => break,
+            Some((peer, done, total)) => {
+                bar.set_message(peer);
+                bar.set_length(total.max(done));
+                bar.set_position(done);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bar.finish_and_clear();
+}
+
 async fn run(cfg: NodeConfig) -> i32 {
     let handle = match crate::node::start(cfg).await {
         Ok(h) => h,
@@ -506,4 +556,46 @@ async fn run(cfg: NodeConfig) -> i32 {
     };
     handle.shutdown().await;
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resync_progress_is_read_from_status_json() {
+        let n = crate::node::Status {
+            resync: Some(crate::node::ResyncProgress {
+                peer: "us-east".into(),
+                done: 40,
+                total: 2000,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            parse_resync(&n.to_json()),
+            Some(("us-east".into(), 40, 2000))
+        );
+        assert_eq!(
+            parse_resync(&crate::node::Status::default().to_json()),
+            None
+        );
+    }
+
+    #[test]
+    fn peers_parse_or_say_why() {
+        assert_eq!(
+            parse_peer("a=h:1").unwrap(),
+            PeerSpec {
+                name: "a".into(),
+                addr: "h:1".into()
+            }
+        );
+        assert!(parse_peer("a").unwrap_err().contains("NAME=HOST:PORT"));
+        assert!(parse_peer("a=h").unwrap_err().contains("no port"));
+        assert!(parse_peer("a=h:0").unwrap_err().contains("1 to 65535"));
+        assert!(parse_peer("bad name=h:1")
+            .unwrap_err()
+            .contains("not a valid node name"));
+    }
 }

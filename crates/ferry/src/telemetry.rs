@@ -198,7 +198,9 @@ pub async fn bind_metrics(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpLis
         .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}; is another process using the port? (--metrics-addr)"))
 }
 
-/// Logs through tracing-subscriber: JSON when stderr is not a terminal.
+/// Logs (to stderr) through tracing-subscriber: JSON unless both stdout and
+/// stderr are terminals (in a container neither is), human-readable otherwise.
+/// Lines carry their spans: the peer, and the batch seq for batch work.
 pub fn init_logging(level: &str) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| {
@@ -209,7 +211,7 @@ pub fn init_logging(level: &str) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
+    if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
         let _ = b.try_init();
     } else {
         let _ = b.json().try_init();

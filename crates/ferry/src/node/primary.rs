@@ -184,7 +184,11 @@ pub async fn start(
             .peer_connected
             .with_label_values(&[&p.name])
             .set(0);
-        tasks.spawn(async move { peer_loop(ctx, transport, p, shutdown, wake).await });
+        let span = tracing::info_span!("peer", peer = %p.name);
+        tasks.spawn(tracing::Instrument::instrument(
+            async move { peer_loop(ctx, transport, p, shutdown, wake).await },
+            span,
+        ));
     }
     shared.ready.store(true, Ordering::Relaxed);
     Ok(())
@@ -1025,6 +1029,11 @@ impl Sender<'_> {
     }
 
     async fn send_batch(&mut self, b: &SealedBatch) -> anyhow::Result<()> {
+        let span = tracing::debug_span!("batch", seq = b.seq);
+        tracing::Instrument::instrument(self.send_batch_inner(b), span).await
+    }
+
+    async fn send_batch_inner(&mut self, b: &SealedBatch) -> anyhow::Result<()> {
         self.send
             .send(&Message::BatchBegin(BatchHeader {
                 epoch: b.epoch,

@@ -199,7 +199,8 @@ pub async fn start(
             let shared2 = shared.clone();
             let worker2 = worker.clone();
             let sessions2 = sessions.clone();
-            tokio::spawn(async move {
+            let span = tracing::info_span!("session", peer = %conn.peer());
+            tokio::spawn(tracing::Instrument::instrument(async move {
                 let peer = conn.peer().to_owned();
                 if let Err(e) = session(&shared2, &conn, &worker2, &sessions2).await {
                     tracing::warn!(peer = %peer, error = %format!("{e:#}"), "primary session ended");
@@ -207,7 +208,7 @@ pub async fn start(
                 // Let the primary read our last word (a refusal) and close
                 // first: dropping the connection now would discard it.
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-            });
+            }, span));
         }
     });
     Ok(())
