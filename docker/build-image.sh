@@ -22,6 +22,7 @@ echo "== static ferry binary ($bin)"
 RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --release --locked --quiet --target "$target" --target-dir target/static -p ferry
 # a dynamic executable names its loader (PT_INTERP); a static(-pie) one does not
+command -v readelf >/dev/null || { echo "error: readelf (binutils) is needed" >&2; exit 1; }
 is_static() { ! LC_ALL=C readelf -l "$1" 2>/dev/null | grep -q 'program interpreter'; }
 if ! is_static "$bin"; then
     echo "error: $bin is dynamically linked; a scratch image needs a static binary" >&2
@@ -47,7 +48,10 @@ printf 'root:x:0:\nferry:x:10001:\n' >"$r/rootfs/etc/group"
 chmod 1777 "$r/rootfs/tmp"
 cp docker/Dockerfile.scratch "$r/Dockerfile"
 echo "== image $image"
-docker build -q -t "$image" "$r" >/dev/null
+build() { # quietly (the legacy builder's deprecation notice), but show errors
+    docker build -q "$@" >"$ctx/build.log" 2>&1 || { cat "$ctx/build.log" >&2; return 1; }
+}
+build -t "$image" "$r"
 
 # --- ferry-playground:dev (ferry:dev + static busybox + scripts)
 if [[ ! -x $busybox ]] && command -v apt-get >/dev/null; then
@@ -68,7 +72,7 @@ done
 cp docker/make-certs.sh docker/writer.sh "$p/"
 cp docker/Dockerfile.playground "$p/Dockerfile"
 echo "== image $playground"
-docker build -q --build-arg FERRY_IMAGE="$image" -t "$playground" "$p" >/dev/null
+build --build-arg FERRY_IMAGE="$image" -t "$playground" "$p"
 
 size() { docker image inspect -f '{{.Size}}' "$1" | awk '{ printf "%.1f MB (%d bytes)", $1 / 1e6, $1 }'; }
 echo "== built $image: $(size "$image"); $playground: $(size "$playground")"
