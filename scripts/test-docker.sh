@@ -213,6 +213,29 @@ wait_converged() { # LABEL REF_TIME STOPPED_TIME
 metric() { # PORT NAME{labels} -> value or "?"
     curl -fsS -m 2 "http://127.0.0.1:$1/metrics" 2>/dev/null | awk -v m="$2" '$1 == m { print $2; f = 1 } END { if (!f) print "?" }'
 }
+# wait until each PEER has acked what the primary had sealed when this is
+# called (the backlog the fault left), while the writer keeps writing; print
+# the time since REF. The primary's metrics say it: ferry_sealed_seq, ferry_acked_seq.
+wait_caught_up() { # LABEL REF_TIME PEER...
+    local label=$1 ref=$2 target p i acked
+    shift 2
+    for ((i = 0; i < 120; i++)); do
+        target=$(metric "$PA" ferry_sealed_seq)
+        [[ $target != "?" ]] && break
+        sleep 0.25
+    done
+    [[ $target != "?" ]] || fail "$label: the primary reports no ferry_sealed_seq"
+    for p in "$@"; do
+        for ((i = 0; i < 240; i++)); do
+            acked=$(metric "$PA" "ferry_acked_seq{peer=\"$p\"}")
+            [[ $acked != "?" ]] && ((acked >= target)) && break
+            sleep 0.25
+        done
+        ((i < 240)) || fail "$label: $p did not ack seq $target within 60 s (acked: $acked)"
+    done
+    printf '    CAUGHT UP  after %-28s %6ss after it: %s acked seq %s (sealed when it healed), writes still running\n' \
+        "$label:" "$(since "$ref")" "$*" "$target"
+}
 
 # --- 0. initial workload
 say "workload: the writer writes in cluster A for 8 s"
@@ -230,12 +253,20 @@ NETC=${P}_cluster-c
 CID_C=$(cid ferry-c)
 docker network disconnect "$NETC" "$CID_C"
 sleep "$PARTITION_SECS"
-echo "    primary sees ferry-c connected=$(metric "$PA" 'ferry_peer_connected{peer="ferry-c"}')," \
-    "ferry-b connected=$(metric "$PA" 'ferry_peer_connected{peer="ferry-b"}'); unacked by ferry-c:" \
-    "$(metric "$PA" 'ferry_unacked_batches{peer="ferry-c"}')"
+# the partition is real: the primary lost ferry-c and C fell behind, B did not
+conn_c=$(metric "$PA" 'ferry_peer_connected{peer="ferry-c"}')
+conn_b=$(metric "$PA" 'ferry_peer_connected{peer="ferry-b"}')
+sealed=$(metric "$PA" ferry_sealed_seq)
+acked_c=$(metric "$PA" 'ferry_acked_seq{peer="ferry-c"}')
+acked_b=$(metric "$PA" 'ferry_acked_seq{peer="ferry-b"}')
+echo "    during the cut: primary sealed seq $sealed; ferry-b connected=$conn_b acked $acked_b;" \
+    "ferry-c connected=$conn_c acked $acked_c"
+[[ $conn_c == 0 && $conn_b == 1 ]] || fail "the partition did not take: ferry-c connected=$conn_c, ferry-b connected=$conn_b"
+((sealed > acked_c)) || fail "ferry-c did not fall behind during the cut (sealed $sealed, acked $acked_c)"
 docker network connect --ip "${FERRY_NET}3.10" "$NETC" "$CID_C"
 t_heal=$(now)
-sleep 2
+wait_caught_up "reconnecting cluster C" "$t_heal" ferry-c
+sleep 1
 writer_stop
 t_stop=$(now)
 stop_poller
@@ -251,7 +282,8 @@ sleep 3
 dc start ferry-b >/dev/null 2>&1
 t_heal=$(now)
 wait_ready "$PB"
-sleep 2
+wait_caught_up "restarting replica B" "$t_heal" ferry-b
+sleep 1
 writer_stop
 t_stop=$(now)
 stop_poller
@@ -265,7 +297,8 @@ sleep 2
 timeout 60 "${DC[@]}" restart -t 15 ferry-a >/dev/null 2>&1 || fail "restarting the primary failed"
 t_heal=$(now)
 wait_ready "$PA"
-sleep 2
+wait_caught_up "restarting the primary" "$t_heal" ferry-b ferry-c
+sleep 1
 writer_stop
 t_stop=$(now)
 stop_poller
