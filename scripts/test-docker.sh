@@ -263,7 +263,8 @@ echo "    during the cut: primary sealed seq $sealed; ferry-b connected=$conn_b 
     "ferry-c connected=$conn_c acked $acked_c"
 [[ $conn_c == 0 && $conn_b == 1 ]] || fail "the partition did not take: ferry-c connected=$conn_c, ferry-b connected=$conn_b"
 ((sealed > acked_c)) || fail "ferry-c did not fall behind during the cut (sealed $sealed, acked $acked_c)"
-docker network connect --ip "${FERRY_NET}3.10" "$NETC" "$CID_C"
+# --alias: a reconnected container loses the service-name alias compose gave it
+docker network connect --alias ferry-c "$NETC" "$CID_C"
 t_heal=$(now)
 wait_caught_up "reconnecting cluster C" "$t_heal" ferry-c
 sleep 1
