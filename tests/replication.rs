@@ -329,6 +329,8 @@ fn appends_ship_only_the_tail_and_edits_are_not_mistaken_for_appends() {
     let r = s.replicas[0].root.join("app.log");
     std::fs::write(&p, vec![b'a'; 256 << 10]).unwrap();
     wait_converged(&s.primary.root, &s.replicas[0].root, CONVERGE);
+    // the initial sync and the file's creation batch may both ship it
+    wait_idle(&s.primary, CONVERGE);
     let ino = std::fs::metadata(&r).unwrap().ino();
     let before = s.primary.metric("ferry_bytes_sent_total");
     let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();

@@ -68,12 +68,20 @@ fn g8_wrong_ca_and_unlisted_name_are_refused_and_write_nothing() {
 
     // Both keep trying; both are refused by the replica's handshake.
     assert!(
-        wait_for_log(&rogue_ca, "peer session ended", Duration::from_secs(20)),
+        wait_for_log(
+            &rogue_ca,
+            "session with the peer ended",
+            Duration::from_secs(20)
+        ),
         "wrong-CA primary was not refused:\n{}",
         rogue_ca.log_tail()
     );
     assert!(
-        wait_for_log(&rogue_name, "peer session ended", Duration::from_secs(20)),
+        wait_for_log(
+            &rogue_name,
+            "session with the peer ended",
+            Duration::from_secs(20)
+        ),
         "unlisted primary was not refused:\n{}",
         rogue_name.log_tail()
     );
@@ -134,7 +142,11 @@ fn g8_wrong_ca_and_unlisted_name_are_refused_and_write_nothing() {
     std::fs::write(primary.root.join("secret.txt"), b"must not leak").unwrap();
     primary.start().wait_ready(Duration::from_secs(20));
     assert!(
-        wait_for_log(&primary, "peer session ended", Duration::from_secs(20)),
+        wait_for_log(
+            &primary,
+            "session with the peer ended",
+            Duration::from_secs(20)
+        ),
         "primary did not refuse a replica from another CA:\n{}",
         primary.log_tail()
     );

@@ -430,3 +430,26 @@ pub fn blk_check(data: &[u8]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Waits until the primary has nothing in flight: everything sealed is acked
+/// by every peer, twice in a row 200 ms apart.
+pub fn wait_idle(primary: &Node, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let mut calm = 0;
+    while calm < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "primary never went idle:\n{}",
+            primary.log_tail()
+        );
+        let unacked = primary.metric("ferry_unacked_batches");
+        let sealed = primary.metric("ferry_sealed_seq");
+        let acked = metric_labeled(primary.metrics, "ferry_acked_seq", "peer=");
+        if unacked == 0.0 && acked >= sealed {
+            calm += 1;
+        } else {
+            calm = 0;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -180,9 +180,18 @@ impl Transport {
             let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming)
                 .await
                 .map_err(|_| NetError::Timeout)?
-                .map_err(|e| NetError::PeerRefused {
-                    addr,
-                    reason: e.to_string(),
+                .map_err(|e| match &e {
+                    // a TLS alert: the peer's certificate or name was refused
+                    quinn::ConnectionError::TransportError(t)
+                        if (0x100..0x200).contains(&u64::from(t.code)) =>
+                    {
+                        NetError::PeerRefused {
+                            addr,
+                            reason: e.to_string(),
+                        }
+                    }
+                    // the peer gave up on its own (closed, timed out, reset)
+                    _ => NetError::Lost(format!("{addr}: {e}")),
                 })?;
             let peer =
                 tls::peer_name(&conn, &self.allowed).ok_or_else(|| NetError::PeerRefused {

@@ -128,6 +128,10 @@ pub async fn run(a: DemoArgs) -> i32 {
 }
 
 async fn run_inner(a: DemoArgs) -> anyhow::Result<()> {
+    // One signal stream for the whole run, installed first: a ctrl_c() future
+    // made anew each tick would miss a SIGINT arriving between two ticks.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let tmp = tempfile::Builder::new().prefix("ferry-demo-").tempdir()?;
     let base = tmp.path().to_path_buf();
     let (primary, replica, root_p, root_r) = start_pair(&base).await?;
@@ -159,7 +163,8 @@ async fn run_inner(a: DemoArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;

@@ -11,5 +11,6 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod events;
 pub mod node;
 pub mod telemetry;

@@ -10,6 +10,7 @@
 
 use super::{now_ns, Shared};
 use crate::config::PeerSpec;
+use crate::events::*;
 use anyhow::{anyhow, bail, Context};
 use ferry_core::diff::{diff, Action};
 use ferry_core::fence::{resume_point, Resume};
@@ -41,8 +42,12 @@ struct SentFile {
     ino: u64,
     size: u64,
     mtime: ferry_proto::Mtime,
+    ctime: (i64, i64),
     hash: [u8; 32],
 }
+
+/// Longest wait for the next manifest entry from a peer.
+const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Largest manifest accepted from a peer (entries).
 const MAX_MANIFEST: usize = 64 << 20;
@@ -211,21 +216,12 @@ async fn batcher(
                 timer: &mut BatchTimer,
                 changes: &mut Vec<ferry_core::Change>| {
         match &ev {
-            RawEvent::Overflow => {
-                m.overflows.inc();
-                m.rescans.inc();
-                tracing::warn!(
-                    "inotify queue overflowed; peers will be brought back by a manifest diff"
-                );
+            RawEvent::Overflow => WatchOverflow.emit(m),
+            RawEvent::Error(msg, max) => WatchFailed {
+                error: msg,
+                limit: *max,
             }
-            RawEvent::Error(msg, max) => {
-                m.error(if *max { "watch_limit" } else { "watch" });
-                if *max {
-                    tracing::error!(error = %msg, "inotify watch limit reached; raise `sysctl fs.inotify.max_user_watches`; new directories are covered by rescans until then");
-                } else {
-                    tracing::warn!(error = %msg, "watcher error; rescanning");
-                }
-            }
+            .emit(m),
             _ => {}
         }
         tr.push(ev, changes);
@@ -285,8 +281,7 @@ fn note_skips(shared: &Shared, skipped: &[Skip]) {
             Skip::LinkEscapes(p) => ("link_escapes_root", p),
             Skip::Unreadable(p) => ("unreadable", p),
         };
-        shared.metrics.skipped.with_label_values(&[reason]).inc();
-        tracing::warn!(path = %path, reason, "entry not replicated as is (G6)");
+        EntrySkipped { path, reason }.emit(&shared.metrics);
     }
 }
 
@@ -391,18 +386,15 @@ async fn seal(ctx: &Ctx, co: &mut Coalescer, rx: &mpsc::Receiver<RawEvent>) -> a
         items,
         moved_dirs: moved,
     });
-    if exact {
-        ctx.shared.metrics.exact.inc();
+
+    BatchSealed {
+        seq: b.seq,
+        renames: b.renames.len(),
+        items: b.items.len(),
+        exact,
     }
-    tracing::debug!(
-        seq = b.seq,
-        renames = b.renames.len(),
-        items = b.items.len(),
-        "sealed batch"
-    );
+    .emit(&ctx.shared.metrics);
     ctx.log.lock().expect("log").push(b);
-    ctx.shared.metrics.batches_sealed.inc();
-    ctx.shared.metrics.sealed_seq.set(st.seq as i64);
     ctx.shared.set_status(|s| s.sealed_seq = st.seq);
     let _ = ctx.seq_tx.send(st.seq);
     Ok(())
@@ -415,6 +407,8 @@ struct PeerProgress {
     need_resync: AtomicBool,
     /// A manifest was requested and has not ended: entries are expected.
     expect_manifest: AtomicBool,
+    /// When the current session was established.
+    connected_at: Mutex<Option<Instant>>,
 }
 
 async fn peer_loop(
@@ -432,6 +426,7 @@ async fn peer_loop(
         // node was down are found by the manifest diff.
         need_resync: AtomicBool::new(true),
         expect_manifest: AtomicBool::new(false),
+        connected_at: Mutex::new(None),
     });
     ctx.shared.set_status(|s| {
         s.peers.push(super::PeerStatus {
@@ -445,8 +440,10 @@ async fn peer_loop(
         if *shutdown.borrow() && done(&ctx, &progress) {
             return;
         }
-        let res = tokio::select! {
-            r = session(
+        *progress.connected_at.lock().expect("connected_at") = None;
+        let mut redial = false;
+        let res = {
+            let sess = session(
                 &ctx,
                 &transport,
                 &peer,
@@ -454,19 +451,33 @@ async fn peer_loop(
                 &mut backoff,
                 &mut sender_state,
                 shutdown.clone(),
-            ) => r,
-            _ = wake.notified() => {
-                backoff = Duration::from_millis(1);
-                Err(anyhow!("{} restarted; redialling", peer.name))
+            );
+            tokio::select! {
+                r = sess => r,
+                _ = wake.notified() => {
+                    // A greeting from the peer: it (re)started, so a session
+                    // from its previous life is dead. Redial; if the session
+                    // was already with the new process, that costs one
+                    // reconnect and nothing is resent (the log resumes).
+                    redial = true;
+                    Err(anyhow!("{} restarted; redialling", peer.name))
+                }
             }
         };
+        if redial {
+            backoff = Duration::from_millis(1);
+        }
         m.peer_connected.with_label_values(&[&peer.name]).set(0);
         match res {
             Ok(()) => return,
             Err(e) => {
                 let msg = format!("{e:#}");
-                tracing::warn!(peer = %peer.name, error = %msg, retry_in_ms = backoff.as_millis() as u64, "peer session ended; retrying");
-                m.error("peer_session");
+                PeerSessionEnded {
+                    peer: &peer.name,
+                    error: &msg,
+                    retry_in: backoff,
+                }
+                .emit(m);
                 ctx.shared.set_status(|s| {
                     if let Some(p) = s.peers.iter_mut().find(|p| p.name == peer.name) {
                         p.connected = false;
@@ -501,6 +512,10 @@ struct SenderState {
     /// Files of at least [`APPEND_MIN`] bytes last sent to the peer, for the
     /// append fast path (bounded to [`SENT_CAP`] entries).
     sent: std::collections::HashMap<RelPath, SentFile>,
+    /// Undo log of `sent` updates, by batch: updates from batches the peer
+    /// never acknowledged are rolled back when a new session starts (the
+    /// peer may not hold those versions).
+    sent_undo: VecDeque<(u64, RelPath, Option<SentFile>)>,
     /// Paths the peer lacks the sealed content of (vanished before send).
     missing: HashSet<RelPath>,
     /// Paths this sender told the peer to delete, with the batch that did.
@@ -517,6 +532,8 @@ struct SenderState {
 
 struct Sender<'a> {
     ctx: &'a Ctx,
+    /// The batch being sent (for the append cache's undo log).
+    cur_seq: u64,
     peer: &'a str,
     send: MsgSend,
     progress: &'a PeerProgress,
@@ -571,8 +588,13 @@ async fn session(
     };
     *backoff = Duration::from_millis(100);
     let m = &ctx.shared.metrics;
-    m.peer_connected.with_label_values(&[&peer.name]).set(1);
-    tracing::info!(peer = %peer.name, %addr, applied_seq = welcome.applied_seq, applied_epoch = welcome.applied_epoch, "peer connected");
+    *progress.connected_at.lock().expect("connected_at") = Some(Instant::now());
+    PeerConnected {
+        peer: &peer.name,
+        addr,
+        applied_seq: welcome.applied_seq,
+    }
+    .emit(m);
     ctx.shared.set_status(|s| {
         if let Some(p) = s.peers.iter_mut().find(|p| p.name == peer.name) {
             p.connected = true;
@@ -590,7 +612,25 @@ async fn session(
     progress.expect_manifest.store(false, Ordering::Relaxed);
     let (man_tx, man_rx) = mpsc::channel(1024);
     let reader = read_acks(ctx, &peer.name, progress, &mut recv, man_tx);
+    // What the peer holds is what it acknowledged: roll back the append
+    // cache's updates from batches it never applied.
+    let applied = if welcome.applied_epoch == st.epoch {
+        welcome.applied_seq
+    } else {
+        0
+    };
+    while let Some((seq, path, old)) = sender_state.sent_undo.pop_back() {
+        if seq <= applied {
+            break;
+        }
+        match old {
+            Some(f) => sender_state.sent.insert(path, f),
+            None => sender_state.sent.remove(&path),
+        };
+    }
+    sender_state.sent_undo.clear();
     let mut sender = Sender {
+        cur_seq: 0,
         ctx,
         peer: &peer.name,
         send,
@@ -824,8 +864,11 @@ impl Sender<'_> {
         let m = &self.ctx.shared.metrics;
         let whole = prefix.is_none();
         if whole {
-            m.resyncs.with_label_values(&[self.peer]).inc();
-            tracing::info!(peer = self.peer, target, "resync: comparing manifests");
+            ResyncStarted {
+                peer: self.peer,
+                target,
+            }
+            .emit(m);
             self.ctx.shared.set_status(|s| {
                 s.resync = Some(super::ResyncProgress {
                     peer: self.peer.to_owned(),
@@ -837,6 +880,7 @@ impl Sender<'_> {
             tracing::debug!(peer = self.peer, prefix = %prefix.as_ref().map(|p| p.display()).unwrap_or_default(), "verifying a moved directory");
         }
         let started = Instant::now();
+        self.cur_seq = target;
         let verify = self.verify && whole;
         self.progress.expect_manifest.store(true, Ordering::Relaxed);
         self.send
@@ -855,11 +899,19 @@ impl Sender<'_> {
                 .map(|_| (out, skipped))
         });
         let mut remote = Vec::new();
-        while let Some(e) = man_rx
-            .recv()
-            .await
-            .ok_or_else(|| anyhow!("stream ended during the manifest"))?
-        {
+        // Bounded: a peer that stops answering must end the session (and be
+        // redialled), never stall it.
+        loop {
+            let next = tokio::time::timeout(MANIFEST_TIMEOUT, man_rx.recv())
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "{} sent no manifest entry for {MANIFEST_TIMEOUT:?}",
+                        self.peer
+                    )
+                })?
+                .ok_or_else(|| anyhow!("stream ended during the manifest"))?;
+            let Some(e) = next else { break };
             // bounded: about 100 bytes each, 64 Mi entries at most
             if remote.len() >= MAX_MANIFEST {
                 bail!(
@@ -878,6 +930,15 @@ impl Sender<'_> {
         }
         let actions = diff(&local, |s| &s.entry, &remote);
         let total = actions.len();
+        // what this resync deletes or re-sends is no longer what we last sent
+        for a in &actions {
+            match a {
+                Action::Delete(p) => self.st.sent.retain(|k, _| !k.starts_with(p)),
+                Action::Send(s) => {
+                    self.st.sent.remove(&s.entry.path);
+                }
+            }
+        }
         if whole {
             tracing::info!(
                 peer = self.peer,
@@ -888,7 +949,25 @@ impl Sender<'_> {
             );
             self.st.missing.clear();
             self.st.recently_deleted.clear();
-            self.st.sent.clear();
+            // keep what the peer provably still holds: same inode, size and
+            // mtime here, and not among the differences sent below
+            let differs: HashSet<&RelPath> = actions
+                .iter()
+                .map(|a| match a {
+                    Action::Send(s) => &s.entry.path,
+                    Action::Delete(p) => p,
+                })
+                .collect();
+            let here: std::collections::HashMap<&RelPath, &Scanned> =
+                local.iter().map(|s| (&s.entry.path, s)).collect();
+            self.st.sent.retain(|p, f| {
+                !differs.contains(p)
+                    && here.get(p).is_some_and(|s| {
+                        (s.dev, s.ino, s.entry.size, s.entry.mtime)
+                            == (f.dev, f.ino, f.size, f.mtime)
+                    })
+            });
+            self.st.sent_undo.clear();
             self.st.pending_verify.clear();
         } else if total > 0 {
             tracing::info!(
@@ -910,7 +989,7 @@ impl Sender<'_> {
         for (i, a) in actions.into_iter().enumerate() {
             match a {
                 Action::Delete(p) => self.send.send(&Message::Op(Op::Delete { path: p })).await?,
-                Action::Send(s) => self.send_state(&s, true).await?,
+                Action::Send(s) => self.send_state(&s, true, false).await?,
             }
             if i % 200 == 199 {
                 self.ctx.shared.set_status(|s| {
@@ -996,6 +1075,8 @@ impl Sender<'_> {
     }
 
     fn remember_sent(&mut self, p: &RelPath, f: SentFile) {
+        let old = self.st.sent.get(p).cloned();
+        self.st.sent_undo.push_back((self.cur_seq, p.clone(), old));
         if f.size < APPEND_MIN {
             self.st.sent.remove(p);
             return;
@@ -1034,6 +1115,16 @@ impl Sender<'_> {
     }
 
     async fn send_batch_inner(&mut self, b: &SealedBatch) -> anyhow::Result<()> {
+        self.cur_seq = b.seq;
+        let acked = *self.progress.acked.borrow();
+        while self
+            .st
+            .sent_undo
+            .front()
+            .is_some_and(|(q, _, _)| *q <= acked)
+        {
+            self.st.sent_undo.pop_front();
+        }
         self.send
             .send(&Message::BatchBegin(BatchHeader {
                 epoch: b.epoch,
@@ -1054,6 +1145,9 @@ impl Sender<'_> {
                     .await?;
                 self.forget_missing_under(from);
                 self.forget_missing_under(to);
+                self.st
+                    .sent
+                    .retain(|k, _| !k.starts_with(from) && !k.starts_with(to));
                 self.st.recently_deleted.insert(from.clone(), b.seq);
                 let root = self.ctx.shared.cfg.root.clone();
                 let excludes = self.ctx.excludes.clone();
@@ -1073,7 +1167,7 @@ impl Sender<'_> {
                     self.st.recently_deleted.remove(to);
                 }
                 for s in now {
-                    self.send_state(&s, false).await?;
+                    self.send_state(&s, false, false).await?;
                 }
             } else {
                 self.send
@@ -1119,6 +1213,7 @@ impl Sender<'_> {
         }
         for item in &b.items {
             if item.replace {
+                self.st.sent.retain(|k, _| !k.starts_with(&item.path));
                 self.send
                     .send(&Message::Op(Op::Delete {
                         path: item.path.clone(),
@@ -1141,7 +1236,7 @@ impl Sender<'_> {
                 }
                 Some(s) => {
                     self.st.recently_deleted.remove(&item.path);
-                    self.send_state(s, false).await?
+                    self.send_state(s, false, !item.replace).await?
                 }
             }
         }
@@ -1160,7 +1255,14 @@ impl Sender<'_> {
         Ok(())
     }
 
-    async fn send_state(&mut self, s: &Scanned, any_inode: bool) -> anyhow::Result<()> {
+    /// `may_skip`: a file the peer provably holds already may be left out
+    /// (false right after a delete of its path was sent).
+    async fn send_state(
+        &mut self,
+        s: &Scanned,
+        any_inode: bool,
+        may_skip: bool,
+    ) -> anyhow::Result<()> {
         let e = &s.entry;
         match e.kind {
             EntryKind::Dir => {
@@ -1180,7 +1282,7 @@ impl Sender<'_> {
                     }))
                     .await?;
             }
-            EntryKind::File => match self.send_file(s, any_inode).await? {
+            EntryKind::File => match self.send_file(s, any_inode, may_skip).await? {
                 FileOutcome::Sent(n) => {
                     self.st.missing.remove(&e.path);
                     self.ctx
@@ -1216,7 +1318,12 @@ impl Sender<'_> {
     }
 
     /// Sends one file's content, never torn (G3).
-    async fn send_file(&mut self, s: &Scanned, any_inode: bool) -> anyhow::Result<FileOutcome> {
+    async fn send_file(
+        &mut self,
+        s: &Scanned,
+        any_inode: bool,
+        may_skip: bool,
+    ) -> anyhow::Result<FileOutcome> {
         let path = scan::abs(&self.ctx.shared.cfg.root, &s.entry.path);
         'attempt: for _ in 0..4 {
             let f = tokio::task::block_in_place(|| {
@@ -1252,6 +1359,22 @@ impl Sender<'_> {
             // The append fast path: the peer holds what we last sent (same
             // inode, acked or not: the replica checks the base), the file only
             // grew, and its prefix still hashes the same: send only the tail.
+            // Unchanged since we sent it (its change was read by an earlier
+            // batch already): nothing to send, unless a delete just went.
+            if may_skip {
+                if let Some(prev) = self.st.sent.get(&s.entry.path) {
+                    let now = (
+                        before.dev(),
+                        before.ino(),
+                        size,
+                        mtime,
+                        (before.ctime(), before.ctime_nsec()),
+                    );
+                    if now == (prev.dev, prev.ino, prev.size, prev.mtime, prev.ctime) {
+                        return Ok(FileOutcome::Sent(0));
+                    }
+                }
+            }
             let mut hasher = blake3::Hasher::new();
             let mut sent = 0u64;
             let mut tail: Option<blake3::Hasher> = None;
@@ -1333,6 +1456,7 @@ impl Sender<'_> {
                     ino: before.ino(),
                     size,
                     mtime,
+                    ctime: (before.ctime(), before.ctime_nsec()),
                     hash: full,
                 },
             );

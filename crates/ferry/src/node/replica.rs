@@ -2,6 +2,7 @@
 //! order on a dedicated apply thread, ack once durable (G2, G4, G7).
 
 use super::Shared;
+use crate::events::*;
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use ferry_apply::{Applier, ApplyError, ApplyStats};
@@ -191,8 +192,7 @@ pub async fn start(
             let conn = match res {
                 Ok(c) => c,
                 Err(e) => {
-                    shared.metrics.error("auth");
-                    tracing::warn!(error = %e, "refused a connection");
+                    refused_or_gone(&shared, &e);
                     continue;
                 }
             };
@@ -417,12 +417,14 @@ async fn session(
                         return Err(anyhow!(e));
                     }
                     sessions.in_batch.store(false, Ordering::Relaxed);
-                    m.batches_applied.inc();
-                    m.bytes_applied.inc_by(stats.bytes);
-                    m.files_applied.inc_by(stats.files);
-                    m.applied_seq.set(h.seq as i64);
-                    m.consistent_as_of.set(h.sealed_at_ns as f64 / 1e9);
-                    m.apply_seconds.observe(started.elapsed().as_secs_f64());
+                    BatchApplied {
+                        seq: h.seq,
+                        sealed_at_ns: h.sealed_at_ns,
+                        files: stats.files,
+                        bytes: stats.bytes,
+                        took: started.elapsed(),
+                    }
+                    .emit(m);
                     shared.set_status(|s| {
                         s.applied_seq = h.seq;
                         s.consistent_as_of_ns = h.sealed_at_ns;
@@ -489,17 +491,30 @@ fn kind_name(m: &Message) -> &'static str {
 }
 
 async fn protocol(m: &crate::telemetry::Metrics, send: &mut MsgSend, why: &str) -> anyhow::Error {
-    m.error("protocol");
+    ProtocolViolation { why }.emit(m);
     refuse(send, RefuseCode::Protocol, 0, why.to_owned()).await;
     anyhow!("protocol violation: {why}")
 }
 
 async fn apply_failed(shared: &Shared, send: &mut MsgSend, e: ApplyError) -> anyhow::Error {
-    shared.metrics.error(e.kind());
+    ApplyFailed { error: &e }.emit(&shared.metrics);
     let code = code_for(&e);
-    tracing::error!(error = %e, kind = e.kind(), "batch not applied; not acknowledged");
     refuse(send, code, shared.node_state().epoch, e.to_string()).await;
     anyhow!(e)
+}
+
+/// A failed handshake: a refused certificate or name is an `auth` event; a
+/// peer that gave up on its own (closed, timed out) is only logged.
+fn refused_or_gone(shared: &Shared, e: &ferry_net::NetError) {
+    match e {
+        ferry_net::NetError::PeerRefused { .. } => AuthRefused {
+            error: &e.to_string(),
+        }
+        .emit(&shared.metrics),
+        _ => {
+            tracing::debug!(error = %e, "A connection attempt ended before its handshake completed.")
+        }
+    }
 }
 
 /// On a primary: tell any peer that tries to ship batches here that this
@@ -510,9 +525,12 @@ pub async fn refuse_as_primary(
     wakers: Arc<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>,
 ) {
     while let Some(res) = transport.accept().await {
-        let Ok(conn) = res else {
-            shared.metrics.error("auth");
-            continue;
+        let conn = match res {
+            Ok(c) => c,
+            Err(e) => {
+                refused_or_gone(&shared, &e);
+                continue;
+            }
         };
         if let Some(w) = wakers.get(conn.peer()) {
             w.notify_waiters();

@@ -1,0 +1,177 @@
+//! Notable events as types (after vector's `internal_events`): each one logs
+//! a single sentence and bumps its metric, with the same label values, in
+//! one place. Call sites build the struct and call [`Event::emit`].
+
+use crate::telemetry::Metrics;
+use ferry_proto::RelPath;
+use std::time::Duration;
+
+/// A notable event: logs once, counts once.
+pub trait Event {
+    fn emit(self, m: &Metrics);
+}
+
+/// The kernel's inotify queue overflowed: events were lost (a rescan follows).
+pub struct WatchOverflow;
+impl Event for WatchOverflow {
+    fn emit(self, m: &Metrics) {
+        m.overflows.inc();
+        m.rescans.inc();
+        tracing::warn!("The inotify queue overflowed; peers are brought back by a manifest diff.");
+    }
+}
+
+/// The watcher failed; `limit` when the inotify watch limit was reached.
+pub struct WatchFailed<'a> {
+    pub error: &'a str,
+    pub limit: bool,
+}
+impl Event for WatchFailed<'_> {
+    fn emit(self, m: &Metrics) {
+        if self.limit {
+            m.error("watch_limit");
+            tracing::error!(error = %self.error, "The inotify watch limit was reached; raise `sysctl fs.inotify.max_user_watches`. Rescans cover new directories until then.");
+        } else {
+            m.error("watch");
+            tracing::warn!(error = %self.error, "The watcher reported an error; rescanning.");
+        }
+    }
+}
+
+/// An entry is not replicated as it is (G6, or unreadable).
+pub struct EntrySkipped<'a> {
+    pub path: &'a RelPath,
+    pub reason: &'static str,
+}
+impl Event for EntrySkipped<'_> {
+    fn emit(self, m: &Metrics) {
+        m.skipped.with_label_values(&[self.reason]).inc();
+        tracing::warn!(path = %self.path, reason = self.reason, "An entry is not replicated as it is.");
+    }
+}
+
+/// The primary sealed a batch.
+pub struct BatchSealed {
+    pub seq: u64,
+    pub renames: usize,
+    pub items: usize,
+    pub exact: bool,
+}
+impl Event for BatchSealed {
+    fn emit(self, m: &Metrics) {
+        m.batches_sealed.inc();
+        m.sealed_seq.set(self.seq as i64);
+        if self.exact {
+            m.exact.inc();
+        }
+        tracing::debug!(
+            seq = self.seq,
+            renames = self.renames,
+            items = self.items,
+            exact = self.exact,
+            "Sealed a batch."
+        );
+    }
+}
+
+/// A session with a peer is up.
+pub struct PeerConnected<'a> {
+    pub peer: &'a str,
+    pub addr: std::net::SocketAddr,
+    pub applied_seq: u64,
+}
+impl Event for PeerConnected<'_> {
+    fn emit(self, m: &Metrics) {
+        m.peer_connected.with_label_values(&[self.peer]).set(1);
+        tracing::info!(peer = self.peer, addr = %self.addr, applied_seq = self.applied_seq, "Connected to the peer.");
+    }
+}
+
+/// A session with a peer ended with an error; it is retried.
+pub struct PeerSessionEnded<'a> {
+    pub peer: &'a str,
+    pub error: &'a str,
+    pub retry_in: Duration,
+}
+impl Event for PeerSessionEnded<'_> {
+    fn emit(self, m: &Metrics) {
+        m.peer_connected.with_label_values(&[self.peer]).set(0);
+        m.error("peer_session");
+        tracing::warn!(peer = self.peer, error = %self.error, retry_in_ms = self.retry_in.as_millis() as u64, "The session with the peer ended; retrying.");
+    }
+}
+
+/// A manifest-diff resync with a peer starts.
+pub struct ResyncStarted<'a> {
+    pub peer: &'a str,
+    pub target: u64,
+}
+impl Event for ResyncStarted<'_> {
+    fn emit(self, m: &Metrics) {
+        m.resyncs.with_label_values(&[self.peer]).inc();
+        tracing::info!(
+            peer = self.peer,
+            target = self.target,
+            "Resyncing with the peer: comparing manifests."
+        );
+    }
+}
+
+/// The replica applied a batch and made it durable.
+pub struct BatchApplied {
+    pub seq: u64,
+    pub sealed_at_ns: u64,
+    pub files: u64,
+    pub bytes: u64,
+    pub took: Duration,
+}
+impl Event for BatchApplied {
+    fn emit(self, m: &Metrics) {
+        m.batches_applied.inc();
+        m.bytes_applied.inc_by(self.bytes);
+        m.files_applied.inc_by(self.files);
+        m.applied_seq.set(self.seq as i64);
+        m.consistent_as_of.set(self.sealed_at_ns as f64 / 1e9);
+        m.apply_seconds.observe(self.took.as_secs_f64());
+        tracing::debug!(
+            seq = self.seq,
+            files = self.files,
+            bytes = self.bytes,
+            took_ms = self.took.as_millis() as u64,
+            "Applied a batch durably."
+        );
+    }
+}
+
+/// The replica could not apply a batch; it is not acknowledged.
+pub struct ApplyFailed<'a> {
+    pub error: &'a ferry_apply::ApplyError,
+}
+impl Event for ApplyFailed<'_> {
+    fn emit(self, m: &Metrics) {
+        m.error(self.error.kind());
+        tracing::error!(error = %self.error, kind = self.error.kind(), "A batch was not applied and is not acknowledged.");
+    }
+}
+
+/// A connection attempt failed authentication (certificate or name).
+pub struct AuthRefused<'a> {
+    pub error: &'a str,
+}
+impl Event for AuthRefused<'_> {
+    fn emit(self, m: &Metrics) {
+        m.error("auth");
+        tracing::warn!(error = %self.error, "Refused a connection: its certificate is not from the CA or names no listed peer.");
+    }
+}
+
+/// A peer broke the protocol; its stream is closed.
+pub struct ProtocolViolation<'a> {
+    pub why: &'a str,
+}
+impl Event for ProtocolViolation<'_> {
+    fn emit(self, m: &Metrics) {
+        m.error("protocol");
+        tracing::warn!(why = %self.why, "A peer broke the protocol; its stream is closed.");
+    }
+}
