@@ -70,7 +70,14 @@ say "build images"
 bash docker/build-image.sh
 # a watchdog: everything after the build is bounded even if docker hangs
 T1=$(now)
-(sleep "$LIMIT" && kill -TERM $$ 2>/dev/null) &
+# (its own fds are /dev/null, so a caller's pipe is not held open by its sleep,
+# and killing it kills its sleep)
+(
+    trap 'kill "$s" 2>/dev/null; exit 0' TERM
+    sleep "$LIMIT" &
+    s=$!
+    wait "$s" && kill -TERM $$
+) </dev/null >/dev/null 2>&1 &
 WATCHDOG=$!
 dc down -v --remove-orphans -t 2 >/dev/null 2>&1 || true # leftovers of an aborted run
 
