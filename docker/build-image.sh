@@ -29,6 +29,9 @@ if ! is_static "$bin"; then
     exit 1
 fi
 
+# images these tags named before, removed after the build if replaced (no pile of <none> images)
+old_ids=$(docker image inspect -f '{{.Id}}' "$playground" "$image" 2>/dev/null || true)
+
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 
@@ -73,6 +76,11 @@ cp docker/make-certs.sh docker/writer.sh "$p/"
 cp docker/Dockerfile.playground "$p/Dockerfile"
 echo "== image $playground"
 build --build-arg FERRY_IMAGE="$image" -t "$playground" "$p"
+
+for id in $old_ids; do
+    [[ $id == "$(docker image inspect -f '{{.Id}}' "$image")" || $id == "$(docker image inspect -f '{{.Id}}' "$playground")" ]] ||
+        docker rmi "$id" >/dev/null 2>&1 || true
+done
 
 size() { docker image inspect -f '{{.Size}}' "$1" | awk '{ printf "%.1f MB (%d bytes)", $1 / 1e6, $1 }'; }
 echo "== built $image: $(size "$image"); $playground: $(size "$playground")"
