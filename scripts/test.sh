@@ -38,4 +38,7 @@ bash scripts/test-observability.sh
 say "Kubernetes manifests, schemas and webhook process"
 bash scripts/test-k8s.sh
 
+say "Docker images and the three-cluster playground under faults"
+bash scripts/test-docker.sh
+
 say "all tests passed"

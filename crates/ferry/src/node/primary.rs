@@ -395,6 +395,27 @@ async fn seal(ctx: &Ctx, co: &mut Coalescer, rx: &mpsc::Receiver<RawEvent>) -> a
     }
     .emit(&ctx.shared.metrics);
     ctx.log.lock().expect("log").push(b);
+    // The backlog grows with every seal, not only when an ack arrives: a
+    // peer cut off must show its backlog (FerryBacklogGrowing needs it).
+    for p in &ctx.shared.cfg.peers {
+        let acked = ctx
+            .shared
+            .metrics
+            .acked_seq
+            .with_label_values(&[&p.name])
+            .get()
+            .max(0) as u64;
+        ctx.shared
+            .metrics
+            .unacked
+            .with_label_values(&[&p.name])
+            .set(st.seq.saturating_sub(acked) as i64);
+    }
+    ctx.shared.set_status(|s| {
+        for p in s.peers.iter_mut() {
+            p.unacked = st.seq.saturating_sub(p.acked_seq);
+        }
+    });
     ctx.shared.set_status(|s| s.sealed_seq = st.seq);
     let _ = ctx.seq_tx.send(st.seq);
     Ok(())
