@@ -9,6 +9,38 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// The `kind` values of `ferry_errors_total` (see docs/OPERATIONS.md).
+pub const ERROR_KINDS: [&str; 17] = [
+    "peer_session",
+    "peer_refused",
+    "refused_primary",
+    "auth",
+    "protocol",
+    "inconsistent",
+    "refused",
+    "bad_stream",
+    "no_space",
+    "fsync",
+    "state_fsync",
+    "io",
+    "fenced",
+    "watch",
+    "watch_limit",
+    "file_unstable",
+    "seal",
+];
+
+/// Per-peer series, created at 0 when the node starts.
+pub fn init_peer(m: &Metrics, peer: &str) {
+    m.lag.with_label_values(&[peer]);
+    m.batches_sent.with_label_values(&[peer]);
+    m.bytes_sent.with_label_values(&[peer]);
+    m.peer_connected.with_label_values(&[peer]).set(0);
+    m.unacked.with_label_values(&[peer]);
+    m.acked_seq.with_label_values(&[peer]);
+    m.resyncs.with_label_values(&[peer]);
+}
+
 /// Every metric a node exports. Names are fixed by DESIGN.md.
 #[derive(Clone)]
 pub struct Metrics {
@@ -99,9 +131,21 @@ impl Metrics {
             apply_seconds: reg(&r, Histogram::with_opts(HistogramOpts::new("ferry_apply_seconds", "Seconds to apply and fsync one batch on the replica.")).unwrap()),
             registry: r,
         };
-        // reasons fed by chunk reuse and compression (issue 4) exist from the start
+        // Known label values exist from the start at 0, so a healthy node still
+        // exports every family (dashboards and alerts see 0, not "no data").
         for reason in ["append", "dedup", "compression"] {
             m.bytes_saved.with_label_values(&[reason]);
+        }
+        for kind in ERROR_KINDS {
+            m.errors.with_label_values(&[kind]);
+        }
+        for reason in [
+            "special_file",
+            "setuid_dropped",
+            "link_escapes_root",
+            "unreadable",
+        ] {
+            m.skipped.with_label_values(&[reason]);
         }
         let info = IntGaugeVec::new(
             Opts::new("ferry_build_info", "Build information."),

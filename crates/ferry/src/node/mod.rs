@@ -242,6 +242,9 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         .context("reading the bound address")?;
     let metrics = Metrics::new();
     metrics.epoch.set(st.epoch as i64);
+    for p in &cfg.peers {
+        crate::telemetry::init_peer(&metrics, &p.name);
+    }
     metrics.role.with_label_values(&[st.role.as_str()]).set(1);
     let ready = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
