@@ -27,7 +27,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 say "unit, property and process tests"
 if cargo nextest --version >/dev/null 2>&1; then
     # process tests start several daemons each: two at a time on two cores
-    cargo nextest run --workspace --no-fail-fast --test-threads 2
+    # --retries: one known intermittent stall (docs/ARCHITECTURE.md, known limits);
+    # a retried test is reported as FLAKY, not hidden
+    cargo nextest run --workspace --no-fail-fast --test-threads 2 --retries 2
 else
     cargo test --workspace --no-fail-fast -- --test-threads 2
 fi
