@@ -126,18 +126,8 @@ impl Incoming {
         self.header.size - self.base.map_or(0, |b| b.0)
     }
 
-    /// Undoes a file in progress: removes the temp file, or truncates an
-    /// appended file back to its base (it then holds its old version again).
     fn undo(&self) {
-        match self.base {
-            None => {
-                let _ = self.parent.remove_file(os(&self.tmp_name));
-            }
-            Some((len, mtime)) => {
-                let _ = self.file.set_len(len);
-                let _ = self.file.set_modified(systime(mtime));
-            }
-        }
+        undo(&self.parent, &self.tmp_name, &self.file, self.base);
     }
 }
 
@@ -180,15 +170,33 @@ struct Staged {
 
 impl Staged {
     fn undo(&self) {
-        match self.base {
-            None => {
-                let _ = self.parent.remove_file(os(&self.tmp_name));
-            }
-            Some((len, mtime)) => {
-                let _ = self.file.set_len(len);
-                let _ = self.file.set_modified(systime(mtime));
-            }
+        undo(&self.parent, &self.tmp_name, &self.file, self.base);
+    }
+}
+
+/// Undoes a file not yet in place: removes its temp file, or truncates an
+/// appended file back to its base (it then holds its old version again).
+fn undo(parent: &Dir, tmp_name: &[u8], file: &std::fs::File, base: Option<(u64, Mtime)>) {
+    match base {
+        None => {
+            let _ = parent.remove_file(os(tmp_name));
         }
+        Some((len, mtime)) => {
+            let _ = file.set_len(len);
+            let _ = file.set_modified(systime(mtime));
+        }
+    }
+}
+
+/// G6: refuses setuid, setgid and unknown mode bits.
+fn check_mode(path: &RelPath, mode: u32) -> Result<(), ApplyError> {
+    if mode_ok(mode) {
+        Ok(())
+    } else {
+        Err(refused(
+            path,
+            format!("mode {mode:o} carries setuid/setgid or unknown bits"),
+        ))
     }
 }
 
@@ -343,12 +351,7 @@ impl Applier {
         match op {
             Op::Mkdir { path, mode } => {
                 self.guard(path)?;
-                if !mode_ok(*mode) {
-                    return Err(refused(
-                        path,
-                        format!("mode {mode:o} carries setuid/setgid or unknown bits"),
-                    ));
-                }
+                check_mode(path, *mode)?;
                 let dir = self
                     .parent(path, true)?
                     .ok_or_else(|| inconsistent(path, "no parent"))?;
@@ -453,12 +456,7 @@ impl Applier {
             }
             Op::SetMeta { path, mode, mtime } => {
                 self.guard(path)?;
-                if !mode_ok(*mode) {
-                    return Err(refused(
-                        path,
-                        format!("mode {mode:o} carries setuid/setgid or unknown bits"),
-                    ));
-                }
+                check_mode(path, *mode)?;
                 let dir = self
                     .parent(path, false)?
                     .ok_or_else(|| inconsistent(path, "parent missing"))?;
@@ -506,12 +504,7 @@ impl Applier {
             self.flush_files()?;
         }
         self.guard(&h.path)?;
-        if !mode_ok(h.mode) {
-            return Err(refused(
-                &h.path,
-                format!("mode {:o} carries setuid/setgid or unknown bits", h.mode),
-            ));
-        }
+        check_mode(&h.path, h.mode)?;
         let parent = self
             .parent(&h.path, true)?
             .ok_or_else(|| inconsistent(&h.path, "no parent"))?;
@@ -544,12 +537,7 @@ impl Applier {
             self.flush_files()?;
         }
         self.guard(&a.path)?;
-        if !mode_ok(a.mode) {
-            return Err(refused(
-                &a.path,
-                format!("mode {:o} carries setuid/setgid or unknown bits", a.mode),
-            ));
-        }
+        check_mode(&a.path, a.mode)?;
         let parent = self
             .parent(&a.path, false)?
             .ok_or_else(|| inconsistent(&a.path, "append to a file whose directory is missing"))?;
