@@ -143,6 +143,23 @@ impl Event for BatchApplied {
     }
 }
 
+/// The replica finished, from its redo journal, a batch a crash interrupted.
+pub struct BatchRecovered {
+    pub seq: u64,
+    pub sealed_at_ns: u64,
+}
+impl Event for BatchRecovered {
+    fn emit(self, m: &Metrics) {
+        m.batches_recovered.inc();
+        tracing::info!(
+            seq = self.seq,
+            sealed_at_ns = self.sealed_at_ns,
+            "Finished batch {} from the redo journal: the replica is at its boundary.",
+            self.seq
+        );
+    }
+}
+
 /// The replica could not apply a batch; it is not acknowledged.
 pub struct ApplyFailed<'a> {
     pub error: &'a ferry_apply::ApplyError,

@@ -5,7 +5,7 @@ use super::Shared;
 use crate::events::*;
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
-use ferry_apply::{Applier, ApplyError, ApplyStats};
+use ferry_apply::{Applier, ApplyError, ApplyStats, BatchInfo, Recovery};
 use ferry_core::fence::{admit, Admit, ReplicaView};
 use ferry_net::{Conn, MsgSend, Transport};
 use ferry_proto::{BatchHeader, Entry, FileHeader, Message, Op, Refuse, RefuseCode, Welcome};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 enum Cmd {
+    Begin(BatchInfo),
     Op(Op),
     FileBegin(FileHeader),
     Append(ferry_proto::AppendHeader),
@@ -24,6 +25,10 @@ enum Cmd {
     FileEnd([u8; 32]),
     FileAbort,
     Commit(oneshot::Sender<Result<ApplyStats, ApplyError>>),
+    /// The committed batch is saved as applied.
+    Finished,
+    /// Finish what the redo journal holds beyond (epoch, seq).
+    Recover((u64, u64), oneshot::Sender<Result<Recovery, ApplyError>>),
     Reset,
     /// The root's manifest; `true`: with content hashes.
     Manifest(
@@ -42,8 +47,14 @@ struct Worker {
 
 fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
     let cfg = &shared.cfg;
-    let mut applier = Applier::open(&cfg.root, cfg.state_rel.clone())
-        .map_err(|e| anyhow!("cannot open root {} for writing: {e}", cfg.root.display()))?;
+    let mut applier =
+        Applier::open(&cfg.root, cfg.state_rel.clone(), &cfg.state_dir).map_err(|e| {
+            anyhow!(
+                "cannot open root {} and the redo journal in {} for writing: {e}",
+                cfg.root.display(),
+                cfg.state_dir.display()
+            )
+        })?;
     let excludes = Excludes::new(&cfg.excludes, cfg.state_rel.clone())?;
     let root = cfg.root.clone();
     let (tx, mut rx) = mpsc::channel::<Cmd>(16);
@@ -65,6 +76,16 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
                         };
                         f2.store(false, Ordering::Relaxed);
                         let _ = reply.send(res);
+                        continue;
+                    }
+                    Cmd::Recover(applied, reply) => {
+                        err = None;
+                        f2.store(false, Ordering::Relaxed);
+                        let _ = reply.send(applier.recover(applied));
+                        continue;
+                    }
+                    Cmd::Finished => {
+                        applier.finished();
                         continue;
                     }
                     Cmd::Reset => {
@@ -96,6 +117,11 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
                         });
                         let _ = reply.send(r);
                         continue;
+                    }
+                    Cmd::Begin(info) => {
+                        err = None;
+                        f2.store(false, Ordering::Relaxed);
+                        applier.begin(info)
                     }
                     _ if err.is_some() => continue,
                     Cmd::Op(op) => applier.apply_op(&op),
@@ -129,6 +155,49 @@ impl Worker {
         self.send(Cmd::Commit(tx)).await?;
         rx.await.map_err(|_| anyhow!("apply thread stopped"))
     }
+    async fn recover(&self, applied: (u64, u64)) -> anyhow::Result<Result<Recovery, ApplyError>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Recover(applied, tx)).await?;
+        rx.await.map_err(|_| anyhow!("apply thread stopped"))
+    }
+}
+
+/// Finishes a batch the redo journal holds (after a crash, or an apply
+/// that failed on I/O) and saves it as applied. Returns whether the tree
+/// needs a resync to be at a batch boundary.
+async fn recover(shared: &Shared, worker: &Worker) -> anyhow::Result<Result<bool, ApplyError>> {
+    let st = shared.node_state();
+    let r = match worker.recover((st.applied_epoch, st.seq)).await? {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(Ok(match r {
+        Recovery::Clean => false,
+        Recovery::NeedsResync => true,
+        Recovery::Finished(info) => {
+            let mut ns = shared.node_state();
+            ns.seq = info.seq;
+            ns.applied_epoch = info.epoch;
+            ns.sealed_at_ns = info.sealed_at_ns;
+            shared.save_state(ns)?;
+            worker.send(Cmd::Finished).await?;
+            BatchRecovered {
+                seq: info.seq,
+                sealed_at_ns: info.sealed_at_ns,
+            }
+            .emit(&shared.metrics);
+            shared.metrics.applied_seq.set(info.seq as i64);
+            shared
+                .metrics
+                .consistent_as_of
+                .set(info.sealed_at_ns as f64 / 1e9);
+            shared.set_status(|s| {
+                s.applied_seq = info.seq;
+                s.consistent_as_of_ns = info.sealed_at_ns;
+            });
+            worker.recover((info.epoch, info.seq)).await?.ok() == Some(Recovery::NeedsResync)
+        }
+    }))
 }
 
 pub async fn start(
@@ -147,6 +216,19 @@ pub async fn start(
         );
     }
     let worker = spawn_worker(&shared)?;
+    // G2: a batch a crash interrupted is finished before anything else;
+    // the node reports ready only after this.
+    let dirty = match recover(&shared, &worker).await? {
+        Ok(d) => d,
+        Err(e) => {
+            // e.g. the disk is still full: sessions retry it
+            ApplyFailed { error: &e }.emit(&shared.metrics);
+            true
+        }
+    };
+    if dirty {
+        tracing::warn!("the replica's tree is between batches (an interrupted apply); it is not ready until the primary's resync completes");
+    }
     let st = shared.node_state();
     shared.metrics.applied_seq.set(st.seq as i64);
     shared
@@ -174,6 +256,7 @@ pub async fn start(
         });
     }
     let sessions = Arc::new(Sessions::default());
+    sessions.needs_resync.store(dirty, Ordering::Relaxed);
     tasks.spawn(async move {
         let mut shutdown = shutdown;
         loop {
@@ -221,6 +304,10 @@ struct Sessions {
     lock: tokio::sync::Mutex<()>,
     cancel: Mutex<Option<watch::Sender<bool>>>,
     in_batch: AtomicBool,
+    /// The tree is between batches (an abandoned apply, or a machine crash
+    /// mid-batch): only a resync batch is accepted, and the node is not
+    /// ready until one completes.
+    needs_resync: AtomicBool,
 }
 
 async fn refuse(send: &mut MsgSend, code: RefuseCode, epoch: u64, message: String) {
@@ -320,6 +407,11 @@ async fn session(
         .map_err(|_| anyhow!("the previous primary session did not stop within 30 s"))?;
     worker.send(Cmd::Reset).await?;
     sessions.in_batch.store(false, Ordering::Relaxed);
+    // A batch whose apply failed on I/O (a full disk) is finished first.
+    match recover(shared, worker).await? {
+        Ok(dirty) => sessions.needs_resync.store(dirty, Ordering::Relaxed),
+        Err(e) => return Err(apply_failed(shared, &mut send, e).await),
+    }
     let st = shared.node_state();
     send.send(&Message::Welcome(Welcome {
         node: shared.cfg.name.clone(),
@@ -330,7 +422,10 @@ async fn session(
     .await?;
     send.flush().await?;
     let caught_up_at = hello.last_seq;
-    if st.applied_epoch == hello.epoch && st.seq >= caught_up_at {
+    if st.applied_epoch == hello.epoch
+        && st.seq >= caught_up_at
+        && !sessions.needs_resync.load(Ordering::Relaxed)
+    {
         shared.ready.store(true, Ordering::Relaxed);
     }
     tracing::info!(
@@ -387,6 +482,19 @@ async fn session(
                     if h.resync && st.applied_epoch == h.epoch && h.seq < st.seq {
                         return Err(protocol(m, &mut send, &format!("resync to {} would rewind applied batch {}", h.seq, st.seq)).await);
                     }
+                    if !h.resync && sessions.needs_resync.load(Ordering::Relaxed) {
+                        m.error("inconsistent");
+                        refuse(&mut send, RefuseCode::Inconsistent, st.epoch, "the replica's tree is between batches after an interrupted apply; a resync repairs it".into()).await;
+                        bail!("batch {} refused: a resync is needed first", h.seq);
+                    }
+                    worker.send(Cmd::Begin(BatchInfo {
+                        epoch: h.epoch,
+                        seq: h.seq,
+                        sealed_at_ns: h.sealed_at_ns,
+                        resync: h.resync,
+                        base_epoch: st.applied_epoch,
+                        base_seq: st.seq,
+                    })).await?;
                     sessions.in_batch.store(true, Ordering::Relaxed);
                     batch = Some((h, Instant::now()));
                 }
@@ -416,6 +524,10 @@ async fn session(
                         refuse(&mut send, RefuseCode::Apply, ns.epoch, e.to_string()).await;
                         return Err(anyhow!(e));
                     }
+                    worker.send(Cmd::Finished).await?;
+                    if h.resync {
+                        sessions.needs_resync.store(false, Ordering::Relaxed);
+                    }
                     sessions.in_batch.store(false, Ordering::Relaxed);
                     BatchApplied {
                         seq: h.seq,
@@ -434,7 +546,7 @@ async fn session(
                     });
                     send.send(&Message::Ack { epoch: h.epoch, seq: h.seq }).await?;
                     send.flush().await?;
-                    if h.seq >= caught_up_at {
+                    if h.seq >= caught_up_at && !sessions.needs_resync.load(Ordering::Relaxed) {
                         shared.ready.store(true, Ordering::Relaxed);
                     }
                 }
