@@ -246,6 +246,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         crate::telemetry::init_peer(&metrics, &p.name);
     }
     metrics.role.with_label_values(&[st.role.as_str()]).set(1);
+    if st.role == Role::Replica {
+        // the durable position, before the first scrape can happen
+        metrics.applied_seq.set(st.seq as i64);
+        metrics.consistent_as_of.set(st.sealed_at_ns as f64 / 1e9);
+    }
     let ready = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
     let mut services = tokio::task::JoinSet::new();
