@@ -126,6 +126,13 @@ impl Node {
         }
     }
 
+    /// Moves the node's root (before start), e.g. onto a test mount.
+    pub fn set_root(&mut self, root: &Path) {
+        let i = self.args.iter().position(|a| a == "--root").unwrap();
+        self.args[i + 1] = root.display().to_string();
+        self.root = root.to_path_buf();
+    }
+
     /// Sets the peers after construction (ports are known only then).
     pub fn peer(&mut self, name: &str, port: u16) {
         self.args.push("--peer".into());
