@@ -376,9 +376,11 @@ impl Applier {
                 };
                 match self.run(&c, done, tolerant) {
                     Ok(()) => {}
-                    Err(ApplyError::Inconsistent { .. } | ApplyError::Refused { .. }) => {
-                        return Ok(Recovery::NeedsResync)
-                    }
+                    Err(
+                        ApplyError::Inconsistent { .. }
+                        | ApplyError::Refused { .. }
+                        | ApplyError::Sync { .. },
+                    ) => return Ok(Recovery::NeedsResync),
                     Err(e) => return Err(e),
                 }
                 self.pending = false;
@@ -741,10 +743,15 @@ impl Applier {
             self.cache.clear();
             if matches!(
                 e,
-                ApplyError::Inconsistent { .. } | ApplyError::Refused { .. }
+                ApplyError::Inconsistent { .. }
+                    | ApplyError::Refused { .. }
+                    | ApplyError::Sync { .. }
             ) {
                 // The tree is mid-batch and redoing cannot help: a resync
-                // (which the primary starts on this error) repairs it.
+                // (which the primary starts on this error) repairs it. An
+                // fsync error is fatal for the batch (G9): a second fsync
+                // may succeed on pages the kernel already dropped, so the
+                // batch is never finished into a false success.
                 let _ = self.journal.set_progress(c.nonce, journal::ABANDONED);
                 self.pending = false;
                 self.set_needs_resync(true)?;
