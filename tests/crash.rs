@@ -166,3 +166,58 @@ fn crash_loop_kill_9_primary_and_replica() {
     assert!(primary_kills >= 10 && replica_kills >= 10);
     assert!(max_applied > 0.0, "the replica never applied anything");
 }
+
+#[test]
+fn sigterm_on_a_replica_mid_batch_finishes_the_batch_then_exits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let pki = Pki::new(base, "ca-term");
+    let mut replica = Node::new(base, "replica", &pki.issue("replica"), "replica", &[], &[]);
+    let mut primary = Node::new(
+        base,
+        "primary",
+        &pki.issue("primary"),
+        "primary",
+        &[("replica", replica.port)],
+        &[],
+    );
+    replica.peer("primary", primary.port);
+    replica.start();
+    primary.start().wait_ready(Duration::from_secs(20));
+    // a large file: its batch takes a while to arrive
+    let mut rng = fastrand::Rng::with_seed(3);
+    let data = sv_content(&mut rng, 96 << 20);
+    let tmpf = primary.root.join(".big.tmp");
+    std::fs::write(&tmpf, &data).unwrap();
+    std::fs::rename(&tmpf, primary.root.join("big.sv")).unwrap();
+    // wait until the replica is receiving it (staged bytes appear)
+    let staging = replica.root.join(".ferry/staging");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let staged: u64 = std::fs::read_dir(&staging)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        if staged > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the batch never started arriving"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let code = replica.stop();
+    assert_eq!(code, Some(0), "replica exit:\n{}", replica.log_tail());
+    let got = std::fs::read(replica.root.join("big.sv")).unwrap_or_default();
+    assert!(
+        got.len() == data.len() && got == data,
+        "SIGTERM mid-batch: the replica exited without finishing the batch ({} of {} bytes)",
+        got.len(),
+        data.len()
+    );
+}
