@@ -202,6 +202,20 @@ impl Node {
         }
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `ferry status --json` of this node.
+    pub fn status_json(&self) -> String {
+        let out = Command::new(ferry())
+            .args(["status", "--json", "--root"])
+            .arg(&self.root)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn running(&mut self) -> bool {
         self.child
             .as_mut()

@@ -223,6 +223,12 @@ pub const STAGING_DIR: &str = ".ferry.tmp.staging";
 /// needs a resync.
 const NEEDS_RESYNC: &str = "apply.needs-resync";
 
+/// True when the replica whose state dir is `state_dir` has its tree between
+/// batches (see [`Applier::needs_resync`]).
+pub fn needs_resync_at(state_dir: &Path) -> bool {
+    state_dir.join(NEEDS_RESYNC).exists()
+}
+
 fn staged_name(n: u32) -> String {
     n.to_string()
 }

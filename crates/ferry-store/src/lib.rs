@@ -8,6 +8,8 @@
 //! used. One fsync per update, no rename.
 #![forbid(unsafe_code)]
 
+pub mod marker;
+
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};

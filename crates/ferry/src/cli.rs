@@ -37,6 +37,10 @@ pub enum Command {
     Run(RunArgs),
     /// Ask a running node for its role, epoch, peers and consistency point.
     Status(StatusArgs),
+    /// Move the primary role: on the primary, `--to NAME` hands over to a
+    /// caught-up replica (planned switchover, nothing lost); on a replica,
+    /// without `--to`, take over from an unreachable primary (failover).
+    Promote(PromoteArgs),
     /// Serve the Kubernetes mutating admission webhook that injects the sidecar.
     Inject(InjectArgs),
 }
@@ -128,6 +132,17 @@ pub struct RunArgs {
     /// On SIGTERM, wait this long for peers to ack what is pending (s).
     #[arg(long, env = "FERRY_SHUTDOWN_GRACE_SECS", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
     pub shutdown_grace_secs: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct PromoteArgs {
+    /// Planned switchover to this peer (run on the primary, with the app stopped).
+    #[arg(long)]
+    pub to: Option<String>,
+    #[arg(long, env = "FERRY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[arg(long, env = "FERRY_ROOT")]
+    pub root: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -444,6 +459,42 @@ pub fn main() -> i32 {
                 }
             }
         }
+        Command::Promote(a) => {
+            let sd = match (&a.state_dir, &a.root) {
+                (Some(s), _) => s.clone(),
+                (None, Some(r)) => r.join(".ferry"),
+                (None, None) => {
+                    return usage_exit(
+                        &["ferry promote needs --state-dir DIR or --root DIR".into()],
+                    )
+                }
+            };
+            let cmd = match &a.to {
+                Some(to) => format!("promote-to {to}"),
+                None => "promote".into(),
+            };
+            match runtime().block_on(crate::control::query(&sd, &cmd)) {
+                Ok(out) => match out.trim_end().strip_prefix("ok: ") {
+                    Some(msg) => {
+                        println!("{msg}");
+                        0
+                    }
+                    None => {
+                        eprintln!(
+                            "ferry: {}",
+                            out.trim_end()
+                                .strip_prefix("error: ")
+                                .unwrap_or(out.trim_end())
+                        );
+                        1
+                    }
+                },
+                Err(e) => {
+                    eprintln!("ferry: {e:#}");
+                    1
+                }
+            }
+        }
         Command::Demo(a) => runtime().block_on(crate::demo::run(a)),
         Command::Inject(a) => {
             let listen: SocketAddr = match a.listen.parse() {
@@ -549,13 +600,75 @@ async fn run(cfg: NodeConfig) -> i32 {
             return 1;
         }
     };
-    let code = tokio::select! {
-        _ = term.recv() => { tracing::info!("SIGTERM: shipping what is pending, then exiting"); 0 }
-        _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: shutting down"); 0 }
-        _ = handle.wait_fatal() => { tracing::error!("a node task failed; exiting"); 1 }
+    let mut requests = std::mem::replace(&mut handle.requests, tokio::sync::mpsc::channel(1).1);
+    loop {
+        let req = tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shipping what is pending, then exiting"); handle.shutdown().await; return 0 }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: shutting down"); handle.shutdown().await; return 0 }
+            _ = handle.wait_fatal() => { tracing::error!("a node task failed; exiting"); handle.shutdown().await; return 1 }
+            r = requests.recv() => r,
+        };
+        let Some(req) = req else { continue };
+        use crate::node::{handover, NodeRequest};
+        let why = match req {
+            NodeRequest::Restart(why) => why,
+            NodeRequest::Switchover { to, reply } => {
+                if let Err(e) = handover::check_switchover(&handle.shared, &to) {
+                    let _ = reply.send(Err(format!("{e:#}")));
+                    continue;
+                }
+                tracing::info!(to = %to, "switchover: shipping what is pending, then handing over");
+                handle.drain().await;
+                let r = handover::switchover(&handle, &to)
+                    .await
+                    .map_err(|e| format!("{e:#}"));
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "switchover failed; this node restarts as primary");
+                }
+                let _ = reply.send(r);
+                "switchover".into()
+            }
+            NodeRequest::Failover { reply } => {
+                if let Err(e) = handover::check_failover(&handle.shared) {
+                    let _ = reply.send(Err(format!("{e:#}")));
+                    continue;
+                }
+                tracing::warn!(
+                    "failover: finishing the batch in progress, then taking over as primary"
+                );
+                handle.drain().await;
+                let dirty = ferry_apply::needs_resync_at(&handle.shared.cfg.state_dir);
+                let r = handover::failover(&handle.shared, dirty).map_err(|e| format!("{e:#}"));
+                let _ = reply.send(r);
+                "failover".into()
+            }
+        };
+        // let the control socket deliver its answer, then restart in the
+        // (durable) new role: same process, same pid
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tracing::info!(reason = %why, "restarting in the node's durable role");
+        handle.shutdown().await;
+        return restart_self();
+    }
+}
+
+/// Replaces this process with a fresh `ferry` of the same arguments: the
+/// node starts again from its durable state (role, epoch). Returns only on
+/// failure.
+fn restart_self() -> i32 {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("ferry: cannot find my own executable to restart: {e}");
+            return 1;
+        }
     };
-    handle.shutdown().await;
-    code
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    eprintln!("ferry: restart failed: {err}");
+    1
 }
 
 #[cfg(test)]

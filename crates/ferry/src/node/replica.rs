@@ -27,6 +27,15 @@ enum Cmd {
     Commit(oneshot::Sender<Result<ApplyStats, ApplyError>>),
     /// The committed batch is saved as applied.
     Finished,
+    /// A demoted primary's first resync is about to start: preserve what it
+    /// wrote after `cut_ns` (conflicts), returning the dir if any.
+    Preserve(
+        u64,
+        u64,
+        oneshot::Sender<std::io::Result<Option<std::path::PathBuf>>>,
+    ),
+    /// After that resync: keep only real conflicts; returns how many.
+    Settle(std::path::PathBuf, oneshot::Sender<std::io::Result<u64>>),
     /// Finish what the redo journal holds beyond (epoch, seq).
     Recover((u64, u64), oneshot::Sender<Result<Recovery, ApplyError>>),
     Reset,
@@ -57,6 +66,7 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
         })?;
     let excludes = Excludes::new(&cfg.excludes, cfg.state_rel.clone())?;
     let root = cfg.root.clone();
+    let state_dir = cfg.state_dir.clone();
     let (tx, mut rx) = mpsc::channel::<Cmd>(16);
     let failed = Arc::new(AtomicBool::new(false));
     let f2 = failed.clone();
@@ -86,6 +96,16 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
                     }
                     Cmd::Finished => {
                         applier.finished();
+                        continue;
+                    }
+                    Cmd::Preserve(epoch, cut, reply) => {
+                        let _ = reply.send(super::conflicts::preserve(
+                            &root, &excludes, &state_dir, epoch, cut,
+                        ));
+                        continue;
+                    }
+                    Cmd::Settle(dir, reply) => {
+                        let _ = reply.send(super::conflicts::settle(&root, &dir));
                         continue;
                     }
                     Cmd::Reset => {
@@ -445,6 +465,10 @@ async fn session(
     });
     m.peer_connected.with_label_values(&[conn.peer()]).set(1);
     let mut batch: Option<(BatchHeader, Instant)> = None;
+    // Where the primary's epoch began (sent by a promoted primary).
+    let mut epoch_base: Option<(u64, u64)> = None;
+    // A demoted primary's first resync: its conflicts dir, if any.
+    let mut demoted_resync: Option<Option<std::path::PathBuf>> = None;
     let res: anyhow::Result<()> = async {
         loop {
             if worker.failed.load(Ordering::Relaxed) {
@@ -487,6 +511,20 @@ async fn session(
                         refuse(&mut send, RefuseCode::Inconsistent, st.epoch, "the replica's tree is between batches after an interrupted apply; a resync repairs it".into()).await;
                         bail!("batch {} refused: a resync is needed first", h.seq);
                     }
+                    let demoted = ferry_store::marker::load(&shared.cfg.state_dir, ferry_store::marker::DEMOTED);
+                    if let (true, Some(d)) = (h.resync, demoted) {
+                        // G7: this node was primary of an older epoch; what it
+                        // wrote that this primary never got is kept aside first.
+                        let old_epoch = d.first().copied().unwrap_or(0);
+                        let cut = match epoch_base {
+                            Some((base_epoch, sealed)) if base_epoch == old_epoch => sealed,
+                            _ => 0, // unknown: keep every file that ends up different
+                        };
+                        let (tx, rx) = oneshot::channel();
+                        worker.send(Cmd::Preserve(h.epoch, cut, tx)).await?;
+                        let dir = rx.await.map_err(|_| anyhow!("apply thread stopped"))??;
+                        demoted_resync = Some(dir);
+                    }
                     worker.send(Cmd::Begin(BatchInfo {
                         epoch: h.epoch,
                         seq: h.seq,
@@ -528,6 +566,24 @@ async fn session(
                     if h.resync {
                         sessions.needs_resync.store(false, Ordering::Relaxed);
                     }
+                    if let Some(dir) = demoted_resync.take() {
+                        let kept = match dir {
+                            Some(dir) => {
+                                let (tx, rx) = oneshot::channel();
+                                worker.send(Cmd::Settle(dir.clone(), tx)).await?;
+                                let kept = rx.await.map_err(|_| anyhow!("apply thread stopped"))??;
+                                if kept > 0 {
+                                    m.error("conflict");
+                                    tracing::error!(files = kept, dir = %dir.display(), "This node's writes as the old primary that the new primary never got are preserved in the conflicts dir (see its MANIFEST.tsv); the tree now follows the new primary.");
+                                }
+                                kept
+                            }
+                            None => 0,
+                        };
+                        ferry_store::marker::remove(&shared.cfg.state_dir, ferry_store::marker::DEMOTED)?;
+                        super::conflicts::report(shared);
+                        tracing::info!(conflicts = kept, "rejoined as a replica of the new primary");
+                    }
                     sessions.in_batch.store(false, Ordering::Relaxed);
                     BatchApplied {
                         seq: h.seq,
@@ -549,6 +605,28 @@ async fn session(
                     if h.seq >= caught_up_at && !sessions.needs_resync.load(Ordering::Relaxed) {
                         shared.ready.store(true, Ordering::Relaxed);
                     }
+                }
+                Message::EpochBase { epoch, base_epoch, base_sealed_at_ns, .. } if batch.is_none() => {
+                    if epoch == shared.node_state().epoch {
+                        epoch_base = Some((base_epoch, base_sealed_at_ns));
+                    }
+                }
+                Message::Promote { epoch, seq } if batch.is_none() => {
+                    // planned switchover: the primary hands over to this node
+                    let st = shared.node_state();
+                    let dirty = sessions.needs_resync.load(Ordering::Relaxed);
+                    if epoch != st.epoch + 1 || st.applied_epoch != st.epoch || st.seq != seq || dirty {
+                        let why = format!("cannot take over epoch {epoch} after batch {seq}: this replica is at batch {} of epoch {} (epoch seen {}){}", st.seq, st.applied_epoch, st.epoch, if dirty { ", between batches" } else { "" });
+                        refuse(&mut send, RefuseCode::Inconsistent, st.epoch, why.clone()).await;
+                        bail!(why);
+                    }
+                    shared.become_primary(epoch)?;
+                    send.send(&Message::Ack { epoch, seq }).await?;
+                    send.flush().await?;
+                    tracing::warn!(epoch, after_seq = seq, from = %conn.peer(), "Promoted by a planned switchover: restarting as the primary.");
+                    let _ = shared.requests.try_send(super::NodeRequest::Restart("promoted by switchover".into()));
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                    return Ok(());
                 }
                 Message::ManifestRequest { verify, prefix } if batch.is_none() => {
                     let (tx, rx) = oneshot::channel();
@@ -599,6 +677,8 @@ fn kind_name(m: &Message) -> &'static str {
         Message::FileAbort => "file abort outside a batch",
         Message::BatchEnd { .. } => "batch end",
         Message::Ack { .. } => "ack",
+        Message::Promote { .. } => "promote",
+        Message::EpochBase { .. } => "epoch base",
     }
 }
 
@@ -659,6 +739,12 @@ pub async fn refuse_as_primary(
                 if h.epoch > st.epoch {
                     shared.metrics.error("fenced");
                     tracing::error!(peer = %h.node, their_epoch = h.epoch, our_epoch = st.epoch, "a primary with a newer epoch exists: this node is stale");
+                    if let Err(e) = shared.demote(
+                        h.epoch,
+                        &format!("{} is primary at epoch {}", h.node, h.epoch),
+                    ) {
+                        tracing::error!(error = %format!("{e:#}"), "could not record the demotion");
+                    }
                 }
                 refuse(
                     &mut send,
