@@ -388,3 +388,60 @@ fn repeated_role_changes_a_b_c_a_under_writes_converge() {
         assert_eq!(missing(&c.nodes[i].root, &all), 0);
     }
 }
+
+#[test]
+fn two_replicas_promoted_at_once_a_replica_follows_only_one() {
+    let mut c = cluster(&["a", "b", "c", "d"]);
+    std::fs::write(c.nodes[0].root.join("base.txt"), b"base").unwrap();
+    for i in 1..4 {
+        wait_converged(&c.nodes[0].root, &c.nodes[i].root, CONVERGE);
+    }
+    c.nodes[0].kill9();
+    let log_from = std::fs::read_to_string(&c.nodes[3].log).unwrap().len();
+    // two operators promote two replicas at the same moment: both take epoch 2
+    let (r1, r2) = std::thread::scope(|s| {
+        let h1 = s.spawn(|| promote(&c.nodes[1], None));
+        let h2 = s.spawn(|| promote(&c.nodes[2], None));
+        (h1.join().unwrap(), h2.join().unwrap())
+    });
+    assert!(r1.0 && r2.0, "{r1:?} {r2:?}");
+    wait_role(&mut c.nodes[1], "primary", 2, Duration::from_secs(30));
+    wait_role(&mut c.nodes[2], "primary", 2, Duration::from_secs(30));
+    std::fs::write(c.nodes[1].root.join("only-b.txt"), b"b").unwrap();
+    std::fs::write(c.nodes[2].root.join("only-c.txt"), b"c").unwrap();
+    // d follows exactly one of them, never both
+    let d = c.nodes[3].root.clone();
+    let t0 = Instant::now();
+    let mut followed = None;
+    while t0.elapsed() < Duration::from_secs(15) {
+        let (b, cc) = (d.join("only-b.txt").exists(), d.join("only-c.txt").exists());
+        assert!(
+            !(b && cc),
+            "a replica applied batches of two primaries of one epoch (G7)"
+        );
+        if b || cc {
+            followed = Some(if b { "b" } else { "c" });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let f = followed.expect("d followed neither new primary");
+    let i = if f == "b" { 1 } else { 2 };
+    wait_converged(&c.nodes[i].root, &d, CONVERGE);
+    // the sessions d accepted after the failover: from one primary only
+    let log = std::fs::read_to_string(&c.nodes[3].log).unwrap();
+    let accepted = |n: &str| {
+        log[log_from..]
+            .lines()
+            .filter(|l| l.contains("primary connected") && l.contains(&format!("\"peer\":\"{n}\"")))
+            .count()
+    };
+    let (from_b, from_c) = (accepted("b"), accepted("c"));
+    eprintln!("d accepted sessions: {from_b} from b, {from_c} from c");
+    assert!(
+        (from_b == 0) != (from_c == 0),
+        "d accepted sessions from two primaries of one epoch (G7): b {from_b}, c {from_c}"
+    );
+    let refused = metric_labeled(c.nodes[3].metrics, "ferry_errors_total", "kind=\"fenced\"");
+    eprintln!("d follows {f}; refused the other {refused} times");
+    assert!(refused >= 1.0);
+}

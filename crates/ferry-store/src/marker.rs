@@ -12,6 +12,9 @@ pub const EPOCH_BASE: &str = "epoch.base";
 /// This node was primary of `epoch` up to `seq` and was demoted at
 /// `at_ns`; its next resync preserves its unreplicated writes.
 pub const DEMOTED: &str = "demoted";
+/// On a replica: the epoch it follows and (a hash of) the name of the
+/// primary that owns it: a second primary claiming the same epoch is refused.
+pub const EPOCH_OWNER: &str = "epoch.owner";
 
 pub fn save(dir: &Path, name: &str, vals: &[u64]) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));

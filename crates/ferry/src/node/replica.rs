@@ -407,6 +407,31 @@ async fn session(
             return Ok(());
         }
         Admit::Accept { adopt_epoch } => {
+            // G7: one primary per epoch. The first primary this node accepts
+            // at an epoch owns it; another node claiming the same epoch (two
+            // replicas promoted at once) is refused.
+            let me = name_id(&hello.node);
+            let owner =
+                ferry_store::marker::load(&shared.cfg.state_dir, ferry_store::marker::EPOCH_OWNER);
+            match owner.as_deref() {
+                Some([e, who]) if *e == hello.epoch && *who != me => {
+                    m.error("fenced");
+                    let msg = format!("epoch {} already belongs to another primary; promote again to start a newer epoch", hello.epoch);
+                    tracing::error!(
+                        peer = conn.peer(),
+                        epoch = hello.epoch,
+                        "two primaries claim one epoch: refused the second"
+                    );
+                    refuse(&mut send, RefuseCode::StaleEpoch, hello.epoch, msg).await;
+                    return Ok(());
+                }
+                Some([e, _]) if *e == hello.epoch => {}
+                _ => ferry_store::marker::save(
+                    &shared.cfg.state_dir,
+                    ferry_store::marker::EPOCH_OWNER,
+                    &[hello.epoch, me],
+                )?,
+            }
             if let Some(e) = adopt_epoch {
                 let mut ns = shared.node_state();
                 ns.epoch = e;
@@ -658,6 +683,12 @@ async fn session(
         }
     });
     res
+}
+
+/// A node name as a number for the epoch-owner record.
+fn name_id(name: &str) -> u64 {
+    let h = blake3::hash(name.as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 fn kind_name(m: &Message) -> &'static str {
