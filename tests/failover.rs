@@ -95,9 +95,11 @@ fn wait_role(n: &mut Node, role: &str, epoch: u64, timeout: Duration) -> Duratio
 
 /// An application writing self-verifying files through temp + rename,
 /// recording each write it completed.
+type Writes = Vec<(PathBuf, Vec<u8>)>;
+
 struct App {
     stop: Arc<AtomicBool>,
-    done: Arc<Mutex<Vec<(PathBuf, Vec<u8>)>>>,
+    done: Arc<Mutex<Writes>>,
     h: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -130,7 +132,7 @@ impl App {
         }
     }
     /// Stops the app; returns every write it completed.
-    fn stop(mut self) -> Vec<(PathBuf, Vec<u8>)> {
+    fn stop(mut self) -> Writes {
         self.stop.store(true, Ordering::Relaxed);
         self.h.take().unwrap().join().unwrap();
         std::mem::take(&mut *self.done.lock().unwrap())
