@@ -20,6 +20,9 @@ pub const DEFAULT_MAX_INFLIGHT: usize = 256;
 /// Sealed batches the primary keeps in memory for peers that fall behind;
 /// past this a peer catches up by manifest-diff resync instead.
 pub const DEFAULT_LOG_CAPACITY: usize = 16_384;
+/// The periodic safety-net rescan (a manifest diff with every peer): finds
+/// what the watcher missed and repairs replicas changed behind ferry's back.
+pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(600);
 /// Default QUIC port.
 pub const DEFAULT_PORT: u16 = 7443;
 
@@ -51,4 +54,6 @@ pub struct NodeConfig {
     pub shutdown_grace: Duration,
     pub max_inflight: usize,
     pub log_capacity: usize,
+    /// Periodic full rescan; `None`: off.
+    pub rescan_interval: Option<Duration>,
 }

@@ -199,6 +199,72 @@ pub async fn start(
     Ok(())
 }
 
+/// How long after sealing a new directory it is looked at again: notify
+/// adds its watch right after delivering its creation, so by then the watch
+/// exists and what happened inside before it is found (see
+/// [`scan::changed_since`]).
+const RECHECK_DELAY: Duration = Duration::from_millis(250);
+/// New-directory rechecks waiting at most; past this the oldest runs at once.
+const RECHECK_CAP: usize = 256;
+/// Events queued between notify and the batcher above which a recheck waits:
+/// notify's thread may be blocked on the queue and not have added the watch.
+const RECHECK_QUEUE_CALM: usize = 1024;
+
+/// What the batcher keeps between events.
+struct BatchState {
+    tr: Translator,
+    co: Coalescer,
+    timer: BatchTimer,
+    changes: Vec<ferry_core::Change>,
+    /// Subtrees to verify on every peer by manifest with the next batch (a
+    /// watcher error named them).
+    verify: Vec<RelPath>,
+    /// The inotify watch limit was hit: some directories are not watched.
+    watch_limited: bool,
+}
+
+impl BatchState {
+    fn fold(&mut self, m: &crate::telemetry::Metrics, ev: RawEvent) {
+        match &ev {
+            RawEvent::Overflow => WatchOverflow.emit(m),
+            RawEvent::Error { msg, limit, path } => {
+                let rel = path.as_deref().and_then(|p| self.tr.relative(p));
+                WatchFailed {
+                    error: msg,
+                    limit: *limit,
+                    path: rel.as_ref(),
+                }
+                .emit(m);
+                self.watch_limited |= *limit;
+                if let Some(r) = rel {
+                    self.verify.push(r);
+                }
+            }
+            _ => {}
+        }
+        self.tr.push(ev, &mut self.changes);
+        for c in self.changes.drain(..) {
+            self.co.push(c);
+        }
+        if !self.co.is_empty() {
+            self.timer.on_change(Instant::now());
+        }
+    }
+
+    fn push(&mut self, c: ferry_core::Change) {
+        self.co.push(c);
+        self.timer.on_change(Instant::now());
+    }
+
+    fn flush(&mut self) {
+        let mut rest = Vec::new();
+        self.tr.flush(&mut rest);
+        for c in rest {
+            self.co.push(c);
+        }
+    }
+}
+
 async fn batcher(
     ctx: &Ctx,
     mut rx: mpsc::Receiver<RawEvent>,
@@ -206,64 +272,122 @@ async fn batcher(
 ) -> anyhow::Result<()> {
     let cfg = &ctx.shared.cfg;
     let m = &ctx.shared.metrics;
-    let mut tr = Translator::new(cfg.root.clone(), ctx.excludes.clone());
-    let mut co = Coalescer::new();
-    let mut timer = BatchTimer::new(cfg.batch_idle, cfg.batch_max_delay);
-    let mut changes = Vec::new();
-    let fold = |ev: RawEvent,
-                tr: &mut Translator,
-                co: &mut Coalescer,
-                timer: &mut BatchTimer,
-                changes: &mut Vec<ferry_core::Change>| {
-        match &ev {
-            RawEvent::Overflow => WatchOverflow.emit(m),
-            RawEvent::Error(msg, max) => WatchFailed {
-                error: msg,
-                limit: *max,
-            }
-            .emit(m),
-            _ => {}
-        }
-        tr.push(ev, changes);
-        for c in changes.drain(..) {
-            co.push(c);
-        }
-        if !co.is_empty() {
-            timer.on_change(Instant::now());
-        }
+    let mut b = BatchState {
+        tr: Translator::new(cfg.root.clone(), ctx.excludes.clone()),
+        co: Coalescer::new(),
+        timer: BatchTimer::new(cfg.batch_idle, cfg.batch_max_delay),
+        changes: Vec::new(),
+        verify: Vec::new(),
+        watch_limited: false,
     };
+    // The safety net: a periodic full rescan (a manifest diff with every
+    // peer) finds what the watcher missed and repairs replicas changed
+    // behind ferry's back. Forced on (at the default interval) once the
+    // inotify watch limit leaves directories unwatched.
+    let mut rescan_every = cfg.rescan_interval;
+    let mut next_rescan = rescan_every.map(|d| Instant::now() + d);
+    let mut rechecks: VecDeque<(Instant, u32, Arc<SealedBatch>)> = VecDeque::new();
     loop {
-        let deadline = timer.deadline();
+        if b.watch_limited && rescan_every.is_none() {
+            let d = crate::config::DEFAULT_RESCAN_INTERVAL;
+            tracing::warn!(interval_s = d.as_secs(), "Directories are left unwatched (inotify watch limit); a periodic rescan finds their changes although --rescan-interval is 0.");
+            rescan_every = Some(d);
+            next_rescan = Some(Instant::now() + d);
+        }
+        let deadline = b.timer.deadline();
+        let recheck_at = rechecks.front().map(|r| r.0);
         tokio::select! {
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
-                fold(ev, &mut tr, &mut co, &mut timer, &mut changes);
+                b.fold(m, ev);
                 // bounded, so a flood of events cannot hold off sealing
                 for _ in 0..4096 {
                     let Ok(ev) = rx.try_recv() else { break };
-                    fold(ev, &mut tr, &mut co, &mut timer, &mut changes);
+                    b.fold(m, ev);
                 }
             }
             _ = sleep_until(deadline), if deadline.is_some() => {
-                let mut rest = Vec::new();
-                tr.flush(&mut rest);
-                for c in rest { co.push(c); }
-                seal(ctx, &mut co, &rx).await?;
-                timer.reset();
+                b.flush();
+                if let Some(sealed) = seal(ctx, &mut b.co, &mut b.verify, &rx).await? {
+                    if sealed.items.iter().any(|i| i.replace && i.state.as_ref().is_some_and(|s| s.entry.kind == EntryKind::Dir)) {
+                        rechecks.push_back((Instant::now() + RECHECK_DELAY, 0, sealed));
+                        if rechecks.len() > RECHECK_CAP {
+                            if let Some(f) = rechecks.front_mut() { f.0 = Instant::now(); }
+                        }
+                    }
+                }
+                b.timer.reset();
+            }
+            _ = sleep_until(recheck_at), if recheck_at.is_some() => {
+                let Some((_, tries, sealed)) = rechecks.pop_front() else { continue };
+                if rx.len() > RECHECK_QUEUE_CALM && tries < 20 && rechecks.len() < RECHECK_CAP {
+                    rechecks.push_front((Instant::now() + RECHECK_DELAY, tries + 1, sealed));
+                    continue;
+                }
+                for c in recheck_new_dirs(ctx, sealed).await? {
+                    b.push(c);
+                }
+            }
+            _ = sleep_until(next_rescan), if next_rescan.is_some() => {
+                PeriodicRescan.emit(m);
+                b.push(ferry_core::Change::RescanAll);
+                next_rescan = rescan_every.map(|d| Instant::now() + d);
             }
             _ = shutdown.changed() => {
                 while let Ok(ev) = rx.try_recv() {
-                    fold(ev, &mut tr, &mut co, &mut timer, &mut changes);
+                    b.fold(m, ev);
                 }
-                let mut rest = Vec::new();
-                tr.flush(&mut rest);
-                for c in rest { co.push(c); }
-                seal(ctx, &mut co, &rx).await?;
+                b.flush();
+                seal(ctx, &mut b.co, &mut b.verify, &rx).await?;
                 break;
             }
         }
     }
     Ok(())
+}
+
+/// The second look at the directories a sealed batch created (see
+/// [`RECHECK_DELAY`]): the changes that the watcher could not report.
+async fn recheck_new_dirs(
+    ctx: &Ctx,
+    sealed: Arc<SealedBatch>,
+) -> anyhow::Result<Vec<ferry_core::Change>> {
+    let root = ctx.shared.cfg.root.clone();
+    let excludes = ctx.excludes.clone();
+    let (changes, skipped) = tokio::task::spawn_blocking(move || {
+        let by_path: std::collections::HashMap<&RelPath, &Scanned> = sealed
+            .items
+            .iter()
+            .filter_map(|i| i.state.as_ref().map(|s| (&i.path, s)))
+            .collect();
+        let mut out = Vec::new();
+        let mut skipped = Vec::new();
+        for i in &sealed.items {
+            let new_dir = i.replace
+                && i.state
+                    .as_ref()
+                    .is_some_and(|s| s.entry.kind == EntryKind::Dir);
+            if new_dir {
+                out.extend(scan::changed_since(
+                    &root,
+                    &i.path,
+                    &excludes,
+                    &by_path,
+                    &mut skipped,
+                )?);
+            }
+        }
+        Ok::<_, std::io::Error>((out, skipped))
+    })
+    .await??;
+    note_skips(&ctx.shared, &skipped);
+    if !changes.is_empty() {
+        NewDirRecheck {
+            changes: changes.len(),
+        }
+        .emit(&ctx.shared.metrics);
+    }
+    Ok(changes)
 }
 
 async fn sleep_until(d: Option<Instant>) {
@@ -350,14 +474,19 @@ fn read_items(
     Ok(items)
 }
 
-async fn seal(ctx: &Ctx, co: &mut Coalescer, rx: &mpsc::Receiver<RawEvent>) -> anyhow::Result<()> {
-    if co.is_empty() {
-        return Ok(());
+async fn seal(
+    ctx: &Ctx,
+    co: &mut Coalescer,
+    verify: &mut Vec<RelPath>,
+    rx: &mpsc::Receiver<RawEvent>,
+) -> anyhow::Result<Option<Arc<SealedBatch>>> {
+    if co.is_empty() && verify.is_empty() {
+        return Ok(None);
     }
     let pending = co.take();
     let root = ctx.shared.cfg.root.clone();
     let excludes = ctx.excludes.clone();
-    let (items, skipped, moved) = {
+    let (items, skipped, mut moved) = {
         let pending = pending.clone();
         tokio::task::spawn_blocking(move || {
             let mut skipped = Vec::new();
@@ -367,6 +496,8 @@ async fn seal(ctx: &Ctx, co: &mut Coalescer, rx: &mpsc::Receiver<RawEvent>) -> a
         .await??
     };
     note_skips(&ctx.shared, &skipped);
+    // subtrees a watcher error named: every peer verifies them by manifest
+    moved.append(verify);
     let exact = rx.is_empty();
     let mut st = ctx.shared.node_state();
     st.seq += 1;
@@ -386,6 +517,7 @@ async fn seal(ctx: &Ctx, co: &mut Coalescer, rx: &mpsc::Receiver<RawEvent>) -> a
         items,
         moved_dirs: moved,
     });
+    let sealed = b.clone();
 
     BatchSealed {
         seq: b.seq,
@@ -418,7 +550,7 @@ async fn seal(ctx: &Ctx, co: &mut Coalescer, rx: &mpsc::Receiver<RawEvent>) -> a
     });
     ctx.shared.set_status(|s| s.sealed_seq = st.seq);
     let _ = ctx.seq_tx.send(st.seq);
-    Ok(())
+    Ok(Some(sealed))
 }
 
 /// Per-peer progress shared by the sender and the ack reader.
