@@ -210,6 +210,11 @@ const RECHECK_CAP: usize = 256;
 /// notify's thread may be blocked on the queue and not have added the watch.
 const RECHECK_QUEUE_CALM: usize = 1024;
 
+/// On shutdown, events are taken until none came for this long...
+const SHUTDOWN_DRAIN_QUIET: Duration = Duration::from_millis(100);
+/// ...or for this long at most.
+const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(2);
+
 /// What the batcher keeps between events.
 struct BatchState {
     tr: Translator,
@@ -334,8 +339,22 @@ async fn batcher(
                 next_rescan = rescan_every.map(|d| Instant::now() + d);
             }
             _ = shutdown.changed() => {
-                while let Ok(ev) = rx.try_recv() {
-                    b.fold(m, ev);
+                // Writes made just before SIGTERM may still be on their way
+                // from the kernel through notify's thread: take events until
+                // the queue has been quiet for a moment (bounded).
+                let until = Instant::now() + SHUTDOWN_DRAIN_MAX;
+                loop {
+                    while let Ok(ev) = rx.try_recv() {
+                        b.fold(m, ev);
+                    }
+                    let quiet = tokio::time::timeout(SHUTDOWN_DRAIN_QUIET, rx.recv()).await;
+                    match quiet {
+                        Ok(Some(ev)) => b.fold(m, ev),
+                        Ok(None) | Err(_) => break,
+                    }
+                    if Instant::now() > until {
+                        break;
+                    }
                 }
                 b.flush();
                 seal(ctx, &mut b.co, &mut b.verify, &rx).await?;
