@@ -288,6 +288,9 @@ mod tests {
         std::fs::write(r.join("n/sub/new"), b"3").unwrap();
         std::fs::create_dir_all(r.join("n/sub/deep/er")).unwrap();
         let mut got = changed_since(r, &n, &ex, &sealed, &mut skipped).unwrap();
+        // n itself changed too (an entry left it), unless within one
+        // timestamp tick: not asserted
+        got.retain(|c| *c != Change::Touched(RelPath::new("n").unwrap()));
         got.sort_by_key(|c| format!("{c:?}"));
         let rp = |s: &str| RelPath::new(s).unwrap();
         let mut want = vec![

@@ -1,6 +1,7 @@
 //! A running ferry node: state dir, transport, metrics, and the primary's or
 //! the replica's loops. `ferry run` and `ferry demo` both start nodes here.
 
+mod file_index;
 pub mod primary;
 pub mod replica;
 

@@ -8,7 +8,7 @@
 //! replica's older (real) version and is remembered, so a later rename of it
 //! is sent as content instead of a move.
 
-use super::{now_ns, Shared};
+use super::{file_index, now_ns, Shared};
 use crate::config::PeerSpec;
 use crate::events::*;
 use anyhow::{anyhow, bail, Context};
@@ -115,6 +115,65 @@ struct Ctx {
     log: Mutex<Log>,
     seq_tx: watch::Sender<u64>,
     excludes: Excludes,
+    /// The durable file index (`None`: it could not be opened).
+    index: Option<ferry_store::Index>,
+    /// What the index vouches for; `None` while it vouches for nothing
+    /// (never built, another epoch, or failed).
+    index_meta: Mutex<Option<ferry_store::IndexMeta>>,
+    /// Each peer's last acknowledged seq, recorded in the index with each
+    /// batch (tombstones every peer is past are dropped).
+    acked: Mutex<std::collections::HashMap<String, u64>>,
+    /// Content hashes senders computed, written with the next batch.
+    hashes: Mutex<Vec<ferry_store::IndexOp>>,
+}
+
+/// Hashes queued for the index at most (the rest are simply not recorded).
+const HASHES_CAP: usize = 65_536;
+
+impl Ctx {
+    /// The index vouches for what a peer acked at (`epoch`, `seq`) lacks.
+    fn index_covers(&self, epoch: u64, seq: u64) -> bool {
+        self.index.is_some()
+            && self
+                .index_meta
+                .lock()
+                .expect("index meta")
+                .is_some_and(|m| m.epoch == epoch && seq >= m.base && seq >= m.floor && seq > 0)
+    }
+
+    /// Writes to the index; on failure the index stops vouching (peers fall
+    /// back to manifest resyncs, the next start rebuilds it).
+    fn index_write(
+        &self,
+        f: impl FnOnce(&ferry_store::Index) -> Result<(), ferry_store::StoreError>,
+    ) {
+        let Some(ix) = &self.index else { return };
+        if self.index_meta.lock().expect("index meta").is_none() {
+            return;
+        }
+        if let Err(e) = tokio::task::block_in_place(|| f(ix)) {
+            self.shared.metrics.error("index");
+            tracing::error!(error = %e, "The file index failed; peers resync by manifest until the next start rebuilds it.");
+            *self.index_meta.lock().expect("index meta") = None;
+            let _ = ix.invalidate();
+        }
+    }
+
+    fn peers_acked(&self, epoch: u64) -> Vec<(String, u64, u64)> {
+        let acked = self.acked.lock().expect("acked");
+        self.shared
+            .cfg
+            .peers
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    epoch,
+                    acked.get(&p.name).copied().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
 }
 
 pub async fn start(
@@ -128,6 +187,29 @@ pub async fn start(
     let excludes = Excludes::new(&cfg.excludes, cfg.state_rel.clone())?;
     let st = shared.node_state();
     let (seq_tx, _) = watch::channel(st.seq);
+    // The file index: what the root held as of the batches sealed, so a
+    // restart ships only what changed and a peer behind catches up without
+    // a manifest. It vouches only for this epoch.
+    let index = match ferry_store::Index::open(&cfg.state_dir) {
+        Ok(ix) => Some(ix),
+        Err(e) => {
+            shared.metrics.error("index");
+            tracing::error!(error = %e, "The file index cannot be opened; every restart resyncs peers by manifest.");
+            None
+        }
+    };
+    let index_meta = index
+        .as_ref()
+        .and_then(|ix| ix.meta().ok().flatten())
+        .filter(|m| m.epoch == st.epoch);
+    let acked = index
+        .as_ref()
+        .and_then(|ix| ix.peers().ok())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, e, _)| *e == st.epoch)
+        .map(|(n, _, s)| (n, s))
+        .collect();
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         log: Mutex::new(Log {
@@ -138,6 +220,10 @@ pub async fn start(
         }),
         seq_tx,
         excludes,
+        index,
+        index_meta: Mutex::new(index_meta),
+        acked: Mutex::new(acked),
+        hashes: Mutex::new(Vec::new()),
     });
     shared.metrics.sealed_seq.set(st.seq as i64);
     shared.set_status(|s| s.sealed_seq = st.seq);
@@ -292,6 +378,9 @@ async fn batcher(
     let mut rescan_every = cfg.rescan_interval;
     let mut next_rescan = rescan_every.map(|d| Instant::now() + d);
     let mut rechecks: VecDeque<(Instant, u32, Arc<SealedBatch>)> = VecDeque::new();
+    for c in index_at_start(ctx).await? {
+        b.push(c);
+    }
     loop {
         if b.watch_limited && rescan_every.is_none() {
             let d = crate::config::DEFAULT_RESCAN_INTERVAL;
@@ -363,6 +452,105 @@ async fn batcher(
         }
     }
     Ok(())
+}
+
+/// Compares the root with the file index at start: what changed while
+/// ferry was down becomes the first batch (stat first, hash only what stat
+/// cannot tell). Without a usable index, builds one from the root; peers
+/// then resync by manifest once.
+async fn index_at_start(ctx: &Ctx) -> anyhow::Result<Vec<ferry_core::Change>> {
+    let Some(ix) = &ctx.index else {
+        return Ok(Vec::new());
+    };
+    let st = ctx.shared.node_state();
+    let meta = *ctx.index_meta.lock().expect("index meta");
+    let root = ctx.shared.cfg.root.clone();
+    let excludes = ctx.excludes.clone();
+    let started = Instant::now();
+    let (scanned, skipped) = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut skipped = Vec::new();
+        scan::scan_tree(&root, None, &excludes, &mut out, &mut skipped).map(|_| (out, skipped))
+    })
+    .await?
+    .context("scanning the root at start")?;
+    note_skips(&ctx.shared, &skipped);
+    match meta {
+        None => {
+            // The index is built as batch S+1, an empty one: every peer
+            // resyncs by manifest to it (or later), so what a peer acked
+            // before this start (S or less) is never taken as covered.
+            let mut st = st;
+            st.seq += 1;
+            st.sealed_at_ns = now_ns();
+            ctx.shared.save_state(st).map_err(|e| {
+                ctx.shared.metrics.error("state_fsync");
+                anyhow!(e)
+            })?;
+            ctx.log.lock().expect("log").last_seq = st.seq;
+            ctx.shared.metrics.sealed_seq.set(st.seq as i64);
+            ctx.shared.set_status(|s| s.sealed_seq = st.seq);
+            let _ = ctx.seq_tx.send(st.seq);
+            let seq = st.seq;
+            let meta = ferry_store::IndexMeta {
+                epoch: st.epoch,
+                base: seq,
+                floor: seq,
+            };
+            let n = scanned.len();
+            let res = tokio::task::block_in_place(|| {
+                ix.rebuild(
+                    meta,
+                    scanned
+                        .iter()
+                        .map(|s| (s.entry.path.as_bytes().to_vec(), file_index::record(s, seq))),
+                )
+            });
+            match res {
+                Ok(()) => {
+                    *ctx.index_meta.lock().expect("index meta") = Some(meta);
+                    tracing::info!(
+                        entries = n,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "Built the file index from the root; peers resync by manifest once."
+                    );
+                }
+                Err(e) => {
+                    ctx.shared.metrics.error("index");
+                    tracing::error!(error = %e, "The file index could not be built; peers resync by manifest.");
+                }
+            }
+            Ok(Vec::new())
+        }
+        Some(_) => {
+            let records = tokio::task::block_in_place(|| ix.records());
+            let records = match records {
+                Ok(r) => r,
+                Err(e) => {
+                    ctx.shared.metrics.error("index");
+                    tracing::error!(error = %e, "The file index cannot be read; peers resync by manifest.");
+                    *ctx.index_meta.lock().expect("index meta") = None;
+                    return Ok(Vec::new());
+                }
+            };
+            let root = ctx.shared.cfg.root.clone();
+            let excludes = ctx.excludes.clone();
+            let rc = tokio::task::spawn_blocking(move || {
+                file_index::reconcile(&root, &excludes, scanned, records)
+            })
+            .await?;
+            let refreshed = rc.refreshed.clone();
+            ctx.index_write(|ix| ix.apply(st.seq, &refreshed, &[], true));
+            tracing::info!(
+                changed = rc.changed.len(),
+                gone = rc.gone.len(),
+                hashed = rc.hashed,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "Compared the root with the file index: shipping what changed while ferry was down."
+            );
+            Ok(rc.changes())
+        }
+    }
 }
 
 /// The second look at the directories a sealed batch created (see
@@ -537,6 +725,15 @@ async fn seal(
         moved_dirs: moved,
     });
     let sealed = b.clone();
+    // The index learns the batch before any peer can receive it.
+    let mut ops = file_index::batch_ops(&b);
+    if b.resync_all {
+        // events were lost: the index is brought back from the root too
+        ops.extend(index_rescan(ctx, st.seq).await?);
+    }
+    ops.append(&mut ctx.hashes.lock().expect("hashes"));
+    let peers = ctx.peers_acked(st.epoch);
+    ctx.index_write(|ix| ix.apply(st.seq, &ops, &peers, true));
 
     BatchSealed {
         seq: b.seq,
@@ -572,6 +769,31 @@ async fn seal(
     Ok(Some(sealed))
 }
 
+/// A full scan compared with the index, recorded at batch `seq` (a batch
+/// that follows lost events).
+async fn index_rescan(ctx: &Ctx, seq: u64) -> anyhow::Result<Vec<ferry_store::IndexOp>> {
+    let Some(ix) = &ctx.index else {
+        return Ok(Vec::new());
+    };
+    if ctx.index_meta.lock().expect("index meta").is_none() {
+        return Ok(Vec::new());
+    }
+    let records = match tokio::task::block_in_place(|| ix.records()) {
+        Ok(r) => r,
+        Err(_) => return Ok(Vec::new()), // the write below fails and says why
+    };
+    let root = ctx.shared.cfg.root.clone();
+    let excludes = ctx.excludes.clone();
+    let rc = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut skipped = Vec::new();
+        scan::scan_tree(&root, None, &excludes, &mut out, &mut skipped)?;
+        Ok::<_, std::io::Error>(file_index::reconcile(&root, &excludes, out, records))
+    })
+    .await??;
+    Ok(rc.ops(seq))
+}
+
 /// Per-peer progress shared by the sender and the ack reader.
 struct PeerProgress {
     acked: watch::Sender<u64>,
@@ -594,9 +816,10 @@ async fn peer_loop(
     let progress = Arc::new(PeerProgress {
         acked: watch::channel(0).0,
         inflight: Mutex::new(VecDeque::new()),
-        // The first session after a start resyncs: changes made while the
-        // node was down are found by the manifest diff.
-        need_resync: AtomicBool::new(true),
+        // Without an index that vouches for the root, the first session
+        // after a start resyncs: changes made while the node was down are
+        // found by the manifest diff. With one, the batcher ships them.
+        need_resync: AtomicBool::new(ctx.index_meta.lock().expect("index meta").is_none()),
         expect_manifest: AtomicBool::new(false),
         connected_at: Mutex::new(None),
     });
@@ -780,6 +1003,27 @@ async fn session(
         } else {
             0
         });
+    {
+        // what the peer holds, as it says: its acked seq until it acks more
+        let applied = *progress.acked.borrow();
+        let last = ctx.log.lock().expect("log").last_seq;
+        ctx.acked
+            .lock()
+            .expect("acked")
+            .insert(peer.name.clone(), applied);
+        m.acked_seq
+            .with_label_values(&[&peer.name])
+            .set(applied as i64);
+        m.unacked
+            .with_label_values(&[&peer.name])
+            .set(last.saturating_sub(applied) as i64);
+        ctx.shared.set_status(|s| {
+            if let Some(p) = s.peers.iter_mut().find(|p| p.name == peer.name) {
+                p.acked_seq = applied;
+                p.unacked = last.saturating_sub(applied);
+            }
+        });
+    }
     progress.inflight.lock().expect("inflight").clear();
     progress.expect_manifest.store(false, Ordering::Relaxed);
     let (man_tx, man_rx) = mpsc::channel(1024);
@@ -871,6 +1115,10 @@ async fn read_acks(
                     }
                 }
                 progress.acked.send_replace(seq);
+                ctx.acked
+                    .lock()
+                    .expect("acked")
+                    .insert(peer.to_owned(), seq);
                 let last = ctx.log.lock().expect("log").last_seq;
                 m.acked_seq.with_label_values(&[peer]).set(seq as i64);
                 m.unacked
@@ -935,7 +1183,7 @@ impl Sender<'_> {
             Resume::From(n) => n,
             Resume::Resync => {
                 let target = self.ctx.log.lock().expect("log").last_seq;
-                self.resync(target, None, &mut man_rx).await?;
+                self.catch_up_or_resync(target, &mut man_rx).await?;
                 target + 1
             }
         };
@@ -978,7 +1226,7 @@ impl Sender<'_> {
                         "batch no longer in the log; resyncing"
                     );
                     let target = self.ctx.log.lock().expect("log").last_seq;
-                    self.resync(target, None, &mut man_rx).await?;
+                    self.catch_up_or_resync(target, &mut man_rx).await?;
                     next = target + 1;
                 }
                 Some(b) if b.resync_all => {
@@ -999,6 +1247,138 @@ impl Sender<'_> {
             .lock()
             .expect("inflight")
             .push_back((seq, sealed_at));
+    }
+
+    /// Brings the peer to batch `target` when the log no longer holds what
+    /// it lacks: from the file index when it vouches for the peer's acked
+    /// seq (no manifest, only what changed after it), else by manifest.
+    async fn catch_up_or_resync(
+        &mut self,
+        target: u64,
+        man_rx: &mut mpsc::Receiver<Option<Entry>>,
+    ) -> anyhow::Result<()> {
+        let acked = *self.progress.acked.borrow();
+        let forced = self.progress.need_resync.load(Ordering::Relaxed);
+        if !forced && acked <= target && self.ctx.index_covers(self.epoch, acked) {
+            // false: the index could not be read; by manifest then
+            if self.catch_up(acked, target).await? {
+                return Ok(());
+            }
+        }
+        self.resync(target, None, man_rx).await
+    }
+
+    /// Sends, as one resync batch to `target`, the current state of every
+    /// path the index says changed after `acked`, after deleting the paths
+    /// removed after it. `false`: the index could not be read.
+    async fn catch_up(&mut self, acked: u64, target: u64) -> anyhow::Result<bool> {
+        let Some(ix) = &self.ctx.index else {
+            return Ok(false);
+        };
+        let started = Instant::now();
+        let (changed, gone) = match tokio::task::block_in_place(|| ix.changed_after(acked)) {
+            Ok(x) => x,
+            Err(e) => {
+                self.ctx.shared.metrics.error("index");
+                tracing::error!(peer = self.peer, error = %e, "The file index cannot be read; resyncing by manifest.");
+                return Ok(false);
+            }
+        };
+        let rel = |k: Vec<u8>| RelPath::new(k).ok();
+        let mut gone: Vec<RelPath> = gone.into_iter().filter_map(rel).collect();
+        gone.sort_by(|a, b| a.walk_cmp(b));
+        let mut changed: Vec<RelPath> = changed.into_iter().filter_map(|(k, _)| rel(k)).collect();
+        changed.sort_by(|a, b| a.walk_cmp(b));
+        let total = (gone.len() + changed.len()) as u64;
+        tracing::info!(
+            peer = self.peer,
+            acked,
+            target,
+            changed = changed.len(),
+            gone = gone.len(),
+            "Catching the peer up from the file index (no manifest needed)."
+        );
+        self.ctx.shared.set_status(|s| {
+            s.resync = Some(super::ResyncProgress {
+                peer: self.peer.to_owned(),
+                done: 0,
+                total,
+            })
+        });
+        self.cur_seq = target;
+        let sealed_at = Instant::now();
+        self.send
+            .send(&Message::BatchBegin(BatchHeader {
+                epoch: self.epoch,
+                seq: target,
+                sealed_at_ns: now_ns(),
+                exact: false,
+                resync: true,
+            }))
+            .await?;
+        let mut done = 0u64;
+        let mut last_deleted: Option<RelPath> = None;
+        for g in gone {
+            done += 1;
+            if last_deleted.as_ref().is_some_and(|d| g.starts_with(d))
+                || self.ctx.excludes.is_excluded(&g, false)
+            {
+                continue;
+            }
+            self.st.sent.retain(|k, _| !k.starts_with(&g));
+            self.send
+                .send(&Message::Op(Op::Delete { path: g.clone() }))
+                .await?;
+            last_deleted = Some(g);
+        }
+        let root = self.ctx.shared.cfg.root.clone();
+        for (i, p) in changed.into_iter().enumerate() {
+            let mut skipped = Vec::new();
+            let now = tokio::task::block_in_place(|| scan::lstat_entry(&root, &p, &mut skipped))
+                .with_context(|| format!("reading {p}"))?;
+            note_skips(&self.ctx.shared, &skipped);
+            match now {
+                Some(s)
+                    if !self
+                        .ctx
+                        .excludes
+                        .is_excluded(&p, s.entry.kind == EntryKind::Dir) =>
+                {
+                    self.st.sent.remove(&p);
+                    self.send_state(&s, true, false).await?
+                }
+                Some(_) => {}
+                None => {
+                    self.send
+                        .send(&Message::Op(Op::Delete { path: p.clone() }))
+                        .await?
+                }
+            }
+            if i % 200 == 199 {
+                self.ctx.shared.set_status(|s| {
+                    s.resync = Some(super::ResyncProgress {
+                        peer: self.peer.to_owned(),
+                        done: done + i as u64 + 1,
+                        total,
+                    })
+                });
+            }
+        }
+        self.send.send(&Message::BatchEnd { seq: target }).await?;
+        self.send.flush().await?;
+        self.track(target, sealed_at);
+        // the reads above reflect every rename sealed so far
+        self.st.missing.clear();
+        self.st.recently_deleted.clear();
+        self.st.degrade_until = self.ctx.log.lock().expect("log").last_seq;
+        self.ctx.shared.set_status(|s| s.resync = None);
+        tracing::info!(
+            peer = self.peer,
+            target,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "Catch-up from the file index sent."
+        );
+        Ok(true)
     }
 
     /// Verifies the moved directories still pending, by subtree manifest.
@@ -1621,6 +2001,23 @@ impl Sender<'_> {
                 None => full,
             };
             self.send.send(&Message::FileEnd { hash: end }).await?;
+            {
+                let mut h = self.ctx.hashes.lock().expect("hashes");
+                if h.len() < HASHES_CAP {
+                    let mut ident = file_index::record(s, 0);
+                    ident.mode = mode;
+                    ident.size = size;
+                    ident.mtime = (mtime.secs, mtime.nanos);
+                    ident.dev = before.dev();
+                    ident.ino = before.ino();
+                    ident.ctime = (before.ctime(), before.ctime_nsec());
+                    ident.hash = Some(full);
+                    h.push(ferry_store::IndexOp::Hash {
+                        path: s.entry.path.as_bytes().to_vec(),
+                        ident,
+                    });
+                }
+            }
             self.remember_sent(
                 &s.entry.path,
                 SentFile {
