@@ -132,6 +132,13 @@ pub struct RunArgs {
     /// 600, 600s, 10m, 1h, 500ms (a bare number is seconds); 0 turns it off.
     #[arg(long, env = "FERRY_RESCAN_INTERVAL", default_value = "10m")]
     pub rescan_interval: String,
+    /// Sealed batches kept in memory for peers that fall behind; a peer
+    /// further behind catches up from the file index (or by manifest).
+    #[arg(long, env = "FERRY_LOG_CAPACITY", default_value_t = DEFAULT_LOG_CAPACITY)]
+    pub log_capacity: usize,
+    /// Paths and renames those batches may hold in all (bounds their memory).
+    #[arg(long, env = "FERRY_LOG_MAX_ITEMS", default_value_t = DEFAULT_LOG_MAX_ITEMS)]
+    pub log_max_items: usize,
 }
 
 #[derive(Args, Debug)]
@@ -261,6 +268,12 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
             a.batch_idle_ms, a.batch_max_delay_ms
         ));
     }
+    if a.log_capacity == 0 || a.log_max_items == 0 {
+        errs.push(format!(
+            "--log-capacity {} / --log-max-items {}: both must be at least 1",
+            a.log_capacity, a.log_max_items
+        ));
+    }
     let rescan_interval = match parse_interval(&a.rescan_interval) {
         Some(d) if d.is_zero() => None,
         Some(d) if d < Duration::from_millis(100) => {
@@ -319,7 +332,8 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
         batch_max_delay: Duration::from_millis(a.batch_max_delay_ms),
         shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),
         max_inflight: DEFAULT_MAX_INFLIGHT,
-        log_capacity: DEFAULT_LOG_CAPACITY,
+        log_capacity: a.log_capacity,
+        log_max_items: a.log_max_items,
         rescan_interval,
     })
 }

@@ -80,10 +80,20 @@ pub struct SealedBatch {
     pub moved_dirs: Vec<RelPath>,
 }
 
+impl SealedBatch {
+    /// What the batch weighs in the log (at least 1).
+    fn weight(&self) -> usize {
+        1 + self.items.len() + self.renames.len() + self.moved_dirs.len()
+    }
+}
+
 /// Sealed batches kept for peers that are behind.
 pub struct Log {
     batches: VecDeque<Arc<SealedBatch>>,
     cap: usize,
+    /// Items (renames and entries) held in all, and the most allowed.
+    items: usize,
+    max_items: usize,
     last_seq: u64,
     /// The batcher has stopped (shutdown): `last_seq` is final.
     closed: bool,
@@ -101,11 +111,19 @@ impl Log {
         let i = seq.checked_sub(first)? as usize;
         self.batches.get(i).cloned()
     }
+    /// Appends a batch; the oldest go once there are more than `cap`
+    /// batches or `max_items` items in all (a peer that still needed them
+    /// catches up from the file index, or by manifest).
     fn push(&mut self, b: Arc<SealedBatch>) {
         self.last_seq = b.seq;
+        self.items += b.weight();
         self.batches.push_back(b);
-        while self.batches.len() > self.cap {
-            self.batches.pop_front();
+        while self.batches.len() > self.cap
+            || (self.items > self.max_items && self.batches.len() > 1)
+        {
+            if let Some(old) = self.batches.pop_front() {
+                self.items -= old.weight();
+            }
         }
     }
 }
@@ -215,6 +233,8 @@ pub async fn start(
         log: Mutex::new(Log {
             batches: VecDeque::new(),
             cap: cfg.log_capacity,
+            items: 0,
+            max_items: cfg.log_max_items,
             last_seq: st.seq,
             closed: false,
         }),
@@ -923,6 +943,11 @@ struct SenderState {
     degrade_until: u64,
     /// Moved directories to verify by subtree manifest once caught up.
     pending_verify: Vec<RelPath>,
+    /// A catch-up from the index to this seq was sent and not (yet) acked.
+    /// If the session ended first, the next one resyncs by manifest
+    /// instead: that resumes (what the peer already applied is not sent
+    /// again), where a second catch-up would send it all again.
+    catching_up: Option<u64>,
 }
 
 struct Sender<'a> {
@@ -1259,7 +1284,15 @@ impl Sender<'_> {
     ) -> anyhow::Result<()> {
         let acked = *self.progress.acked.borrow();
         let forced = self.progress.need_resync.load(Ordering::Relaxed);
-        if !forced && acked <= target && self.ctx.index_covers(self.epoch, acked) {
+        let interrupted = self.st.catching_up.take().is_some_and(|t| acked < t);
+        if interrupted {
+            tracing::info!(
+                peer = self.peer,
+                acked,
+                "The last catch-up was interrupted; resuming it by manifest."
+            );
+        }
+        if !forced && !interrupted && acked <= target && self.ctx.index_covers(self.epoch, acked) {
             // false: the index could not be read; by manifest then
             if self.catch_up(acked, target).await? {
                 return Ok(());
@@ -1306,6 +1339,7 @@ impl Sender<'_> {
             })
         });
         self.cur_seq = target;
+        self.st.catching_up = Some(target);
         let sealed_at = Instant::now();
         self.send
             .send(&Message::BatchBegin(BatchHeader {
@@ -2085,4 +2119,59 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(seq: u64, items: usize) -> Arc<SealedBatch> {
+        Arc::new(SealedBatch {
+            epoch: 1,
+            seq,
+            sealed_at_ns: 0,
+            sealed_at: Instant::now(),
+            exact: true,
+            resync_all: false,
+            renames: Vec::new(),
+            items: (0..items)
+                .map(|i| Item {
+                    path: RelPath::new(format!("f{i}")).unwrap(),
+                    state: None,
+                    replace: false,
+                })
+                .collect(),
+            moved_dirs: Vec::new(),
+        })
+    }
+
+    /// The log is bounded by batches and by the items they hold in all; the
+    /// newest batch stays even when it alone is over the item bound.
+    #[test]
+    fn log_is_bounded_by_batches_and_items() {
+        let mut log = Log {
+            batches: VecDeque::new(),
+            cap: 10,
+            items: 0,
+            max_items: 100,
+            last_seq: 0,
+            closed: false,
+        };
+        for seq in 1..=30 {
+            log.push(batch(seq, 1));
+        }
+        assert_eq!((log.first_seq(), log.last_seq), (21, 30), "batch cap");
+        for seq in 31..=35 {
+            log.push(batch(seq, 30));
+        }
+        assert!(log.items <= 100, "{} items held", log.items);
+        assert_eq!(log.first_seq(), 33, "item cap: 3 batches of 31");
+        assert!(log.get(32).is_none() && log.get(33).is_some());
+        log.push(batch(36, 500));
+        assert_eq!(log.first_seq(), 36, "a huge batch alone is kept");
+        assert_eq!(log.items, 501);
+        log.push(batch(37, 1));
+        assert_eq!(log.first_seq(), 37);
+        assert_eq!(log.items, 2);
+    }
 }
