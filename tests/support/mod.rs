@@ -140,13 +140,27 @@ impl Node {
     }
 
     pub fn start(&mut self) -> &mut Self {
+        self.start_wrapped(&[])
+    }
+
+    /// Starts the node under a wrapper command (e.g. `unshare ... --`): the
+    /// wrapper's argv, then the ferry binary and its arguments.
+    pub fn start_wrapped(&mut self, wrapper: &[&str]) -> &mut Self {
         assert!(self.child.is_none());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(ferry())
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(ferry()),
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(ferry());
+                c
+            }
+        };
+        let child = cmd
             .args(&self.args)
             .env("FERRY_LOG_LEVEL", "debug")
             .stdin(Stdio::null())
@@ -202,6 +216,7 @@ impl Node {
         }
     }
 
+    /// The process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
@@ -418,6 +433,7 @@ pub fn seed() -> u64 {
     eprintln!("seed: {s} (replay with FERRY_TEST_SEED={s})");
     s
 }
+pub mod faults;
 pub mod workload;
 
 /// Block-structured self-verifying content for files rewritten in place:

@@ -132,6 +132,17 @@ pub struct RunArgs {
     /// On SIGTERM, wait this long for peers to ack what is pending (s).
     #[arg(long, env = "FERRY_SHUTDOWN_GRACE_SECS", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
     pub shutdown_grace_secs: u64,
+    /// Periodic full rescan, a safety net for events the watcher lost: e.g.
+    /// 600, 600s, 10m, 1h, 500ms (a bare number is seconds); 0 turns it off.
+    #[arg(long, env = "FERRY_RESCAN_INTERVAL", default_value = "10m")]
+    pub rescan_interval: String,
+    /// Sealed batches kept in memory for peers that fall behind; a peer
+    /// further behind catches up from the file index (or by manifest).
+    #[arg(long, env = "FERRY_LOG_CAPACITY", default_value_t = DEFAULT_LOG_CAPACITY)]
+    pub log_capacity: usize,
+    /// Paths and renames those batches may hold in all (bounds their memory).
+    #[arg(long, env = "FERRY_LOG_MAX_ITEMS", default_value_t = DEFAULT_LOG_MAX_ITEMS)]
+    pub log_max_items: usize,
 }
 
 #[derive(Args, Debug)]
@@ -272,6 +283,30 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
             a.batch_idle_ms, a.batch_max_delay_ms
         ));
     }
+    if a.log_capacity == 0 || a.log_max_items == 0 {
+        errs.push(format!(
+            "--log-capacity {} / --log-max-items {}: both must be at least 1",
+            a.log_capacity, a.log_max_items
+        ));
+    }
+    let rescan_interval = match parse_interval(&a.rescan_interval) {
+        Some(d) if d.is_zero() => None,
+        Some(d) if d < Duration::from_millis(100) => {
+            errs.push(format!(
+                "--rescan-interval {:?}: at least 100ms (or 0 to turn it off)",
+                a.rescan_interval
+            ));
+            None
+        }
+        Some(d) => Some(d),
+        None => {
+            errs.push(format!(
+                "--rescan-interval {:?}: expected a duration such as 600, 600s, 10m, 1h or 500ms (0 turns it off)",
+                a.rescan_interval
+            ));
+            None
+        }
+    };
     let (state_dir, state_rel) = match &root {
         Some(root) => {
             let sd = a.state_dir.clone().unwrap_or_else(|| root.join(".ferry"));
@@ -312,8 +347,26 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
         batch_max_delay: Duration::from_millis(a.batch_max_delay_ms),
         shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),
         max_inflight: DEFAULT_MAX_INFLIGHT,
-        log_capacity: DEFAULT_LOG_CAPACITY,
+        log_capacity: a.log_capacity,
+        log_max_items: a.log_max_items,
+        rescan_interval,
     })
+}
+
+/// `600`, `600s`, `10m`, `1h`, `500ms` (a bare number is seconds).
+fn parse_interval(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit.trim() {
+        "" | "s" => n.checked_mul(1000)?,
+        "ms" => n,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
 }
 
 fn absolutize(p: &Path) -> PathBuf {
@@ -674,6 +727,20 @@ fn restart_self() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rescan_interval_forms() {
+        assert_eq!(parse_interval("600"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_interval("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_interval("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_interval("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_interval("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_interval("0"), Some(Duration::ZERO));
+        assert_eq!(parse_interval("ten"), None);
+        assert_eq!(parse_interval("5d"), None);
+        assert_eq!(parse_interval(""), None);
+        assert_eq!(parse_interval("99999999999999999999h"), None);
+    }
 
     #[test]
     fn resync_progress_is_read_from_status_json() {

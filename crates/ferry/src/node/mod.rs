@@ -3,6 +3,7 @@
 
 pub mod conflicts;
 pub mod handover;
+mod file_index;
 pub mod primary;
 pub mod replica;
 
