@@ -7,14 +7,15 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod testing;
 mod tls;
 
-pub use tls::{load_tls, TlsMaterial};
+pub use tls::{load_tls, TlsMaterial, TlsWatch};
 
 use bytes::BytesMut;
 use ferry_proto::{FrameDecoder, Message, ProtoError, ALPN};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 /// Per-stream receive window: 16 MiB keeps a 1 Gbit/s, 100 ms RTT link full
@@ -36,6 +37,13 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 pub const MAX_INCOMING: usize = 64;
 /// Time allowed for a handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default cap on a connection's age: a connection this old is closed (the
+/// dialer redials), so rotated certificates and CAs reach long-lived
+/// connections too. A peer that does not redial by itself is cut by the
+/// accepting side a quarter of the cap later.
+pub const DEFAULT_MAX_CONN_AGE: Duration = Duration::from_secs(3600);
+/// Application close code of a connection closed by the age cap.
+pub const CLOSE_AGE_CAP: u32 = 3;
 
 /// Errors of the transport, each naming its cause.
 #[derive(Debug, thiserror::Error)]
@@ -70,8 +78,60 @@ pub enum NetError {
 /// One QUIC endpoint: listens for peers and dials them.
 pub struct Transport {
     ep: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    /// Replaced by [`Transport::reload_tls`]; each dial clones the current one.
+    client: RwLock<quinn::ClientConfig>,
+    transport: Arc<quinn::TransportConfig>,
     allowed: Arc<Vec<String>>,
+    max_age: Duration,
+}
+
+fn server_quic_config(
+    tls: &TlsMaterial,
+    allowed: &[String],
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ServerConfig, NetError> {
+    let server_tls = tls::server_config(tls, allowed)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)
+            .map_err(|e| NetError::TlsConfig(e.to_string()))?,
+    ));
+    server
+        .transport_config(transport)
+        .migration(false)
+        .max_incoming(MAX_INCOMING)
+        .incoming_buffer_size(64 << 10)
+        .incoming_buffer_size_total(4 << 20);
+    Ok(server)
+}
+
+fn client_quic_config(
+    tls: &TlsMaterial,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ClientConfig, NetError> {
+    let client_tls = tls::client_config(tls)?;
+    let mut client = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)
+            .map_err(|e| NetError::TlsConfig(e.to_string()))?,
+    ));
+    client.transport_config(transport);
+    Ok(client)
+}
+
+/// Closes `conn` once it is `age` old (unless it closed before). The timer
+/// task holds a clone of the connection; the returned guard aborts it when
+/// the last [`Conn`] is dropped, so dropping a connection still closes it.
+fn cap_age(conn: &quinn::Connection, age: Duration) -> Arc<AgeCap> {
+    let conn = conn.clone();
+    let task = tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(age) => conn.close(
+                CLOSE_AGE_CAP.into(),
+                b"connection age cap reached; redial (picks up rotated certificates)",
+            ),
+            _ = conn.closed() => {}
+        }
+    });
+    Arc::new(AgeCap(task.abort_handle()))
 }
 
 fn transport_config() -> quinn::TransportConfig {
@@ -84,10 +144,19 @@ fn transport_config() -> quinn::TransportConfig {
         .max_idle_timeout(Some(
             IDLE_TIMEOUT
                 .try_into()
-                .expect("30 s is a valid idle timeout"),
+                .expect("10 s is a valid idle timeout"),
         ))
         .keep_alive_interval(Some(KEEP_ALIVE));
     t
+}
+
+/// Stops a connection's age-cap timer when the last handle goes.
+struct AgeCap(tokio::task::AbortHandle);
+
+impl Drop for AgeCap {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Transport {
@@ -99,23 +168,8 @@ impl Transport {
         allowed: Vec<String>,
     ) -> Result<Transport, NetError> {
         let transport = Arc::new(transport_config());
-        let server_tls = tls::server_config(tls, &allowed)?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
-            quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)
-                .map_err(|e| NetError::TlsConfig(e.to_string()))?,
-        ));
-        server
-            .transport_config(transport.clone())
-            .migration(false)
-            .max_incoming(MAX_INCOMING)
-            .incoming_buffer_size(64 << 10)
-            .incoming_buffer_size_total(4 << 20);
-        let client_tls = tls::client_config(tls)?;
-        let mut client = quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)
-                .map_err(|e| NetError::TlsConfig(e.to_string()))?,
-        ));
-        client.transport_config(transport);
+        let server = server_quic_config(tls, &allowed, transport.clone())?;
+        let client = client_quic_config(tls, transport.clone())?;
         let socket = std::net::UdpSocket::bind(listen).map_err(|source| NetError::Bind {
             addr: listen,
             error: source,
@@ -139,9 +193,30 @@ impl Transport {
         })?;
         Ok(Transport {
             ep,
-            client,
+            client: RwLock::new(client),
+            transport,
             allowed: Arc::new(allowed),
+            max_age: DEFAULT_MAX_CONN_AGE,
         })
+    }
+
+    /// Sets the connection-age cap (default [`DEFAULT_MAX_CONN_AGE`]) for
+    /// connections made from now on: dialled connections are closed at
+    /// `age`, accepted ones at `age * 5 / 4` (the dialer should go first).
+    pub fn set_max_conn_age(&mut self, age: Duration) {
+        self.max_age = age.max(Duration::from_millis(100));
+    }
+
+    /// Swaps in new certificates, key and CAs: every handshake from now on
+    /// (dialled or accepted) uses them; open connections keep theirs until
+    /// they close (see [`Transport::set_max_conn_age`]). Nothing changes
+    /// when `tls` does not make a valid configuration.
+    pub fn reload_tls(&self, tls: &TlsMaterial) -> Result<(), NetError> {
+        let server = server_quic_config(tls, &self.allowed, self.transport.clone())?;
+        let client = client_quic_config(tls, self.transport.clone())?;
+        self.ep.set_server_config(Some(server));
+        *self.client.write().unwrap_or_else(PoisonError::into_inner) = client;
+        Ok(())
     }
 
     /// The bound address.
@@ -157,17 +232,24 @@ impl Transport {
             addr,
             reason,
         };
+        let client = self
+            .client
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let connecting = self
             .ep
-            .connect_with(self.client.clone(), addr, name)
+            .connect_with(client, addr, name)
             .map_err(|e| err(e.to_string()))?;
         let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
             .await
             .map_err(|_| err("handshake timed out (peer down or UDP blocked?)".into()))?
             .map_err(|e| err(e.to_string()))?;
+        let cap = cap_age(&conn, self.max_age);
         Ok(Conn {
             inner: conn,
             peer: name.to_owned(),
+            _cap: Some(cap),
         })
     }
 
@@ -198,7 +280,12 @@ impl Transport {
                     addr,
                     reason: "certificate names no allowed peer".into(),
                 })?;
-            Ok(Conn { inner: conn, peer })
+            let cap = cap_age(&conn, self.max_age + self.max_age / 4);
+            Ok(Conn {
+                inner: conn,
+                peer,
+                _cap: Some(cap),
+            })
         }
         .await;
         Some(res)
@@ -220,6 +307,7 @@ impl Transport {
 pub struct Conn {
     inner: quinn::Connection,
     peer: String,
+    _cap: Option<Arc<AgeCap>>,
 }
 
 impl Conn {
@@ -308,6 +396,14 @@ impl MsgSend {
             })?;
         }
         Ok(())
+    }
+
+    /// Writes `bytes` as they are, unframed, after what is queued. For tests
+    /// and tools that must speak a broken protocol on purpose (see
+    /// `tests/hostile.rs`); ferry itself only sends [`Message`]s.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), NetError> {
+        self.buf.extend_from_slice(bytes);
+        self.flush().await
     }
 
     /// Flushes and ends the stream.

@@ -128,6 +128,9 @@ pub struct RunArgs {
     /// On SIGTERM, wait this long for peers to ack what is pending (s).
     #[arg(long, env = "FERRY_SHUTDOWN_GRACE_SECS", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
     pub shutdown_grace_secs: u64,
+    /// Close and redial a connection this old, so rotated certificates reach it (s).
+    #[arg(long, env = "FERRY_MAX_CONNECTION_AGE_SECS", default_value_t = DEFAULT_MAX_CONN_AGE.as_secs())]
+    pub max_connection_age_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -251,6 +254,9 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
     if let Err(e) = ferry_watch::Excludes::new(&a.excludes, None) {
         errs.push(e.to_string());
     }
+    if a.max_connection_age_secs == 0 {
+        errs.push("--max-connection-age-secs 0: must be at least 1 (default 3600)".into());
+    }
     if a.batch_idle_ms == 0 || a.batch_max_delay_ms < a.batch_idle_ms {
         errs.push(format!(
             "--batch-idle-ms {} / --batch-max-delay-ms {}: need 0 < idle <= max delay",
@@ -298,6 +304,7 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
         shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),
         max_inflight: DEFAULT_MAX_INFLIGHT,
         log_capacity: DEFAULT_LOG_CAPACITY,
+        max_conn_age: Duration::from_secs(a.max_connection_age_secs),
     })
 }
 

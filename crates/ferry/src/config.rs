@@ -20,6 +20,11 @@ pub const DEFAULT_MAX_INFLIGHT: usize = 256;
 /// Sealed batches the primary keeps in memory for peers that fall behind;
 /// past this a peer catches up by manifest-diff resync instead.
 pub const DEFAULT_LOG_CAPACITY: usize = 16_384;
+/// A connection older than this is closed and redialled, so rotated
+/// certificates reach long-lived connections (see docs/SECURITY.md).
+pub const DEFAULT_MAX_CONN_AGE: Duration = ferry_net::DEFAULT_MAX_CONN_AGE;
+/// How often the TLS directory is checked for rotated files.
+pub const TLS_POLL: Duration = Duration::from_secs(2);
 /// Default QUIC port.
 pub const DEFAULT_PORT: u16 = 7443;
 
@@ -51,4 +56,6 @@ pub struct NodeConfig {
     pub shutdown_grace: Duration,
     pub max_inflight: usize,
     pub log_capacity: usize,
+    /// Connection-age cap (certificate rotation reaches every connection).
+    pub max_conn_age: Duration,
 }

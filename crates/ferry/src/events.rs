@@ -175,3 +175,25 @@ impl Event for ProtocolViolation<'_> {
         tracing::warn!(why = %self.why, "A peer broke the protocol; its stream is closed.");
     }
 }
+
+/// Rotated TLS files were loaded: new connections use them.
+pub struct TlsReloaded<'a> {
+    pub dir: &'a std::path::Path,
+}
+impl Event for TlsReloaded<'_> {
+    fn emit(self, m: &Metrics) {
+        m.tls_reloads.inc();
+        tracing::info!(dir = %self.dir.display(), "Loaded rotated TLS certificates; new connections use them.");
+    }
+}
+
+/// The TLS files changed but do not make a valid set: the last good one stays.
+pub struct TlsReloadFailed<'a> {
+    pub error: &'a str,
+}
+impl Event for TlsReloadFailed<'_> {
+    fn emit(self, m: &Metrics) {
+        m.error("tls_reload");
+        tracing::error!(error = %self.error, "The rotated TLS files are not valid; still using the last good certificate. Fix the files (or the cert-manager Certificate) in the TLS dir.");
+    }
+}
