@@ -225,6 +225,11 @@ impl Suite {
                 self.outside.state()
             ));
         }
+        if let Some(l) = link_leaving_root(&self.replica.root) {
+            why.push(format!(
+                "a symlink on the replica resolves outside the root: {l}"
+            ));
+        }
         let log = std::fs::read_to_string(&self.replica.log).unwrap_or_default();
         if log.contains("panicked") {
             why.push("the replica panicked".into());
@@ -286,6 +291,31 @@ impl Suite {
         self.replica.stop();
         let _ = &self.base;
     }
+}
+
+/// A symlink below `root` (other than the test's own traps `lnk` and `rel`)
+/// that the kernel resolves to a place outside `root`.
+fn link_leaving_root(root: &Path) -> Option<String> {
+    let croot = root.canonicalize().ok()?;
+    for e in walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .into_iter()
+        .flatten()
+    {
+        if !e.path_is_symlink() {
+            continue;
+        }
+        let rel = e.path().strip_prefix(root).ok()?;
+        if rel == Path::new("lnk") || rel == Path::new("rel") {
+            continue;
+        }
+        if let Ok(t) = e.path().canonicalize() {
+            if !t.starts_with(&croot) {
+                return Some(format!("{} -> {}", rel.display(), t.display()));
+            }
+        }
+    }
+    None
 }
 
 /// The replica's peak resident memory over a whole suite.
@@ -539,6 +569,52 @@ fn g6_hostile_paths_links_and_modes_are_refused_and_nothing_outside_changes() {
             )
         });
     }
+    // a chain of links, each fine on its own, that climbs out: `dot` -> `.`
+    // is the root itself, so `dot/..` is the root's parent
+    t.case(
+        "symlink chain: dot -> '.', up -> 'dot/..'",
+        APPLY_REFUSED,
+        |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![
+                    Message::Op(Op::Symlink {
+                        path: rel("dot"),
+                        target: b".".to_vec(),
+                        mtime: mtime(),
+                    }),
+                    Message::Op(Op::Symlink {
+                        path: rel("up"),
+                        target: b"dot/..".to_vec(),
+                        mtime: mtime(),
+                    }),
+                ],
+            )
+        },
+    );
+    t.case(
+        "symlink chain via a subdir link: s -> 'sub', up2 -> 's/../..'",
+        APPLY_REFUSED,
+        |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![
+                    Message::Op(Op::Symlink {
+                        path: rel("sub/here"),
+                        target: b".".to_vec(),
+                        mtime: mtime(),
+                    }),
+                    Message::Op(Op::Symlink {
+                        path: rel("sub/up2"),
+                        target: b"here/../..".to_vec(),
+                        mtime: mtime(),
+                    }),
+                ],
+            )
+        },
+    );
     let long_target = {
         let mut p = field16(b"esc");
         p.extend(field16(&vec![b'a'; 4097]));
