@@ -274,6 +274,23 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
             if sd_abs == *root {
                 errs.push("--state-dir is the root itself; use a subdirectory (default ROOT/.ferry) or a path outside the root".into());
             }
+            // State left in ROOT/.ferry by a run with the default state dir,
+            // while this run keeps its state elsewhere: that old state would
+            // be replicated as data, and replicas (whose state dir is their
+            // ROOT/.ferry) would refuse it, stalling replication.
+            let default_sd = root.join(".ferry");
+            if sd_abs != default_sd
+                && ["lock", "state.a", "state.b"]
+                    .iter()
+                    .any(|f| default_sd.join(f).exists())
+            {
+                errs.push(format!(
+                    "--state-dir {}: but {} holds ferry state from a run with the default state dir; it would be replicated as data (and refused by replicas). Remove {} or drop --state-dir to use it",
+                    sd.display(),
+                    default_sd.display(),
+                    default_sd.display()
+                ));
+            }
             if rel.as_ref().is_some_and(|r| r.depth() > 1) {
                 errs.push(format!(
                     "--state-dir {}: inside the root it must be a top-level directory (e.g. ROOT/.ferry), or lie outside the root; a deeper one could be removed with its parent by a peer",
@@ -341,7 +358,12 @@ fn check_root(r: &Path) -> Result<PathBuf, String> {
     let c = r
         .canonicalize()
         .map_err(|e| format!("--root {}: {e}", r.display()))?;
-    if c == Path::new("/") {
+    // `/` under any name (a bind mount of the host's root shows its inode)
+    let same_as_slash = std::fs::metadata("/").is_ok_and(|s| {
+        use std::os::unix::fs::MetadataExt;
+        s.dev() == md.dev() && s.ino() == md.ino()
+    });
+    if c == Path::new("/") || same_as_slash {
         return Err(
             "--root /: refusing to replicate the whole filesystem; pass the volume's mount path"
                 .into(),
@@ -540,6 +562,13 @@ async fn resync_progress_bar(state_dir: &Path) {
 }
 
 async fn run(cfg: NodeConfig) -> i32 {
+    let _root_lock = match lock_root(&cfg.root) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            return 1;
+        }
+    };
     let handle = match crate::node::start(cfg).await {
         Ok(h) => h,
         Err(e) => {

@@ -234,6 +234,9 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             sealed_at_ns: 0,
         },
     };
+    if st.role == Role::Replica {
+        crate::config::check_writable(&cfg.root).map_err(anyhow::Error::msg)?;
+    }
     let tls = ferry_net::load_tls(&cfg.tls_dir, &cfg.name)?;
     let allowed: Vec<String> = cfg.peers.iter().map(|p| p.name.clone()).collect();
     let mut transport = ferry_net::Transport::bind(cfg.listen, &tls, allowed)?;
