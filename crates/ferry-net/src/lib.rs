@@ -479,3 +479,104 @@ pub fn valid_node_name(name: &str) -> bool {
 
 #[doc(hidden)]
 pub const _ALPN: &[u8] = ALPN;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn material(dir: &std::path::Path, name: &str) -> TlsMaterial {
+        let out = dir.join(name);
+        certs::issue(&dir.join("ca"), name, &out, 1).unwrap();
+        load_tls(&out, name).unwrap()
+    }
+
+    /// No 0-RTT: a client that holds a session ticket from an earlier
+    /// connection still cannot send early data (quinn refuses `into_0rtt`
+    /// because rustls has early data off on both sides), so nothing a peer
+    /// sends is processed before the handshake, client certificate
+    /// included, is complete.
+    #[test]
+    fn no_zero_rtt_even_with_a_session_ticket() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        certs::init_ca(&dir.path().join("ca"), "test CA").unwrap();
+        let (srv, cli) = (material(dir.path(), "srv"), material(dir.path(), "cli"));
+        rt.block_on(async {
+            let server = Arc::new(
+                Transport::bind("127.0.0.1:0".parse().unwrap(), &srv, vec!["cli".into()]).unwrap(),
+            );
+            let addr = server.local_addr().unwrap();
+            let s2 = server.clone();
+            tokio::spawn(async move {
+                while let Some(c) = s2.accept().await {
+                    if let Ok(c) = c {
+                        tokio::spawn(async move {
+                            let _ = c.accept().await;
+                        });
+                    }
+                }
+            });
+            let client =
+                Transport::bind("127.0.0.1:0".parse().unwrap(), &cli, vec!["srv".into()]).unwrap();
+            assert_eq!(
+                tls::server_config(&srv, &["cli".into()])
+                    .unwrap()
+                    .max_early_data_size,
+                0
+            );
+            assert!(!tls::client_config(&cli).unwrap().enable_early_data);
+            for attempt in 0..3 {
+                let cfg = client.client.read().unwrap().clone();
+                let connecting = client.ep.connect_with(cfg, addr, "srv").unwrap();
+                let conn = match connecting.into_0rtt() {
+                    Ok(_) => panic!("attempt {attempt}: 0-RTT was offered"),
+                    Err(connecting) => connecting.await.expect("a full handshake works"),
+                };
+                // let the server's session tickets arrive before closing
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                conn.close(0u32.into(), b"done");
+            }
+        });
+    }
+
+    /// A reload swaps what new handshakes use: after the client's CA set is
+    /// replaced by an unrelated CA, dialling the same server fails, and
+    /// putting the right CA back makes it work again, without a new
+    /// endpoint.
+    #[test]
+    fn reload_applies_to_new_handshakes() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        certs::init_ca(&dir.path().join("ca"), "test CA").unwrap();
+        let other = tempfile::tempdir().unwrap();
+        certs::init_ca(&other.path().join("ca"), "other CA").unwrap();
+        let (srv, cli) = (material(dir.path(), "srv"), material(dir.path(), "cli"));
+        let foreign = material(other.path(), "cli");
+        rt.block_on(async {
+            let server = Arc::new(
+                Transport::bind("127.0.0.1:0".parse().unwrap(), &srv, vec!["cli".into()]).unwrap(),
+            );
+            let addr = server.local_addr().unwrap();
+            let s2 = server.clone();
+            tokio::spawn(async move { while s2.accept().await.is_some() {} });
+            let client =
+                Transport::bind("127.0.0.1:0".parse().unwrap(), &cli, vec!["srv".into()]).unwrap();
+            assert!(client.connect(addr, "srv").await.is_ok());
+            client.reload_tls(&foreign).unwrap();
+            assert!(
+                client.connect(addr, "srv").await.is_err(),
+                "old files still used"
+            );
+            client.reload_tls(&cli).unwrap();
+            assert!(client.connect(addr, "srv").await.is_ok());
+        });
+    }
+}
