@@ -1156,3 +1156,130 @@ fn g2_g7_hostile_sequences_and_epochs_are_refused() {
     }
     t.finish("sequences and epochs");
 }
+
+/// G6 under a filesystem race: while batches that write into `d/` apply,
+/// another process swaps `d` for a symlink to a directory outside the root
+/// (a temp dir standing in for `/`) and back, in a loop. Every apply
+/// operation walks from a held directory handle with `O_NOFOLLOW`, so
+/// whatever the interleaving, nothing is created, changed or deleted
+/// outside; batches that meet the link are refused and later ones apply.
+#[test]
+fn g6_directory_swapped_for_a_symlink_while_batches_apply_nothing_escapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = Suite::new(tmp.path());
+    let root = t.replica.root.clone();
+    let before = t.outside.state();
+    let mut s = t.good.session(t.replica.port);
+    let mut applied = s.start(EPOCH);
+    batch_at(&mut s, applied + 1, vec![mkdir("d")]);
+    assert_eq!(s.reply(Duration::from_secs(10)), Reply::Ack(applied + 1));
+    applied += 1;
+
+    // the swapper: another process, bounded in iterations and time
+    let stop = t.base.join("stop-swapping");
+    let script = format!(
+        r#"cd '{root}' || exit 1
+end=$((SECONDS + 20))
+n=0
+for i in $(seq 1 20000); do
+  [ $SECONDS -ge $end ] && break
+  [ -e '{stop}' ] && break
+  # a batch re-created d while it was swapped out: drop the stale copy
+  [ -d d.real ] && [ -d d ] && [ ! -L d ] && rm -rf d.real
+  mv -T d d.real 2>/dev/null && ln -sT '{out}' d 2>/dev/null && n=$((n + 1))
+  [ -L d ] && rm -f d
+  mv -T d.real d 2>/dev/null
+done
+echo "swapped d for a link $n times" >&2
+[ -L d ] && rm -f d
+[ -d d.real ] && [ ! -e d ] && mv -T d.real d
+exit 0"#,
+        root = root.display(),
+        out = t.outside.dir.display(),
+        stop = stop.display()
+    );
+    let mut swapper = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .spawn()
+        .unwrap();
+
+    let (mut acked, mut refused) = (0u32, 0u32);
+    let started = Instant::now();
+    let mut i = 0u64;
+    while started.elapsed() < Duration::from_secs(8) && i < 3000 {
+        i += 1;
+        let mut msgs = vec![mkdir("d"), mkdir(&format!("d/sub{i}"))];
+        msgs.extend(file(&format!("d/f{i}.txt"), b"raced"));
+        msgs.extend(file(&format!("d/sub{i}/deep.txt"), b"deep"));
+        msgs.push(Message::Op(Op::Symlink {
+            path: rel(&format!("d/l{i}")),
+            target: b"f.txt".to_vec(),
+            mtime: mtime(),
+        }));
+        msgs.push(Message::Op(Op::SetMeta {
+            path: rel(&format!("d/f{i}.txt")),
+            mode: 0o600,
+            mtime: mtime(),
+        }));
+        msgs.push(Message::Op(Op::Rename {
+            from: rel(&format!("d/f{i}.txt")),
+            to: rel(&format!("d/g{i}.txt")),
+        }));
+        if i > 1 {
+            msgs.push(Message::Op(Op::Delete {
+                path: rel(&format!("d/sub{}", i - 1)),
+            }));
+            msgs.push(Message::Op(Op::Delete {
+                path: rel(&format!("d/g{}.txt", i - 1)),
+            }));
+        }
+        if i % 10 == 0 {
+            msgs.push(Message::Op(Op::Delete { path: rel("d") }));
+        }
+        batch_at(&mut s, applied + 1, msgs);
+        match s.reply(Duration::from_secs(10)) {
+            Reply::Ack(n) => {
+                applied = n;
+                acked += 1;
+            }
+            Reply::Refuse(_) | Reply::End(_) => {
+                refused += 1;
+                drop(s);
+                s = t.good.session(t.replica.port);
+                applied = s.start(EPOCH);
+            }
+            other => panic!("batch {i}: {other:?}\n{}", t.replica.log_tail()),
+        }
+    }
+    drop(s);
+    std::fs::write(&stop, b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while swapper.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the swapper did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("{i} batches while d was swapped for a link: {acked} applied, {refused} refused");
+    assert_eq!(
+        t.outside.state(),
+        before,
+        "something outside the root changed under the race"
+    );
+    let leak = link_leaving_root(&root);
+    assert!(leak.is_none(), "{leak:?}");
+    assert!(acked > 0, "no batch applied at all during the race");
+    let mut t = t;
+    t.serve_good("the race");
+    t.finish("filesystem race");
+}
+
+fn mkdir(p: &str) -> Message {
+    Message::Op(Op::Mkdir {
+        path: rel(p),
+        mode: 0o755,
+    })
+}
+
+fn batch_at(s: &mut Session<'_>, seq: u64, msgs: Vec<Message>) {
+    batch(s, seq, msgs)
+}
