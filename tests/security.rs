@@ -392,6 +392,11 @@ fn g8_certificates_rotate_without_restart_and_a_bad_pair_keeps_the_last_good_one
     wait_converged(&primary.root, &replica.root, Duration::from_secs(30));
     wait_idle(&primary, Duration::from_secs(20));
     let resyncs = primary.metric("ferry_resyncs_total");
+    let session_errors = metric_labeled(
+        primary.metrics,
+        "ferry_errors_total",
+        "kind=\"peer_session\"",
+    );
 
     let ca1_pem = std::fs::read(ca1.dir.join("ca/ca.crt")).unwrap();
     let ca2_pem = std::fs::read(ca2.dir.join("ca/ca.crt")).unwrap();
@@ -502,5 +507,16 @@ fn g8_certificates_rotate_without_restart_and_a_bad_pair_keeps_the_last_good_one
             "kind=\"inconsistent\""
         ),
         0.0
+    );
+    // an age-cap redial is routine, not a session error (no FerryErrors alert every hour)
+    assert_eq!(
+        metric_labeled(
+            primary.metrics,
+            "ferry_errors_total",
+            "kind=\"peer_session\""
+        ),
+        session_errors,
+        "{}",
+        primary.log_tail()
     );
 }

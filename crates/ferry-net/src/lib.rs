@@ -15,6 +15,7 @@ pub use tls::{load_tls, TlsMaterial, TlsWatch};
 use bytes::BytesMut;
 use ferry_proto::{FrameDecoder, Message, ProtoError, ALPN};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -67,6 +68,10 @@ pub enum NetError {
     PeerRefused { addr: SocketAddr, reason: String },
     #[error("connection lost: {0}")]
     Lost(String),
+    /// The connection reached its age cap and was closed on purpose; the
+    /// dialer redials (and so picks up rotated certificates). Not a fault.
+    #[error("connection age cap reached; redialling (picks up rotated certificates)")]
+    AgeCap,
     #[error("peer sent a malformed message: {0}")]
     Proto(#[from] ProtoError),
     #[error("handshake timed out")]
@@ -122,16 +127,24 @@ fn client_quic_config(
 /// the last [`Conn`] is dropped, so dropping a connection still closes it.
 fn cap_age(conn: &quinn::Connection, age: Duration) -> Arc<AgeCap> {
     let conn = conn.clone();
+    let fired = Arc::new(AtomicBool::new(false));
+    let f2 = fired.clone();
     let task = tokio::spawn(async move {
         tokio::select! {
-            _ = tokio::time::sleep(age) => conn.close(
-                CLOSE_AGE_CAP.into(),
-                b"connection age cap reached; redial (picks up rotated certificates)",
-            ),
+            _ = tokio::time::sleep(age) => {
+                f2.store(true, Ordering::Relaxed);
+                conn.close(
+                    CLOSE_AGE_CAP.into(),
+                    b"connection age cap reached; redial (picks up rotated certificates)",
+                )
+            }
             _ = conn.closed() => {}
         }
     });
-    Arc::new(AgeCap(task.abort_handle()))
+    Arc::new(AgeCap {
+        task: task.abort_handle(),
+        fired,
+    })
 }
 
 fn transport_config() -> quinn::TransportConfig {
@@ -150,12 +163,31 @@ fn transport_config() -> quinn::TransportConfig {
     t
 }
 
-/// Stops a connection's age-cap timer when the last handle goes.
-struct AgeCap(tokio::task::AbortHandle);
+/// Stops a connection's age-cap timer when the last handle goes; says
+/// whether the cap closed the connection (so that is not reported as a fault).
+struct AgeCap {
+    task: tokio::task::AbortHandle,
+    fired: Arc<AtomicBool>,
+}
 
 impl Drop for AgeCap {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
+    }
+}
+
+/// Whether a connection was closed by its age cap, shared with its streams.
+#[derive(Clone, Default)]
+struct Capped(Option<Arc<AtomicBool>>);
+
+impl Capped {
+    /// `Lost(e)`, or [`NetError::AgeCap`] when the age cap closed the connection.
+    fn lost(&self, e: impl std::fmt::Display) -> NetError {
+        if self.0.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
+            NetError::AgeCap
+        } else {
+            NetError::Lost(e.to_string())
+        }
     }
 }
 
@@ -311,6 +343,10 @@ pub struct Conn {
 }
 
 impl Conn {
+    fn capped(&self) -> Capped {
+        Capped(self._cap.as_ref().map(|c| c.fired.clone()))
+    }
+
     /// The peer's node name, from its certificate.
     pub fn peer(&self) -> &str {
         &self.peer
@@ -326,8 +362,11 @@ impl Conn {
             .inner
             .open_bi()
             .await
-            .map_err(|e| NetError::Lost(e.to_string()))?;
-        Ok((MsgSend::new(s), MsgRecv::new(r)))
+            .map_err(|e| self.capped().lost(e))?;
+        Ok((
+            MsgSend::new(s, self.capped()),
+            MsgRecv::new(r, self.capped()),
+        ))
     }
 
     /// Accepts the peer's next stream.
@@ -336,8 +375,11 @@ impl Conn {
             .inner
             .accept_bi()
             .await
-            .map_err(|e| NetError::Lost(e.to_string()))?;
-        Ok((MsgSend::new(s), MsgRecv::new(r)))
+            .map_err(|e| self.capped().lost(e))?;
+        Ok((
+            MsgSend::new(s, self.capped()),
+            MsgRecv::new(r, self.capped()),
+        ))
     }
 
     /// Closes with an application code and a reason the peer sees.
@@ -365,14 +407,16 @@ impl Conn {
 pub struct MsgSend {
     s: quinn::SendStream,
     buf: BytesMut,
+    capped: Capped,
 }
 
 const SEND_BUF: usize = 256 << 10;
 
 impl MsgSend {
-    fn new(s: quinn::SendStream) -> Self {
+    fn new(s: quinn::SendStream, capped: Capped) -> Self {
         MsgSend {
             s,
+            capped,
             buf: BytesMut::with_capacity(SEND_BUF + ferry_proto::MAX_FRAME),
         }
     }
@@ -390,10 +434,11 @@ impl MsgSend {
     pub async fn flush(&mut self) -> Result<(), NetError> {
         if !self.buf.is_empty() {
             let chunk = self.buf.split().freeze();
-            self.s.write_chunk(chunk).await.map_err(|e| match e {
-                quinn::WriteError::ConnectionLost(c) => NetError::Lost(c.to_string()),
-                e => NetError::Lost(e.to_string()),
-            })?;
+            let capped = &self.capped;
+            self.s
+                .write_chunk(chunk)
+                .await
+                .map_err(|e| capped.lost(e))?;
         }
         Ok(())
     }
@@ -409,7 +454,7 @@ impl MsgSend {
     /// Flushes and ends the stream.
     pub async fn finish(&mut self) -> Result<(), NetError> {
         self.flush().await?;
-        self.s.finish().map_err(|e| NetError::Lost(e.to_string()))
+        self.s.finish().map_err(|e| self.capped.lost(e))
     }
 
     /// Flushes, ends the stream and waits (up to `limit`) until the peer has
@@ -426,13 +471,15 @@ impl MsgSend {
 pub struct MsgRecv {
     r: quinn::RecvStream,
     dec: FrameDecoder,
+    capped: Capped,
 }
 
 impl MsgRecv {
-    fn new(r: quinn::RecvStream) -> Self {
+    fn new(r: quinn::RecvStream, capped: Capped) -> Self {
         MsgRecv {
             r,
             dec: FrameDecoder::new(),
+            capped,
         }
     }
 
@@ -461,10 +508,7 @@ impl MsgRecv {
                 )) if c.error_code == quinn::VarInt::from_u32(0) && self.dec.buffered() == 0 => {
                     return Ok(None)
                 }
-                Err(quinn::ReadError::ConnectionLost(e)) => {
-                    return Err(NetError::Lost(e.to_string()))
-                }
-                Err(e) => return Err(NetError::Lost(e.to_string())),
+                Err(e) => return Err(self.capped.lost(e)),
             }
         }
     }

@@ -96,6 +96,11 @@ pub struct PeerSessionEnded<'a> {
 impl Event for PeerSessionEnded<'_> {
     fn emit(self, m: &Metrics) {
         m.peer_connected.with_label_values(&[self.peer]).set(0);
+        // the connection-age cap (ferry_net::NetError::AgeCap) is routine
+        if self.error.contains("connection age cap reached") {
+            tracing::info!(peer = self.peer, "The connection reached its age cap; redialling (rotated certificates are picked up).");
+            return;
+        }
         m.error("peer_session");
         tracing::warn!(peer = self.peer, error = %self.error, retry_in_ms = self.retry_in.as_millis() as u64, "The session with the peer ended; retrying.");
     }
