@@ -187,7 +187,10 @@ fn sigterm_on_a_replica_mid_batch_finishes_the_batch_then_exits() {
     // a large file: its batch takes a while to arrive
     let mut rng = fastrand::Rng::with_seed(3);
     let data = sv_content(&mut rng, 96 << 20);
-    let tmpf = primary.root.join(".big.tmp");
+    // written outside the root and moved in: one complete file appears (a
+    // temp file inside the root would be shipped, aborted as it changes,
+    // and could be what the replica is receiving at the SIGTERM)
+    let tmpf = base.join("big.src");
     std::fs::write(&tmpf, &data).unwrap();
     std::fs::rename(&tmpf, primary.root.join("big.sv")).unwrap();
     // wait until the replica is receiving it (staged bytes appear)
@@ -216,8 +219,9 @@ fn sigterm_on_a_replica_mid_batch_finishes_the_batch_then_exits() {
     let got = std::fs::read(replica.root.join("big.sv")).unwrap_or_default();
     assert!(
         got.len() == data.len() && got == data,
-        "SIGTERM mid-batch: the replica exited without finishing the batch ({} of {} bytes)",
+        "SIGTERM mid-batch: the replica exited without finishing the batch ({} of {} bytes):\n{}",
         got.len(),
-        data.len()
+        data.len(),
+        replica.log_tail()
     );
 }

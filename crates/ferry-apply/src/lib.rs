@@ -382,12 +382,8 @@ impl Applier {
                 };
                 match self.run(&c, done, tolerant) {
                     Ok(()) => {}
-                    Err(
-                        ApplyError::Inconsistent { .. }
-                        | ApplyError::Refused { .. }
-                        | ApplyError::Sync { .. },
-                    ) => return Ok(Recovery::NeedsResync),
-                    Err(e) => return Err(e),
+                    Err(e @ ApplyError::NoSpace { .. }) => return Err(e),
+                    Err(_) => return Ok(Recovery::NeedsResync),
                 }
                 self.pending = false;
                 if !same_boot {
@@ -747,17 +743,16 @@ impl Applier {
         })();
         if let Err(e) = &res {
             self.cache.clear();
-            if matches!(
-                e,
-                ApplyError::Inconsistent { .. }
-                    | ApplyError::Refused { .. }
-                    | ApplyError::Sync { .. }
-            ) {
+            if !matches!(e, ApplyError::NoSpace { .. }) {
                 // The tree is mid-batch and redoing cannot help: a resync
                 // (which the primary starts on this error) repairs it. An
                 // fsync error is fatal for the batch (G9): a second fsync
                 // may succeed on pages the kernel already dropped, so the
-                // batch is never finished into a false success.
+                // batch is never finished into a false success. Another I/O
+                // error (the tree changed under us, a permission) would
+                // only repeat. A full disk is the one error worth waiting
+                // out: the batch stays committed and each new session
+                // finishes it first, so apply resumes when space frees.
                 let _ = self.journal.set_progress(c.nonce, journal::ABANDONED);
                 self.pending = false;
                 self.set_needs_resync(true)?;

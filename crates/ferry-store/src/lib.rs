@@ -8,8 +8,8 @@
 //! used. One fsync per update, no rename.
 #![forbid(unsafe_code)]
 
-pub mod marker;
 pub mod index;
+pub mod marker;
 pub use index::{FileRecord, Index, IndexMeta, IndexOp};
 
 use std::fs::{File, OpenOptions};

@@ -34,7 +34,7 @@ pub enum Command {
     #[command(subcommand)]
     Cert(CertCommand),
     /// Run a ferry node.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Ask a running node for its role, epoch, peers and consistency point.
     Status(StatusArgs),
     /// Move the primary role: on the primary, `--to NAME` hands over to a
@@ -143,6 +143,9 @@ pub struct RunArgs {
     /// Paths and renames those batches may hold in all (bounds their memory).
     #[arg(long, env = "FERRY_LOG_MAX_ITEMS", default_value_t = DEFAULT_LOG_MAX_ITEMS)]
     pub log_max_items: usize,
+    /// Close and redial a connection this old, so rotated certificates reach it (s).
+    #[arg(long, env = "FERRY_MAX_CONNECTION_AGE_SECS", default_value_t = DEFAULT_MAX_CONN_AGE.as_secs())]
+    pub max_connection_age_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -277,6 +280,9 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
     if let Err(e) = ferry_watch::Excludes::new(&a.excludes, None) {
         errs.push(e.to_string());
     }
+    if a.max_connection_age_secs == 0 {
+        errs.push("--max-connection-age-secs 0: must be at least 1 (default 3600)".into());
+    }
     if a.batch_idle_ms == 0 || a.batch_max_delay_ms < a.batch_idle_ms {
         errs.push(format!(
             "--batch-idle-ms {} / --batch-max-delay-ms {}: need 0 < idle <= max delay",
@@ -318,6 +324,23 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
             if sd_abs == *root {
                 errs.push("--state-dir is the root itself; use a subdirectory (default ROOT/.ferry) or a path outside the root".into());
             }
+            // State left in ROOT/.ferry by a run with the default state dir,
+            // while this run keeps its state elsewhere: that old state would
+            // be replicated as data, and replicas (whose state dir is their
+            // ROOT/.ferry) would refuse it, stalling replication.
+            let default_sd = root.join(".ferry");
+            if sd_abs != default_sd
+                && ["lock", "state.a", "state.b"]
+                    .iter()
+                    .any(|f| default_sd.join(f).exists())
+            {
+                errs.push(format!(
+                    "--state-dir {}: but {} holds ferry state from a run with the default state dir; it would be replicated as data (and refused by replicas). Remove {} or drop --state-dir to use it",
+                    sd.display(),
+                    default_sd.display(),
+                    default_sd.display()
+                ));
+            }
             if rel.as_ref().is_some_and(|r| r.depth() > 1) {
                 errs.push(format!(
                     "--state-dir {}: inside the root it must be a top-level directory (e.g. ROOT/.ferry), or lie outside the root; a deeper one could be removed with its parent by a peer",
@@ -350,6 +373,7 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
         log_capacity: a.log_capacity,
         log_max_items: a.log_max_items,
         rescan_interval,
+        max_conn_age: Duration::from_secs(a.max_connection_age_secs),
     })
 }
 
@@ -402,7 +426,12 @@ fn check_root(r: &Path) -> Result<PathBuf, String> {
     let c = r
         .canonicalize()
         .map_err(|e| format!("--root {}: {e}", r.display()))?;
-    if c == Path::new("/") {
+    // `/` under any name (a bind mount of the host's root shows its inode)
+    let same_as_slash = std::fs::metadata("/").is_ok_and(|s| {
+        use std::os::unix::fs::MetadataExt;
+        s.dev() == md.dev() && s.ino() == md.ino()
+    });
+    if c == Path::new("/") || same_as_slash {
         return Err(
             "--root /: refusing to replicate the whole filesystem; pass the volume's mount path"
                 .into(),
@@ -637,6 +666,13 @@ async fn resync_progress_bar(state_dir: &Path) {
 }
 
 async fn run(cfg: NodeConfig) -> i32 {
+    let _root_lock = match lock_root(&cfg.root) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            return 1;
+        }
+    };
     let handle = match crate::node::start(cfg).await {
         Ok(h) => h,
         Err(e) => {

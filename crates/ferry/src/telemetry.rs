@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The `kind` values of `ferry_errors_total` (see docs/OPERATIONS.md).
-pub const ERROR_KINDS: [&str; 17] = [
+pub const ERROR_KINDS: [&str; 18] = [
     "peer_session",
     "peer_refused",
     "refused_primary",
@@ -28,6 +28,7 @@ pub const ERROR_KINDS: [&str; 17] = [
     "watch_limit",
     "file_unstable",
     "seal",
+    "tls_reload",
 ];
 
 /// Per-peer series, created at 0 when the node starts.
@@ -70,6 +71,7 @@ pub struct Metrics {
     pub epoch: IntGauge,
     pub role: IntGaugeVec,
     pub apply_seconds: Histogram,
+    pub tls_reloads: IntCounter,
 }
 
 impl Metrics {
@@ -133,6 +135,7 @@ impl Metrics {
             epoch: reg(&r, IntGauge::new("ferry_epoch", "Current epoch.").unwrap()),
             role: reg(&r, IntGaugeVec::new(Opts::new("ferry_role", "1 for the node's current role."), &["role"]).unwrap()),
             apply_seconds: reg(&r, Histogram::with_opts(HistogramOpts::new("ferry_apply_seconds", "Seconds to apply and fsync one batch on the replica.")).unwrap()),
+            tls_reloads: reg(&r, IntCounter::new("ferry_tls_reloads_total", "Rotated TLS certificates loaded without a restart.").unwrap()),
             registry: r,
         };
         // Known label values exist from the start at 0, so a healthy node still

@@ -2,8 +2,8 @@
 //! the replica's loops. `ferry run` and `ferry demo` both start nodes here.
 
 pub mod conflicts;
-pub mod handover;
 mod file_index;
+pub mod handover;
 pub mod primary;
 pub mod replica;
 
@@ -333,9 +333,14 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             sealed_at_ns: 0,
         },
     };
+    if st.role == Role::Replica {
+        crate::config::check_writable(&cfg.root).map_err(anyhow::Error::msg)?;
+    }
     let tls = ferry_net::load_tls(&cfg.tls_dir, &cfg.name)?;
     let allowed: Vec<String> = cfg.peers.iter().map(|p| p.name.clone()).collect();
-    let transport = Arc::new(ferry_net::Transport::bind(cfg.listen, &tls, allowed)?);
+    let mut transport = ferry_net::Transport::bind(cfg.listen, &tls, allowed)?;
+    transport.set_max_conn_age(cfg.max_conn_age);
+    let transport = Arc::new(transport);
     let listen = transport
         .local_addr()
         .context("reading the bound address")?;
@@ -384,6 +389,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     conflicts::report(&shared);
     shared.save_state(st)?;
     crate::control::spawn(&shared, &mut services)?;
+    services.spawn(watch_tls(shared.clone(), transport.clone()));
     let (tx, rx) = watch::channel(false);
     match st.role {
         Role::Primary => {
@@ -409,6 +415,29 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         transport,
         requests: req_rx,
     })
+}
+
+/// Picks up rotated TLS files without a restart: new handshakes use them
+/// (the connection-age cap brings open connections over); a bad set is
+/// reported and the last good one stays.
+async fn watch_tls(shared: Arc<Shared>, transport: Arc<ferry_net::Transport>) {
+    use crate::events::{Event, TlsReloadFailed, TlsReloaded};
+    let dir = shared.cfg.tls_dir.clone();
+    let mut watch = ferry_net::TlsWatch::new(&dir, &shared.cfg.name);
+    loop {
+        tokio::time::sleep(crate::config::TLS_POLL).await;
+        match watch
+            .poll()
+            .and_then(|t| t.map(|t| transport.reload_tls(&t)).transpose())
+        {
+            Ok(None) => {}
+            Ok(Some(())) => TlsReloaded { dir: &dir }.emit(&shared.metrics),
+            Err(e) => TlsReloadFailed {
+                error: &e.to_string(),
+            }
+            .emit(&shared.metrics),
+        }
+    }
 }
 
 /// Unix nanoseconds now.

@@ -365,7 +365,17 @@ async fn session(
             Ok(Err(_)) => return Ok(()),
             Err(_) => bail!("no stream opened within 10 s"),
         };
-    let hello = match recv.recv().await? {
+    // A peer that opens a stream and never says hello is not waited for.
+    let first = match tokio::time::timeout(Duration::from_secs(10), recv.recv()).await {
+        Ok(Err(ferry_net::NetError::Proto(e))) => {
+            return Err(protocol(m, &mut send, &format!("malformed message: {e}")).await)
+        }
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(protocol(m, &mut send, "no hello within 10 s").await);
+        }
+    };
+    let hello = match first {
         Some(Message::Hello(h)) => h,
         other => {
             m.error("protocol");
@@ -508,13 +518,14 @@ async fn session(
                 r = recv.recv() => r,
                 _ = cancel_rx.changed() => return Err(anyhow!("a newer session from the primary took over")),
             };
-            let Some(msg) = next.inspect_err(|e| {
-                if matches!(e, ferry_net::NetError::Proto(_)) {
-                    m.error("protocol");
+            let msg = match next {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return Ok(()),
+                // bytes that do not decode: a typed refusal, then the stream closes
+                Err(ferry_net::NetError::Proto(e)) => {
+                    return Err(protocol(m, &mut send, &format!("malformed message: {e}")).await)
                 }
-            })?
-            else {
-                return Ok(());
+                Err(e) => return Err(e.into()),
             };
             match msg {
                 Message::BatchBegin(h) => {
@@ -522,6 +533,9 @@ async fn session(
                         return Err(protocol(m, &mut send, "batch begins inside a batch").await);
                     }
                     let st = shared.node_state();
+                    if h.seq == u64::MAX {
+                        return Err(protocol(m, &mut send, "batch seq u64::MAX leaves no room for a next batch").await);
+                    }
                     if h.epoch != st.epoch {
                         return Err(protocol(m, &mut send, &format!("batch of epoch {} on a session of epoch {}", h.epoch, st.epoch)).await);
                     }
