@@ -109,7 +109,7 @@ impl Suite {
         let name = format!("served/{}.txt", self.served);
         let body = format!("served after {after}");
         let good = self.good.clone();
-        let mut attempt = |resync: bool| {
+        let attempt = |resync: bool| {
             let mut s = good.session(self.replica.port);
             let applied = s.start(EPOCH);
             let mut msgs = vec![Message::Op(Op::Mkdir {
