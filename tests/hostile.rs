@@ -1273,7 +1273,7 @@ exit 0"#,
                 path: rel(&format!("d/g{}.txt", i - 1)),
             }));
         }
-        if i % 10 == 0 {
+        if i.is_multiple_of(10) {
             msgs.push(Message::Op(Op::Delete { path: rel("d") }));
         }
         let mut v = vec![Message::BatchBegin(BatchHeader {
