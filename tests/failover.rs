@@ -304,7 +304,13 @@ fn split_brain_old_primary_is_fenced_and_its_writes_are_preserved() {
     wait_converged(&c.nodes[1].root, &c.nodes[2].root, CONVERGE);
     assert_eq!(missing(&c.nodes[2].root, &b_writes), 0);
     // A's partition writes are not silently lost: preserved, and reported
-    let s = c.nodes[0].status_json();
+    // (the report follows the resync's end: wait for it)
+    let t0 = Instant::now();
+    let mut s = c.nodes[0].status_json();
+    while !s.contains("\"dir\":\"") && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+        s = c.nodes[0].status_json();
+    }
     let dir = s
         .split("\"dir\":\"")
         .nth(1)

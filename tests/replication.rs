@@ -364,3 +364,42 @@ fn appends_ship_only_the_tail_and_edits_are_not_mistaken_for_appends() {
         s.replicas[0].log_tail()
     );
 }
+
+#[test]
+fn compressible_data_is_sent_compressed_and_random_data_is_not() {
+    let mut s = set(1, &[]);
+    s.replicas[0].start();
+    s.primary.start().wait_ready(Duration::from_secs(20));
+    let line = b"2026-11-24T18:00:00Z INFO request served path=/api/v1/items status=200\n";
+    let text: Vec<u8> = line.iter().copied().cycle().take(4 << 20).collect();
+    std::fs::write(s.primary.root.join("app.log"), &text).unwrap();
+    wait_converged(&s.primary.root, &s.replicas[0].root, CONVERGE);
+    wait_idle(&s.primary, Duration::from_secs(30));
+    let saved = |n: &Node| {
+        metric_labeled(
+            n.metrics,
+            "ferry_bytes_saved_total",
+            "reason=\"compression\"",
+        )
+    };
+    let sent = |n: &Node| metric_labeled(n.metrics, "ferry_bytes_sent_total", "peer=");
+    let (saved1, sent1) = (saved(&s.primary), sent(&s.primary));
+    eprintln!("4 MiB of log text: {sent1} bytes on the wire, {saved1} saved by compression");
+    assert!(
+        saved1 > 3.5 * 1024.0 * 1024.0,
+        "log text was not compressed: saved {saved1}"
+    );
+    assert!(
+        sent1 < 512.0 * 1024.0,
+        "{sent1} bytes sent for 4 MiB of log text"
+    );
+    let mut rng = fastrand::Rng::with_seed(1);
+    let random: Vec<u8> = (0..4 << 20).map(|_| rng.u8(..)).collect();
+    std::fs::write(s.primary.root.join("random.bin"), &random).unwrap();
+    wait_converged(&s.primary.root, &s.replicas[0].root, CONVERGE);
+    wait_idle(&s.primary, Duration::from_secs(30));
+    let (saved2, sent2) = (saved(&s.primary), sent(&s.primary));
+    eprintln!("4 MiB of random bytes: {} bytes on the wire", sent2 - sent1);
+    assert_eq!(saved2, saved1, "random data cannot be compressed");
+    assert!(sent2 - sent1 >= 4.0 * 1024.0 * 1024.0);
+}

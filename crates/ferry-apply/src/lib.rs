@@ -577,6 +577,39 @@ impl Applier {
         Ok(())
     }
 
+    /// Writes zstd-compressed data of the file being received. It must
+    /// decompress to exactly `raw_len` bytes (at most `MAX_DATA`, checked
+    /// by the decoder): the output buffer is that size, so a decompression
+    /// bomb fails instead of growing memory.
+    pub fn file_data_compressed(&mut self, raw_len: u32, data: &[u8]) -> Result<(), ApplyError> {
+        let path = self
+            .incoming
+            .as_ref()
+            .map(|i| i.path.display())
+            .unwrap_or_default();
+        let raw = match zstd::bulk::decompress(data, raw_len as usize) {
+            Ok(raw) if raw.len() == raw_len as usize => raw,
+            Ok(raw) => {
+                self.file_abort();
+                return Err(ApplyError::BadStream {
+                    path,
+                    reason: format!(
+                        "compressed data decompresses to {} bytes, not the announced {raw_len}",
+                        raw.len()
+                    ),
+                });
+            }
+            Err(e) => {
+                self.file_abort();
+                return Err(ApplyError::BadStream {
+                    path,
+                    reason: format!("compressed data does not decompress within its announced {raw_len} bytes ({e})"),
+                });
+            }
+        };
+        self.file_data(&raw)
+    }
+
     /// Finishes the file being received: checks size and hash, sets mode
     /// and mtime on the staged file and journals its step.
     pub fn file_end(&mut self, hash: &[u8; 32]) -> Result<(), ApplyError> {

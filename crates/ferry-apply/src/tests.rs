@@ -758,3 +758,37 @@ fn a_crash_at_any_point_recovers_to_a_batch_boundary() {
         "{crashes} crashes, {redone} redone"
     );
 }
+
+#[test]
+fn compressed_data_must_decompress_to_its_announced_size() {
+    let mut f = fixture();
+    let raw = vec![b'a'; 100_000];
+    let z = zstd::bulk::compress(&raw, 1).unwrap();
+    assert!(z.len() < 1000);
+    let hdr = |size: u64| FileHeader {
+        path: p("z"),
+        mode: 0o644,
+        mtime: Mtime::default(),
+        size,
+    };
+    f.begin();
+    // a bomb: announced small, decompresses to more
+    f.a.file_begin(&hdr(100)).unwrap();
+    let r = f.a.file_data_compressed(100, &z);
+    assert!(matches!(r, Err(ApplyError::BadStream { .. })), "{r:?}");
+    // announced larger than it is
+    f.a.file_begin(&hdr(200_000)).unwrap();
+    let r = f.a.file_data_compressed(200_000, &z);
+    assert!(matches!(r, Err(ApplyError::BadStream { .. })), "{r:?}");
+    // garbage
+    f.a.file_begin(&hdr(100)).unwrap();
+    let r = f.a.file_data_compressed(100, b"not zstd at all");
+    assert!(matches!(r, Err(ApplyError::BadStream { .. })), "{r:?}");
+    // the real thing
+    f.a.file_begin(&hdr(100_000)).unwrap();
+    f.a.file_data_compressed(100_000, &z).unwrap();
+    f.a.file_end(blake3::hash(&raw).as_bytes()).unwrap();
+    f.a.commit().unwrap();
+    assert_eq!(std::fs::read(f.root.join("z")).unwrap(), raw);
+    no_temp_files(&f.a, &f.root);
+}

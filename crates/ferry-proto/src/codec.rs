@@ -53,6 +53,7 @@ mod kind {
     pub const FILE_APPEND: u8 = 19;
     pub const PROMOTE: u8 = 20;
     pub const EPOCH_BASE: u8 = 21;
+    pub const FILE_DATA_Z: u8 = 22;
 }
 
 /// Appends one framed message to `out`.
@@ -171,6 +172,11 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
         Message::FileData(d) => {
             out.put_u8(kind::FILE_DATA);
             out.put_slice(d);
+        }
+        Message::FileDataZ { raw_len, data } => {
+            out.put_u8(kind::FILE_DATA_Z);
+            out.put_u32(*raw_len);
+            out.put_slice(data);
         }
         Message::FileEnd { hash } => {
             out.put_u8(kind::FILE_END);
@@ -535,6 +541,29 @@ fn decode_message(frame: Bytes) -> Result<Message, ProtoError> {
             let d = r.b.split_to(len);
             Message::FileData(d)
         }
+        kind::FILE_DATA_Z => {
+            let raw_len = r.u32("raw_len")?;
+            if raw_len as usize > MAX_DATA {
+                return Err(ProtoError::FieldTooLong {
+                    field: "decompressed file data",
+                    len: raw_len as usize,
+                    max: MAX_DATA,
+                });
+            }
+            let len = r.b.remaining();
+            if len == 0 {
+                return Err(ProtoError::Truncated("compressed file data"));
+            }
+            if len > MAX_DATA {
+                return Err(ProtoError::FieldTooLong {
+                    field: "compressed file data",
+                    len,
+                    max: MAX_DATA,
+                });
+            }
+            let data = r.b.split_to(len);
+            Message::FileDataZ { raw_len, data }
+        }
         kind::FILE_END => {
             r.need(32, "hash")?;
             let mut hash = [0u8; 32];
@@ -664,6 +693,10 @@ mod tests {
             Message::BatchEnd { seq: 2 },
             Message::Ack { epoch: 1, seq: 2 },
             Message::Promote { epoch: 3, seq: 9 },
+            Message::FileDataZ {
+                raw_len: 5,
+                data: Bytes::from_static(b"zzz"),
+            },
             Message::EpochBase {
                 epoch: 3,
                 base_epoch: 2,
@@ -717,7 +750,9 @@ mod tests {
             encode(&m, &mut buf);
             let payload = buf[4..].to_vec();
             for cut in 1..payload.len() {
-                if matches!(m, Message::FileData(_)) {
+                if matches!(m, Message::FileData(_))
+                    || (matches!(m, Message::FileDataZ { .. }) && cut > 5)
+                {
                     continue; // any length of data is a valid data frame
                 }
                 let mut f = BytesMut::new();
@@ -727,7 +762,7 @@ mod tests {
                 assert!(r.is_err(), "{m:?} cut at {cut} decoded as {r:?}");
             }
             // trailing garbage
-            if !matches!(m, Message::FileData(_)) {
+            if !matches!(m, Message::FileData(_) | Message::FileDataZ { .. }) {
                 let mut f = BytesMut::new();
                 f.put_u32(payload.len() as u32 + 1);
                 f.put_slice(&payload);

@@ -212,6 +212,13 @@ pub enum Message {
     FileBegin(FileHeader),
     FileAppend(AppendHeader),
     FileData(Bytes),
+    /// File data compressed with zstd (one frame); `raw_len` (at most
+    /// [`MAX_DATA`]) is its size once decompressed: the receiver decompresses
+    /// into exactly that much and refuses anything else (no bombs).
+    FileDataZ {
+        raw_len: u32,
+        data: Bytes,
+    },
     /// End of a file; BLAKE3 of its content.
     FileEnd {
         hash: [u8; 32],

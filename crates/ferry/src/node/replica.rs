@@ -22,6 +22,7 @@ enum Cmd {
     FileBegin(FileHeader),
     Append(ferry_proto::AppendHeader),
     Data(Bytes),
+    DataZ(u32, Bytes),
     FileEnd([u8; 32]),
     FileAbort,
     Commit(oneshot::Sender<Result<ApplyStats, ApplyError>>),
@@ -148,6 +149,7 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
                     Cmd::FileBegin(h) => applier.file_begin(&h),
                     Cmd::Append(a) => applier.append_begin(&a),
                     Cmd::Data(d) => applier.file_data(&d),
+                    Cmd::DataZ(n, d) => applier.file_data_compressed(n, &d),
                     Cmd::FileEnd(h) => applier.file_end(&h),
                     Cmd::FileAbort => {
                         applier.file_abort();
@@ -328,6 +330,8 @@ struct Sessions {
     /// mid-batch): only a resync batch is accepted, and the node is not
     /// ready until one completes.
     needs_resync: AtomicBool,
+    /// Serialises the epoch-owner check (G7).
+    owner: Mutex<()>,
 }
 
 async fn refuse(send: &mut MsgSend, code: RefuseCode, epoch: u64, message: String) {
@@ -421,26 +425,36 @@ async fn session(
             // at an epoch owns it; another node claiming the same epoch (two
             // replicas promoted at once) is refused.
             let me = name_id(&hello.node);
-            let owner =
-                ferry_store::marker::load(&shared.cfg.state_dir, ferry_store::marker::EPOCH_OWNER);
-            match owner.as_deref() {
-                Some([e, who]) if *e == hello.epoch && *who != me => {
-                    m.error("fenced");
-                    let msg = format!("epoch {} already belongs to another primary; promote again to start a newer epoch", hello.epoch);
-                    tracing::error!(
-                        peer = conn.peer(),
-                        epoch = hello.epoch,
-                        "two primaries claim one epoch: refused the second"
-                    );
-                    refuse(&mut send, RefuseCode::StaleEpoch, hello.epoch, msg).await;
-                    return Ok(());
-                }
-                Some([e, _]) if *e == hello.epoch => {}
-                _ => ferry_store::marker::save(
+            // one decision at a time: two primaries saying hello at once
+            // must not both find the epoch unowned
+            let owned_by_another = {
+                let _guard = sessions.owner.lock().expect("owner lock");
+                let owner = ferry_store::marker::load(
                     &shared.cfg.state_dir,
                     ferry_store::marker::EPOCH_OWNER,
-                    &[hello.epoch, me],
-                )?,
+                );
+                match owner.as_deref() {
+                    Some([e, who]) if *e == hello.epoch => *who != me,
+                    _ => {
+                        ferry_store::marker::save(
+                            &shared.cfg.state_dir,
+                            ferry_store::marker::EPOCH_OWNER,
+                            &[hello.epoch, me],
+                        )?;
+                        false
+                    }
+                }
+            };
+            if owned_by_another {
+                m.error("fenced");
+                let msg = format!("epoch {} already belongs to another primary; promote again to start a newer epoch", hello.epoch);
+                tracing::error!(
+                    peer = conn.peer(),
+                    epoch = hello.epoch,
+                    "two primaries claim one epoch: refused the second"
+                );
+                refuse(&mut send, RefuseCode::StaleEpoch, hello.epoch, msg).await;
+                return Ok(());
             }
             if let Some(e) = adopt_epoch {
                 let mut ns = shared.node_state();
@@ -579,6 +593,7 @@ async fn session(
                 Message::FileBegin(f) if batch.is_some() => worker.send(Cmd::FileBegin(f)).await?,
                 Message::FileAppend(a) if batch.is_some() => worker.send(Cmd::Append(a)).await?,
                 Message::FileData(d) if batch.is_some() => worker.send(Cmd::Data(d)).await?,
+                Message::FileDataZ { raw_len, data } if batch.is_some() => worker.send(Cmd::DataZ(raw_len, data)).await?,
                 Message::FileEnd { hash } if batch.is_some() => worker.send(Cmd::FileEnd(hash)).await?,
                 Message::FileAbort if batch.is_some() => worker.send(Cmd::FileAbort).await?,
                 Message::BatchEnd { seq } => {
@@ -718,6 +733,7 @@ fn kind_name(m: &Message) -> &'static str {
         Message::FileBegin(_) => "file outside a batch",
         Message::FileAppend(_) => "append outside a batch",
         Message::FileData(_) => "file data outside a batch",
+        Message::FileDataZ { .. } => "compressed file data outside a batch",
         Message::FileEnd { .. } => "file end outside a batch",
         Message::FileAbort => "file abort outside a batch",
         Message::BatchEnd { .. } => "batch end",
