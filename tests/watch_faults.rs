@@ -64,6 +64,7 @@ fn g1_periodic_rescan_repairs_a_diverged_replica() {
     wait_converged(&p.primary.root, &p.replica.root, CONVERGE);
     wait_idle(&p.primary, Duration::from_secs(20));
     let rescans = p.primary.metric("ferry_rescans_total");
+    let resyncs = p.primary.metric("ferry_resyncs_total");
     let r = p.replica.root.join("data");
     std::fs::remove_file(r.join("f1.sv")).unwrap();
     std::fs::write(r.join("f2.sv"), b"changed on the replica").unwrap();
@@ -74,6 +75,12 @@ fn g1_periodic_rescan_repairs_a_diverged_replica() {
     assert!(
         p.primary.metric("ferry_rescans_total") > rescans,
         "ferry_rescans_total did not grow"
+    );
+    // the safety net is not a recovery: FerryResyncsFrequent watches those
+    assert_eq!(
+        p.primary.metric("ferry_resyncs_total"),
+        resyncs,
+        "periodic rescans counted as resyncs"
     );
 }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The `kind` values of `ferry_errors_total` (see docs/OPERATIONS.md).
-pub const ERROR_KINDS: [&str; 17] = [
+pub const ERROR_KINDS: [&str; 18] = [
     "peer_session",
     "peer_refused",
     "refused_primary",
@@ -28,6 +28,7 @@ pub const ERROR_KINDS: [&str; 17] = [
     "watch_limit",
     "file_unstable",
     "seal",
+    "index",
 ];
 
 /// Per-peer series, created at 0 when the node starts.

@@ -72,6 +72,9 @@ pub struct SealedBatch {
     pub exact: bool,
     /// Events were lost: peers resync to this batch instead.
     pub resync_all: bool,
+    /// That resync is the periodic safety net (not counted as a resync:
+    /// `ferry_resyncs_total` counts recoveries, the alert watches it).
+    pub periodic: bool,
     pub renames: Vec<(RelPath, RelPath)>,
     pub items: Vec<Item>,
     /// Directories moved in this batch. notify re-watches a moved tree
@@ -332,6 +335,8 @@ struct BatchState {
     verify: Vec<RelPath>,
     /// The inotify watch limit was hit: some directories are not watched.
     watch_limited: bool,
+    /// The batch being built carries the periodic rescan.
+    periodic: bool,
 }
 
 impl BatchState {
@@ -390,6 +395,7 @@ async fn batcher(
         changes: Vec::new(),
         verify: Vec::new(),
         watch_limited: false,
+        periodic: false,
     };
     // The safety net: a periodic full rescan (a manifest diff with every
     // peer) finds what the watcher missed and repairs replicas changed
@@ -422,7 +428,8 @@ async fn batcher(
             }
             _ = sleep_until(deadline), if deadline.is_some() => {
                 b.flush();
-                if let Some(sealed) = seal(ctx, &mut b.co, &mut b.verify, &rx).await? {
+                let periodic = std::mem::take(&mut b.periodic);
+                if let Some(sealed) = seal(ctx, &mut b.co, &mut b.verify, periodic, &rx).await? {
                     if sealed.items.iter().any(|i| i.replace && i.state.as_ref().is_some_and(|s| s.entry.kind == EntryKind::Dir)) {
                         rechecks.push_back((Instant::now() + RECHECK_DELAY, 0, sealed));
                         if rechecks.len() > RECHECK_CAP {
@@ -445,6 +452,7 @@ async fn batcher(
             _ = sleep_until(next_rescan), if next_rescan.is_some() => {
                 PeriodicRescan.emit(m);
                 b.push(ferry_core::Change::RescanAll);
+                b.periodic = true;
                 next_rescan = rescan_every.map(|d| Instant::now() + d);
             }
             _ = shutdown.changed() => {
@@ -466,7 +474,7 @@ async fn batcher(
                     }
                 }
                 b.flush();
-                seal(ctx, &mut b.co, &mut b.verify, &rx).await?;
+                seal(ctx, &mut b.co, &mut b.verify, false, &rx).await?;
                 break;
             }
         }
@@ -705,6 +713,7 @@ async fn seal(
     ctx: &Ctx,
     co: &mut Coalescer,
     verify: &mut Vec<RelPath>,
+    periodic: bool,
     rx: &mpsc::Receiver<RawEvent>,
 ) -> anyhow::Result<Option<Arc<SealedBatch>>> {
     if co.is_empty() && verify.is_empty() {
@@ -740,6 +749,7 @@ async fn seal(
         sealed_at: Instant::now(),
         exact,
         resync_all: pending.rescan_all,
+        periodic: periodic && pending.rescan_all,
         renames: pending.renames,
         items,
         moved_dirs: moved,
@@ -962,6 +972,8 @@ struct Sender<'a> {
     /// The peer never applied a batch: its content is of unknown origin, so
     /// the first resync compares content hashes, not just size and mtime.
     verify: bool,
+    /// The resync running is the periodic rescan.
+    periodic: bool,
 }
 
 async fn session(
@@ -1079,6 +1091,7 @@ async fn session(
         st: sender_state,
         epoch: st.epoch,
         verify: welcome.applied_epoch == 0,
+        periodic: false,
     };
     let first = {
         let log = ctx.log.lock().expect("log");
@@ -1255,7 +1268,10 @@ impl Sender<'_> {
                     next = target + 1;
                 }
                 Some(b) if b.resync_all => {
-                    self.resync(b.seq, None, &mut man_rx).await?;
+                    self.periodic = b.periodic;
+                    let r = self.resync(b.seq, None, &mut man_rx).await;
+                    self.periodic = false;
+                    r?;
                     next = b.seq + 1;
                 }
                 Some(b) => {
@@ -1449,7 +1465,13 @@ impl Sender<'_> {
     ) -> anyhow::Result<()> {
         let m = &self.ctx.shared.metrics;
         let whole = prefix.is_none();
-        if whole {
+        if whole && self.periodic {
+            tracing::info!(
+                peer = self.peer,
+                target,
+                "Periodic rescan: comparing the peer's manifest with the root."
+            );
+        } else if whole {
             ResyncStarted {
                 peer: self.peer,
                 target,
@@ -2133,6 +2155,7 @@ mod tests {
             sealed_at: Instant::now(),
             exact: true,
             resync_all: false,
+            periodic: false,
             renames: Vec::new(),
             items: (0..items)
                 .map(|i| Item {
