@@ -207,7 +207,6 @@ pub async fn start(
     let cfg = &shared.cfg;
     let excludes = Excludes::new(&cfg.excludes, cfg.state_rel.clone())?;
     let st = shared.node_state();
-    let (seq_tx, _) = watch::channel(st.seq);
     // The file index: what the root held as of the batches sealed, so a
     // restart ships only what changed and a peer behind catches up without
     // a manifest. It vouches only for this epoch.
@@ -223,6 +222,20 @@ pub async fn start(
         .as_ref()
         .and_then(|ix| ix.meta().ok().flatten())
         .filter(|m| m.epoch == st.epoch);
+    let st = if index.is_some() && index_meta.is_none() {
+        // The index will be built (by the batcher, before its first batch)
+        // as batch S+1, an empty one sealed now, before any peer connects:
+        // every peer resyncs by manifest to it or later, so what a peer
+        // acked before this start (S or less) is never taken as covered.
+        let mut st = st;
+        st.seq += 1;
+        st.sealed_at_ns = now_ns();
+        shared.save_state(st)?;
+        st
+    } else {
+        st
+    };
+    let (seq_tx, _) = watch::channel(st.seq);
     let acked = index
         .as_ref()
         .and_then(|ix| ix.peers().ok())
@@ -505,20 +518,7 @@ async fn index_at_start(ctx: &Ctx) -> anyhow::Result<Vec<ferry_core::Change>> {
     note_skips(&ctx.shared, &skipped);
     match meta {
         None => {
-            // The index is built as batch S+1, an empty one: every peer
-            // resyncs by manifest to it (or later), so what a peer acked
-            // before this start (S or less) is never taken as covered.
-            let mut st = st;
-            st.seq += 1;
-            st.sealed_at_ns = now_ns();
-            ctx.shared.save_state(st).map_err(|e| {
-                ctx.shared.metrics.error("state_fsync");
-                anyhow!(e)
-            })?;
-            ctx.log.lock().expect("log").last_seq = st.seq;
-            ctx.shared.metrics.sealed_seq.set(st.seq as i64);
-            ctx.shared.set_status(|s| s.sealed_seq = st.seq);
-            let _ = ctx.seq_tx.send(st.seq);
+            // `start` sealed the empty batch this index is built as
             let seq = st.seq;
             let meta = ferry_store::IndexMeta {
                 epoch: st.epoch,
