@@ -52,8 +52,9 @@ fn bytes_sent(n: &Node) -> f64 {
 
 /// Resume cost (G4, G5): a caught-up primary on a 20,000-file root is
 /// restarted three times — with nothing changed, with files changed, added,
-/// removed and one rewritten with its size and mtime restored while it was
-/// down (kill -9), and with the replica behind (batches it never acked, the
+/// removed, one rewritten with its size and mtime restored and an 8 MiB one
+/// chmodded and back (only its ctime moved) while it was down (kill -9),
+/// and with the replica behind (batches it never acked, the
 /// primary's in-memory log gone). Each time the primary sends only what
 /// changed (ferry_bytes_sent_total of the new process), never the volume,
 /// needs no manifest resync, and the replica ends identical.
@@ -73,6 +74,9 @@ fn g5_restart_resends_only_what_changed() {
             std::fs::write(dir.join(format!("f{f:03}.sv")), data).unwrap();
         }
     }
+    let big = sv_content(&mut rng, 8 << 20);
+    volume += big.len() as u64;
+    std::fs::write(root.join("big.sv"), big).unwrap();
     p.replica.start();
     p.primary.start().wait_ready(Duration::from_secs(30));
     wait_converged(&root, &p.replica.root, Duration::from_secs(80));
@@ -120,6 +124,13 @@ fn g5_restart_resends_only_what_changed() {
         .unwrap()
         .set_modified(md.modified().unwrap())
         .unwrap();
+    // its inode's ctime changes, nothing else: the index's hash says so,
+    // and the 8 MiB are not sent again
+    use std::os::unix::fs::PermissionsExt;
+    let bigp = root.join("big.sv");
+    let mode = std::fs::metadata(&bigp).unwrap().permissions().mode();
+    std::fs::set_permissions(&bigp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&bigp, std::fs::Permissions::from_mode(mode)).unwrap();
     p.primary.start().wait_ready(Duration::from_secs(30));
     let took = wait_converged(&root, &p.replica.root, CONVERGE);
     wait_idle(&p.primary, Duration::from_secs(30));

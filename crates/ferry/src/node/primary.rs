@@ -420,6 +420,7 @@ async fn batcher(
     for c in index_at_start(ctx).await? {
         b.push(c);
     }
+    let mut next_flush = Instant::now() + INDEX_FLUSH;
     loop {
         if b.watch_limited && rescan_every.is_none() {
             let d = crate::config::DEFAULT_RESCAN_INTERVAL;
@@ -462,6 +463,10 @@ async fn batcher(
                     b.push(c);
                 }
             }
+            _ = tokio::time::sleep_until(next_flush.into()) => {
+                flush_index(ctx);
+                next_flush = Instant::now() + INDEX_FLUSH;
+            }
             _ = sleep_until(next_rescan), if next_rescan.is_some() => {
                 PeriodicRescan.emit(m);
                 b.push(ferry_core::Change::RescanAll);
@@ -488,6 +493,7 @@ async fn batcher(
                 }
                 b.flush();
                 seal(ctx, &mut b.co, &mut b.verify, false, &rx).await?;
+                flush_index(ctx);
                 break;
             }
         }
@@ -579,6 +585,21 @@ async fn index_at_start(ctx: &Ctx) -> anyhow::Result<Vec<ferry_core::Change>> {
             Ok(rc.changes())
         }
     }
+}
+
+/// How often content hashes and acked seqs reach the index when no batch
+/// is sealed (they ride along with every batch otherwise).
+const INDEX_FLUSH: Duration = Duration::from_secs(5);
+
+/// Writes the queued content hashes and the peers' acked seqs.
+fn flush_index(ctx: &Ctx) {
+    let ops = std::mem::take(&mut *ctx.hashes.lock().expect("hashes"));
+    if ops.is_empty() {
+        return;
+    }
+    let st = ctx.shared.node_state();
+    let peers = ctx.peers_acked(st.epoch);
+    ctx.index_write(|ix| ix.apply(st.seq, &ops, &peers, true));
 }
 
 /// The second look at the directories a sealed batch created (see
