@@ -235,4 +235,42 @@ fn g5_peer_too_far_behind_catches_up_without_the_log() {
         log.contains("Catching the peer up from the file index"),
         "no catch-up from the index"
     );
+
+    // a larger catch-up shows its progress in `ferry status`
+    assert_eq!(p.replica.stop(), Some(0));
+    for b in 0..3 {
+        let dir = root.join(format!("bulk{b}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..1000 {
+            std::fs::write(dir.join(format!("h{f}.sv")), sv_content(&mut rng, 16_000)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for b in 0..20 {
+        std::fs::write(root.join(format!("tick{b}")), b"t").unwrap();
+        std::thread::sleep(Duration::from_millis(30)); // push bulk out of the log
+    }
+    p.replica.start();
+    let proot = root.to_str().unwrap().to_string();
+    let t0 = std::time::Instant::now();
+    let mut seen = None;
+    while t0.elapsed() < CONVERGE {
+        let json = run_ok(&["status", "--root", &proot, "--json"]);
+        if let Some(i) = json.find("\"resync\":{") {
+            seen = Some(json[i..].split('}').next().unwrap_or_default().to_string());
+            break;
+        }
+        let log = std::fs::read_to_string(&p.primary.log).unwrap_or_default();
+        if log.matches("Catch-up from the file index sent").count() >= 2 {
+            break;
+        }
+    }
+    wait_converged(&root, &p.replica.root, CONVERGE);
+    let seen = seen.expect("ferry status never showed the catch-up's progress");
+    eprintln!("progress seen: {seen}");
+    assert!(seen.contains("\"peer\":\"replica-0\""), "{seen}");
+    assert!(
+        !seen.contains("\"total\":0"),
+        "the catch-up knows its total: {seen}"
+    );
 }
