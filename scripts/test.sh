@@ -34,6 +34,9 @@ else
     cargo test --workspace --no-fail-fast -- --test-threads 2
 fi
 
+say "fuzzing: every cargo-fuzz target for a few seconds (fuzz/, docs/SECURITY.md)"
+bash scripts/fuzz.sh 5
+
 say "observability: promtool rules and alert tests, a real Prometheus scraping ferry"
 bash scripts/test-observability.sh
 

@@ -389,3 +389,170 @@ fn demo_runs_and_stops_cleanly_on_ctrl_c() {
         "the demo's sample data did not all arrive:\n{text}"
     );
 }
+
+/// Issue 9, item 5: configuration mistakes that the state-dir lock and the
+/// root checks above do not cover, each refused at startup with its cause
+/// and its fix.
+#[test]
+fn config_mistakes_are_caught_at_startup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    // let an unprivileged user reach the files below
+    std::fs::set_permissions(base, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let pki = Pki::new(base, "ca");
+    let n1 = pki.issue("n1");
+    let tls = n1.to_str().unwrap();
+    let root = base.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let r = root.to_str().unwrap();
+
+    // 1. two processes on one root with different state dirs: the state-dir
+    // lock cannot see it; the root lock does
+    let sd1 = base.join("state-one");
+    let sd2 = base.join("state-two");
+    let port = free_port();
+    let first = KillOnDrop(
+        Command::new(ferry())
+            .args([
+                "run",
+                "--root",
+                r,
+                "--name",
+                "n1",
+                "--tls-dir",
+                tls,
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--state-dir",
+                sd1.to_str().unwrap(),
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // wait until the first one holds its state-dir lock (it took the root lock before)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sd1.join("lock").exists() {
+        assert!(Instant::now() < deadline, "the first daemon did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check(
+        &[
+            "run",
+            "--root",
+            r,
+            "--name",
+            "n1",
+            "--tls-dir",
+            tls,
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            sd2.to_str().unwrap(),
+        ],
+        1,
+        &[
+            "--root",
+            "locked by another ferry process",
+            "whatever its --state-dir",
+        ],
+    );
+    drop(first);
+
+    // 2. state left in ROOT/.ferry by an earlier run with the default state
+    // dir, while this run keeps its state elsewhere: the old state would be
+    // replicated as data
+    std::fs::create_dir_all(root.join(".ferry")).unwrap();
+    std::fs::write(root.join(".ferry/lock"), b"").unwrap();
+    check(
+        &[
+            "run",
+            "--root",
+            r,
+            "--name",
+            "n1",
+            "--tls-dir",
+            tls,
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            sd2.to_str().unwrap(),
+        ],
+        64,
+        &[
+            "holds ferry state from a run with the default state dir",
+            "Remove",
+        ],
+    );
+    std::fs::remove_dir_all(root.join(".ferry")).unwrap();
+
+    // 3. a state dir reached through a symlink that lands deep inside the
+    // root is seen for what it is
+    std::fs::create_dir_all(root.join("app/data")).unwrap();
+    std::os::unix::fs::symlink(root.join("app/data"), base.join("sneaky")).unwrap();
+    check(
+        &[
+            "run",
+            "--root",
+            r,
+            "--name",
+            "n1",
+            "--tls-dir",
+            tls,
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            base.join("sneaky/.state").to_str().unwrap(),
+        ],
+        64,
+        &["inside the root it must be a top-level directory"],
+    );
+
+    // 4. a replica whose volume the process cannot write
+    let ro = base.join("readonly-root");
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::set_permissions(&ro, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let sd = base.join("nobody-state");
+    std::fs::create_dir_all(&sd).unwrap();
+    std::fs::set_permissions(&sd, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", ferry()])
+        .args([
+            "run",
+            "--root",
+            ro.to_str().unwrap(),
+            "--name",
+            "n1",
+            "--tls-dir",
+            tls,
+            "--listen",
+            "127.0.0.1:0",
+            "--role",
+            "replica",
+            "--state-dir",
+            sd.join("s").to_str().unwrap(),
+        ])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("is a replica and cannot write its root") && text.contains("read-write"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&ro).unwrap().count(),
+        0,
+        "the probe left a file"
+    );
+}
+
+/// A child process killed when the test ends, pass or fail.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

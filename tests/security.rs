@@ -185,3 +185,338 @@ fn g8_wrong_ca_and_unlisted_name_are_refused_and_write_nothing() {
         Duration::from_secs(30),
     );
 }
+
+#[path = "support/peer.rs"]
+mod peer;
+
+fn wait_metrics_up(node: &Node) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(node.metrics, "/metrics").is_none() {
+        assert!(Instant::now() < deadline, "{}", node.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A TLS dir holding `crt_key`'s certificate and key with `ca`'s ca.crt.
+fn mixed_tls(
+    base: &std::path::Path,
+    name: &str,
+    crt_key: &std::path::Path,
+    ca: &std::path::Path,
+) -> std::path::PathBuf {
+    let d = base.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(crt_key.join("tls.crt"), d.join("tls.crt")).unwrap();
+    std::fs::copy(crt_key.join("tls.key"), d.join("tls.key")).unwrap();
+    std::fs::copy(ca.join("ca.crt"), d.join("ca.crt")).unwrap();
+    d
+}
+
+/// G8: an expired certificate, one from another CA, one for a name not on
+/// the peer list, and no client certificate at all: each is refused in the
+/// handshake, before the replica accepts any stream (it counts an `auth`
+/// error, never reads a hello, never says "primary connected"); the same
+/// client with a valid certificate gets in.
+#[test]
+fn g8_expired_wrong_ca_wrong_name_and_no_client_certificate_are_refused_before_any_stream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let good = Pki::new(base, "good-ca");
+    let evil = Pki::new(base, "evil-ca");
+    let mut replica = Node::new(base, "replica", &good.issue("replica"), "replica", &[], &[]);
+    replica.peer("primary", 1);
+    replica.start();
+    wait_metrics_up(&replica);
+
+    let valid = good.issue("primary");
+    let expired = base.join("expired-src");
+    run_ok(&[
+        "cert",
+        "issue",
+        "--ca",
+        good.dir.join("ca").to_str().unwrap(),
+        "--name",
+        "primary",
+        "--out",
+        expired.to_str().unwrap(),
+        "--days",
+        "0",
+    ]);
+    std::thread::sleep(Duration::from_millis(1100)); // past its notAfter
+    let cases: Vec<(&str, std::path::PathBuf, bool)> = vec![
+        ("expired certificate", expired.clone(), false),
+        (
+            "certificate from another CA",
+            mixed_tls(base, "wrong-ca", &evil.issue("primary"), &valid),
+            false,
+        ),
+        (
+            "certificate for an unlisted name",
+            good.issue("mallory"),
+            false,
+        ),
+        ("no client certificate", valid.clone(), true),
+    ];
+    for (what, dir, anonymous) in cases {
+        let auth = metric_labeled(replica.metrics, "ferry_errors_total", "kind=\"auth\"");
+        let p = peer::Peer::new(&dir, "primary");
+        let conn = if anonymous {
+            p.dial_anonymous(replica.port, "replica")
+        } else {
+            p.dial(replica.port, "replica")
+        };
+        // TLS 1.3: the client may finish its side before the server has
+        // checked the client's certificate; then its first stream fails
+        if let Ok(conn) = conn {
+            let r = p.rt.block_on(async {
+                let (mut s, mut r) = conn.open().await?;
+                s.send(&ferry_proto::Message::Hello(ferry_proto::Hello {
+                    version: ferry_proto::VERSION,
+                    node: "primary".into(),
+                    epoch: 1,
+                    last_seq: 0,
+                }))
+                .await?;
+                s.flush().await?;
+                tokio::time::timeout(Duration::from_secs(5), r.recv())
+                    .await
+                    .map_err(|_| ferry_net::NetError::Timeout)?
+            });
+            assert!(
+                !matches!(r, Ok(Some(ferry_proto::Message::Welcome(_)))),
+                "{what}: the replica answered a hello: {r:?}"
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metric_labeled(replica.metrics, "ferry_errors_total", "kind=\"auth\"") <= auth {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: no auth refusal counted\n{}",
+                replica.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            metric_labeled(replica.metrics, "ferry_errors_total", "kind=\"protocol\""),
+            0.0,
+            "{what}: got past the handshake to the protocol"
+        );
+        let log = std::fs::read_to_string(&replica.log).unwrap();
+        assert!(
+            !log.contains("primary connected"),
+            "{what}: {}",
+            replica.log_tail()
+        );
+    }
+    // control: the same replica lets the valid certificate in
+    let p = peer::Peer::new(&valid, "primary");
+    let mut s = p.session(replica.port);
+    assert!(matches!(s.hello(1), peer::Reply::Welcome(_)));
+    assert_eq!(entries(&replica.root), 0);
+}
+
+fn write_atomic(dir: &std::path::Path, name: &str, data: &[u8]) {
+    let tmp = dir.join(format!(".{name}.new"));
+    std::fs::write(&tmp, data).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+fn wait_metric_at_least(node: &Node, name: &str, label: &str, v: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let read = || {
+        if label.is_empty() {
+            node.metric(name)
+        } else {
+            metric_labeled(node.metrics, name, label)
+        }
+    };
+    while read() < v {
+        assert!(
+            Instant::now() < deadline,
+            "{name}{{{label}}} never reached {v}:\n{}",
+            node.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn count_in_log(node: &Node, needle: &str) -> usize {
+    std::fs::read_to_string(&node.log)
+        .unwrap_or_default()
+        .matches(needle)
+        .count()
+}
+
+/// G8: certificates and CAs rotated without a restart. The CA moves from
+/// ca1 to ca2 with an overlap (ca.crt holds both), then new pairs, then ca2
+/// alone; the connection-age cap (3 s here) makes the primary redial, and
+/// each new connection uses the new files: replication goes on, resuming
+/// from the log (no resync), an old-CA certificate is refused, and a bad
+/// new pair keeps the last good one, counts `tls_reload` and logs an error.
+#[test]
+fn g8_certificates_rotate_without_restart_and_a_bad_pair_keeps_the_last_good_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let ca1 = Pki::new(base, "ca1");
+    let ca2 = Pki::new(base, "ca2");
+    let rdir = mixed_tls(
+        base,
+        "replica-tls",
+        &ca1.issue("replica"),
+        &ca1.issue("replica"),
+    );
+    let pdir = mixed_tls(
+        base,
+        "primary-tls",
+        &ca1.issue("primary"),
+        &ca1.issue("primary"),
+    );
+    let age = ["--max-connection-age-secs", "3"];
+    let mut replica = Node::new(base, "replica", &rdir, "replica", &[], &age);
+    replica.peer("primary", 1);
+    replica.start();
+    let mut primary = Node::new(
+        base,
+        "primary",
+        &pdir,
+        "primary",
+        &[("replica", replica.port)],
+        &age,
+    );
+    std::fs::write(primary.root.join("a.txt"), b"before rotation").unwrap();
+    primary.start().wait_ready(Duration::from_secs(20));
+    wait_converged(&primary.root, &replica.root, Duration::from_secs(30));
+    // one batch after the first resync: from here on a redial resumes from
+    // the primary's log (a replica at seq 0 is always resynced)
+    std::fs::write(primary.root.join("a2.txt"), b"first batch").unwrap();
+    wait_converged(&primary.root, &replica.root, Duration::from_secs(30));
+    wait_idle(&primary, Duration::from_secs(20));
+    let resyncs = primary.metric("ferry_resyncs_total");
+    let session_errors = metric_labeled(
+        primary.metrics,
+        "ferry_errors_total",
+        "kind=\"peer_session\"",
+    );
+
+    let ca1_pem = std::fs::read(ca1.dir.join("ca/ca.crt")).unwrap();
+    let ca2_pem = std::fs::read(ca2.dir.join("ca/ca.crt")).unwrap();
+    let both = [ca1_pem.clone(), ca2_pem.clone()].concat();
+    // 1. overlap: trust both CAs
+    for d in [&rdir, &pdir] {
+        write_atomic(d, "ca.crt", &both);
+    }
+    wait_metric_at_least(&replica, "ferry_tls_reloads_total", "", 1.0);
+    wait_metric_at_least(&primary, "ferry_tls_reloads_total", "", 1.0);
+    // 2. new pairs from ca2 (key first: a half-rotated set is refused, then fixed)
+    for (d, name) in [(&rdir, "replica"), (&pdir, "primary")] {
+        let new = ca2.issue(name);
+        write_atomic(d, "tls.key", &std::fs::read(new.join("tls.key")).unwrap());
+        write_atomic(d, "tls.crt", &std::fs::read(new.join("tls.crt")).unwrap());
+    }
+    wait_metric_at_least(&replica, "ferry_tls_reloads_total", "", 2.0);
+    wait_metric_at_least(&primary, "ferry_tls_reloads_total", "", 2.0);
+    // 3. ca2 alone
+    for d in [&rdir, &pdir] {
+        write_atomic(d, "ca.crt", &ca2_pem);
+    }
+    wait_metric_at_least(&replica, "ferry_tls_reloads_total", "", 3.0);
+    wait_metric_at_least(&primary, "ferry_tls_reloads_total", "", 3.0);
+    let connects = count_in_log(&replica, "primary connected");
+    // the age cap makes the primary redial: with ca2 only on both sides, the
+    // new connection can only be made with the rotated files
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count_in_log(&replica, "primary connected") < connects + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no redial after the age cap:\n{}",
+            primary.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::write(primary.root.join("b.txt"), b"after rotation").unwrap();
+    wait_converged(&primary.root, &replica.root, Duration::from_secs(30));
+
+    // an old-CA client certificate is refused now; a ca2 one gets in
+    let auth = metric_labeled(replica.metrics, "ferry_errors_total", "kind=\"auth\"");
+    let old = peer::Peer::new(
+        &mixed_tls(
+            base,
+            "old-primary",
+            &ca1.issue("primary"),
+            &ca2.issue("primary"),
+        ),
+        "primary",
+    );
+    if let Ok(c) = old.dial(replica.port, "replica") {
+        let _ = old.rt.block_on(c.open());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric_labeled(replica.metrics, "ferry_errors_total", "kind=\"auth\"") <= auth {
+        assert!(
+            Instant::now() < deadline,
+            "an old-CA certificate was not refused after rotation"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fresh = peer::Peer::new(&ca2.issue("primary"), "primary");
+    assert!(
+        fresh.dial(replica.port, "replica").is_ok(),
+        "the replica does not serve its rotated certificate"
+    );
+
+    // 4. a bad new pair: the last good one stays, an error is counted
+    let bad = metric_labeled(replica.metrics, "ferry_errors_total", "kind=\"tls_reload\"");
+    write_atomic(
+        &rdir,
+        "tls.key",
+        b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n",
+    );
+    wait_metric_at_least(
+        &replica,
+        "ferry_errors_total",
+        "kind=\"tls_reload\"",
+        bad + 1.0,
+    );
+    assert!(std::fs::read_to_string(&replica.log)
+        .unwrap()
+        .contains("still using the last good certificate"));
+    let connects = count_in_log(&replica, "primary connected");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count_in_log(&replica, "primary connected") < connects + 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no redial with the last good pair:\n{}",
+            primary.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::write(primary.root.join("c.txt"), b"after a bad pair").unwrap();
+    wait_converged(&primary.root, &replica.root, Duration::from_secs(30));
+    assert!(replica.running() && primary.running());
+    // every redial resumed from the log: no resync since the first batch
+    assert_eq!(
+        primary.metric("ferry_resyncs_total"),
+        resyncs,
+        "a redial resynced instead of resuming:\n{}",
+        primary.log_tail()
+    );
+    assert_eq!(
+        metric_labeled(
+            replica.metrics,
+            "ferry_errors_total",
+            "kind=\"inconsistent\""
+        ),
+        0.0
+    );
+    // an age-cap redial is routine, not a session error (no FerryErrors alert every hour)
+    assert_eq!(
+        metric_labeled(
+            primary.metrics,
+            "ferry_errors_total",
+            "kind=\"peer_session\""
+        ),
+        session_errors,
+        "{}",
+        primary.log_tail()
+    );
+}

@@ -126,6 +126,13 @@ impl Node {
         }
     }
 
+    /// Moves the node's root (before start), e.g. onto a test mount.
+    pub fn set_root(&mut self, root: &Path) {
+        let i = self.args.iter().position(|a| a == "--root").unwrap();
+        self.args[i + 1] = root.display().to_string();
+        self.root = root.to_path_buf();
+    }
+
     /// Sets the peers after construction (ports are known only then).
     pub fn peer(&mut self, name: &str, port: u16) {
         self.args.push("--peer".into());
@@ -212,6 +219,16 @@ impl Node {
     /// The process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `ferry status --json` of this node.
+    pub fn status_json(&self) -> String {
+        let out = Command::new(ferry())
+            .args(["status", "--json", "--root"])
+            .arg(&self.root)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn running(&mut self) -> bool {

@@ -7,14 +7,16 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod testing;
 mod tls;
 
-pub use tls::{load_tls, TlsMaterial};
+pub use tls::{load_tls, TlsMaterial, TlsWatch};
 
 use bytes::BytesMut;
 use ferry_proto::{FrameDecoder, Message, ProtoError, ALPN};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 /// Per-stream receive window: 16 MiB keeps a 1 Gbit/s, 100 ms RTT link full
@@ -36,6 +38,13 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 pub const MAX_INCOMING: usize = 64;
 /// Time allowed for a handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default cap on a connection's age: a connection this old is closed (the
+/// dialer redials), so rotated certificates and CAs reach long-lived
+/// connections too. A peer that does not redial by itself is cut by the
+/// accepting side a quarter of the cap later.
+pub const DEFAULT_MAX_CONN_AGE: Duration = Duration::from_secs(3600);
+/// Application close code of a connection closed by the age cap.
+pub const CLOSE_AGE_CAP: u32 = 3;
 
 /// Errors of the transport, each naming its cause.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +68,10 @@ pub enum NetError {
     PeerRefused { addr: SocketAddr, reason: String },
     #[error("connection lost: {0}")]
     Lost(String),
+    /// The connection reached its age cap and was closed on purpose; the
+    /// dialer redials (and so picks up rotated certificates). Not a fault.
+    #[error("connection age cap reached; redialling (picks up rotated certificates)")]
+    AgeCap,
     #[error("peer sent a malformed message: {0}")]
     Proto(#[from] ProtoError),
     #[error("handshake timed out")]
@@ -70,8 +83,68 @@ pub enum NetError {
 /// One QUIC endpoint: listens for peers and dials them.
 pub struct Transport {
     ep: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    /// Replaced by [`Transport::reload_tls`]; each dial clones the current one.
+    client: RwLock<quinn::ClientConfig>,
+    transport: Arc<quinn::TransportConfig>,
     allowed: Arc<Vec<String>>,
+    max_age: Duration,
+}
+
+fn server_quic_config(
+    tls: &TlsMaterial,
+    allowed: &[String],
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ServerConfig, NetError> {
+    let server_tls = tls::server_config(tls, allowed)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)
+            .map_err(|e| NetError::TlsConfig(e.to_string()))?,
+    ));
+    server
+        .transport_config(transport)
+        .migration(false)
+        .max_incoming(MAX_INCOMING)
+        .incoming_buffer_size(64 << 10)
+        .incoming_buffer_size_total(4 << 20);
+    Ok(server)
+}
+
+fn client_quic_config(
+    tls: &TlsMaterial,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ClientConfig, NetError> {
+    let client_tls = tls::client_config(tls)?;
+    let mut client = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)
+            .map_err(|e| NetError::TlsConfig(e.to_string()))?,
+    ));
+    client.transport_config(transport);
+    Ok(client)
+}
+
+/// Closes `conn` once it is `age` old (unless it closed before). The timer
+/// task holds a clone of the connection; the returned guard aborts it when
+/// the last [`Conn`] is dropped, so dropping a connection still closes it.
+fn cap_age(conn: &quinn::Connection, age: Duration) -> Arc<AgeCap> {
+    let conn = conn.clone();
+    let fired = Arc::new(AtomicBool::new(false));
+    let f2 = fired.clone();
+    let task = tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(age) => {
+                f2.store(true, Ordering::Relaxed);
+                conn.close(
+                    CLOSE_AGE_CAP.into(),
+                    b"connection age cap reached; redial (picks up rotated certificates)",
+                )
+            }
+            _ = conn.closed() => {}
+        }
+    });
+    Arc::new(AgeCap {
+        task: task.abort_handle(),
+        fired,
+    })
 }
 
 fn transport_config() -> quinn::TransportConfig {
@@ -84,10 +157,38 @@ fn transport_config() -> quinn::TransportConfig {
         .max_idle_timeout(Some(
             IDLE_TIMEOUT
                 .try_into()
-                .expect("30 s is a valid idle timeout"),
+                .expect("10 s is a valid idle timeout"),
         ))
         .keep_alive_interval(Some(KEEP_ALIVE));
     t
+}
+
+/// Stops a connection's age-cap timer when the last handle goes; says
+/// whether the cap closed the connection (so that is not reported as a fault).
+struct AgeCap {
+    task: tokio::task::AbortHandle,
+    fired: Arc<AtomicBool>,
+}
+
+impl Drop for AgeCap {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Whether a connection was closed by its age cap, shared with its streams.
+#[derive(Clone, Default)]
+struct Capped(Option<Arc<AtomicBool>>);
+
+impl Capped {
+    /// `Lost(e)`, or [`NetError::AgeCap`] when the age cap closed the connection.
+    fn lost(&self, e: impl std::fmt::Display) -> NetError {
+        if self.0.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
+            NetError::AgeCap
+        } else {
+            NetError::Lost(e.to_string())
+        }
+    }
 }
 
 impl Transport {
@@ -99,23 +200,8 @@ impl Transport {
         allowed: Vec<String>,
     ) -> Result<Transport, NetError> {
         let transport = Arc::new(transport_config());
-        let server_tls = tls::server_config(tls, &allowed)?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
-            quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)
-                .map_err(|e| NetError::TlsConfig(e.to_string()))?,
-        ));
-        server
-            .transport_config(transport.clone())
-            .migration(false)
-            .max_incoming(MAX_INCOMING)
-            .incoming_buffer_size(64 << 10)
-            .incoming_buffer_size_total(4 << 20);
-        let client_tls = tls::client_config(tls)?;
-        let mut client = quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)
-                .map_err(|e| NetError::TlsConfig(e.to_string()))?,
-        ));
-        client.transport_config(transport);
+        let server = server_quic_config(tls, &allowed, transport.clone())?;
+        let client = client_quic_config(tls, transport.clone())?;
         let socket = std::net::UdpSocket::bind(listen).map_err(|source| NetError::Bind {
             addr: listen,
             error: source,
@@ -139,9 +225,30 @@ impl Transport {
         })?;
         Ok(Transport {
             ep,
-            client,
+            client: RwLock::new(client),
+            transport,
             allowed: Arc::new(allowed),
+            max_age: DEFAULT_MAX_CONN_AGE,
         })
+    }
+
+    /// Sets the connection-age cap (default [`DEFAULT_MAX_CONN_AGE`]) for
+    /// connections made from now on: dialled connections are closed at
+    /// `age`, accepted ones at `age * 5 / 4` (the dialer should go first).
+    pub fn set_max_conn_age(&mut self, age: Duration) {
+        self.max_age = age.max(Duration::from_millis(100));
+    }
+
+    /// Swaps in new certificates, key and CAs: every handshake from now on
+    /// (dialled or accepted) uses them; open connections keep theirs until
+    /// they close (see [`Transport::set_max_conn_age`]). Nothing changes
+    /// when `tls` does not make a valid configuration.
+    pub fn reload_tls(&self, tls: &TlsMaterial) -> Result<(), NetError> {
+        let server = server_quic_config(tls, &self.allowed, self.transport.clone())?;
+        let client = client_quic_config(tls, self.transport.clone())?;
+        self.ep.set_server_config(Some(server));
+        *self.client.write().unwrap_or_else(PoisonError::into_inner) = client;
+        Ok(())
     }
 
     /// The bound address.
@@ -157,17 +264,24 @@ impl Transport {
             addr,
             reason,
         };
+        let client = self
+            .client
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let connecting = self
             .ep
-            .connect_with(self.client.clone(), addr, name)
+            .connect_with(client, addr, name)
             .map_err(|e| err(e.to_string()))?;
         let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
             .await
             .map_err(|_| err("handshake timed out (peer down or UDP blocked?)".into()))?
             .map_err(|e| err(e.to_string()))?;
+        let cap = cap_age(&conn, self.max_age);
         Ok(Conn {
             inner: conn,
             peer: name.to_owned(),
+            _cap: Some(cap),
         })
     }
 
@@ -198,7 +312,12 @@ impl Transport {
                     addr,
                     reason: "certificate names no allowed peer".into(),
                 })?;
-            Ok(Conn { inner: conn, peer })
+            let cap = cap_age(&conn, self.max_age + self.max_age / 4);
+            Ok(Conn {
+                inner: conn,
+                peer,
+                _cap: Some(cap),
+            })
         }
         .await;
         Some(res)
@@ -220,9 +339,14 @@ impl Transport {
 pub struct Conn {
     inner: quinn::Connection,
     peer: String,
+    _cap: Option<Arc<AgeCap>>,
 }
 
 impl Conn {
+    fn capped(&self) -> Capped {
+        Capped(self._cap.as_ref().map(|c| c.fired.clone()))
+    }
+
     /// The peer's node name, from its certificate.
     pub fn peer(&self) -> &str {
         &self.peer
@@ -238,8 +362,11 @@ impl Conn {
             .inner
             .open_bi()
             .await
-            .map_err(|e| NetError::Lost(e.to_string()))?;
-        Ok((MsgSend::new(s), MsgRecv::new(r)))
+            .map_err(|e| self.capped().lost(e))?;
+        Ok((
+            MsgSend::new(s, self.capped()),
+            MsgRecv::new(r, self.capped()),
+        ))
     }
 
     /// Accepts the peer's next stream.
@@ -248,8 +375,11 @@ impl Conn {
             .inner
             .accept_bi()
             .await
-            .map_err(|e| NetError::Lost(e.to_string()))?;
-        Ok((MsgSend::new(s), MsgRecv::new(r)))
+            .map_err(|e| self.capped().lost(e))?;
+        Ok((
+            MsgSend::new(s, self.capped()),
+            MsgRecv::new(r, self.capped()),
+        ))
     }
 
     /// Closes with an application code and a reason the peer sees.
@@ -277,14 +407,16 @@ impl Conn {
 pub struct MsgSend {
     s: quinn::SendStream,
     buf: BytesMut,
+    capped: Capped,
 }
 
 const SEND_BUF: usize = 256 << 10;
 
 impl MsgSend {
-    fn new(s: quinn::SendStream) -> Self {
+    fn new(s: quinn::SendStream, capped: Capped) -> Self {
         MsgSend {
             s,
+            capped,
             buf: BytesMut::with_capacity(SEND_BUF + ferry_proto::MAX_FRAME),
         }
     }
@@ -302,18 +434,27 @@ impl MsgSend {
     pub async fn flush(&mut self) -> Result<(), NetError> {
         if !self.buf.is_empty() {
             let chunk = self.buf.split().freeze();
-            self.s.write_chunk(chunk).await.map_err(|e| match e {
-                quinn::WriteError::ConnectionLost(c) => NetError::Lost(c.to_string()),
-                e => NetError::Lost(e.to_string()),
-            })?;
+            let capped = &self.capped;
+            self.s
+                .write_chunk(chunk)
+                .await
+                .map_err(|e| capped.lost(e))?;
         }
         Ok(())
+    }
+
+    /// Writes `bytes` as they are, unframed, after what is queued. For tests
+    /// and tools that must speak a broken protocol on purpose (see
+    /// `tests/hostile.rs`); ferry itself only sends [`Message`]s.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), NetError> {
+        self.buf.extend_from_slice(bytes);
+        self.flush().await
     }
 
     /// Flushes and ends the stream.
     pub async fn finish(&mut self) -> Result<(), NetError> {
         self.flush().await?;
-        self.s.finish().map_err(|e| NetError::Lost(e.to_string()))
+        self.s.finish().map_err(|e| self.capped.lost(e))
     }
 
     /// Flushes, ends the stream and waits (up to `limit`) until the peer has
@@ -330,13 +471,15 @@ impl MsgSend {
 pub struct MsgRecv {
     r: quinn::RecvStream,
     dec: FrameDecoder,
+    capped: Capped,
 }
 
 impl MsgRecv {
-    fn new(r: quinn::RecvStream) -> Self {
+    fn new(r: quinn::RecvStream, capped: Capped) -> Self {
         MsgRecv {
             r,
             dec: FrameDecoder::new(),
+            capped,
         }
     }
 
@@ -365,10 +508,7 @@ impl MsgRecv {
                 )) if c.error_code == quinn::VarInt::from_u32(0) && self.dec.buffered() == 0 => {
                     return Ok(None)
                 }
-                Err(quinn::ReadError::ConnectionLost(e)) => {
-                    return Err(NetError::Lost(e.to_string()))
-                }
-                Err(e) => return Err(NetError::Lost(e.to_string())),
+                Err(e) => return Err(self.capped.lost(e)),
             }
         }
     }
@@ -383,3 +523,104 @@ pub fn valid_node_name(name: &str) -> bool {
 
 #[doc(hidden)]
 pub const _ALPN: &[u8] = ALPN;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn material(dir: &std::path::Path, name: &str) -> TlsMaterial {
+        let out = dir.join(name);
+        certs::issue(&dir.join("ca"), name, &out, 1).unwrap();
+        load_tls(&out, name).unwrap()
+    }
+
+    /// No 0-RTT: a client that holds a session ticket from an earlier
+    /// connection still cannot send early data (quinn refuses `into_0rtt`
+    /// because rustls has early data off on both sides), so nothing a peer
+    /// sends is processed before the handshake, client certificate
+    /// included, is complete.
+    #[test]
+    fn no_zero_rtt_even_with_a_session_ticket() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        certs::init_ca(&dir.path().join("ca"), "test CA").unwrap();
+        let (srv, cli) = (material(dir.path(), "srv"), material(dir.path(), "cli"));
+        rt.block_on(async {
+            let server = Arc::new(
+                Transport::bind("127.0.0.1:0".parse().unwrap(), &srv, vec!["cli".into()]).unwrap(),
+            );
+            let addr = server.local_addr().unwrap();
+            let s2 = server.clone();
+            tokio::spawn(async move {
+                while let Some(c) = s2.accept().await {
+                    if let Ok(c) = c {
+                        tokio::spawn(async move {
+                            let _ = c.accept().await;
+                        });
+                    }
+                }
+            });
+            let client =
+                Transport::bind("127.0.0.1:0".parse().unwrap(), &cli, vec!["srv".into()]).unwrap();
+            assert_eq!(
+                tls::server_config(&srv, &["cli".into()])
+                    .unwrap()
+                    .max_early_data_size,
+                0
+            );
+            assert!(!tls::client_config(&cli).unwrap().enable_early_data);
+            for attempt in 0..3 {
+                let cfg = client.client.read().unwrap().clone();
+                let connecting = client.ep.connect_with(cfg, addr, "srv").unwrap();
+                let conn = match connecting.into_0rtt() {
+                    Ok(_) => panic!("attempt {attempt}: 0-RTT was offered"),
+                    Err(connecting) => connecting.await.expect("a full handshake works"),
+                };
+                // let the server's session tickets arrive before closing
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                conn.close(0u32.into(), b"done");
+            }
+        });
+    }
+
+    /// A reload swaps what new handshakes use: after the client's CA set is
+    /// replaced by an unrelated CA, dialling the same server fails, and
+    /// putting the right CA back makes it work again, without a new
+    /// endpoint.
+    #[test]
+    fn reload_applies_to_new_handshakes() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        certs::init_ca(&dir.path().join("ca"), "test CA").unwrap();
+        let other = tempfile::tempdir().unwrap();
+        certs::init_ca(&other.path().join("ca"), "other CA").unwrap();
+        let (srv, cli) = (material(dir.path(), "srv"), material(dir.path(), "cli"));
+        let foreign = material(other.path(), "cli");
+        rt.block_on(async {
+            let server = Arc::new(
+                Transport::bind("127.0.0.1:0".parse().unwrap(), &srv, vec!["cli".into()]).unwrap(),
+            );
+            let addr = server.local_addr().unwrap();
+            let s2 = server.clone();
+            tokio::spawn(async move { while s2.accept().await.is_some() {} });
+            let client =
+                Transport::bind("127.0.0.1:0".parse().unwrap(), &cli, vec!["srv".into()]).unwrap();
+            assert!(client.connect(addr, "srv").await.is_ok());
+            client.reload_tls(&foreign).unwrap();
+            assert!(
+                client.connect(addr, "srv").await.is_err(),
+                "old files still used"
+            );
+            client.reload_tls(&cli).unwrap();
+            assert!(client.connect(addr, "srv").await.is_ok());
+        });
+    }
+}

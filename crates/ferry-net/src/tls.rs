@@ -210,3 +210,87 @@ pub(crate) fn peer_name(conn: &quinn::Connection, allowed: &[String]) -> Option<
     let i = matches_any(chain.first()?, &names)?;
     allowed.get(i).cloned()
 }
+
+/// Watches a TLS directory for rotated files (cert-manager updates a mounted
+/// Secret by swapping a symlink; a poll comparing the files' bytes sees every
+/// kind of update). Each change is loaded and checked exactly like at
+/// startup ([`load_tls`]); a change that does not make a valid set is
+/// reported once, and the caller keeps the last good one.
+pub struct TlsWatch {
+    dir: std::path::PathBuf,
+    name: String,
+    seen: Vec<Vec<u8>>,
+}
+
+/// The files a node's TLS material is made of.
+const TLS_FILES: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
+
+fn read_tls_files(dir: &Path) -> Vec<Vec<u8>> {
+    TLS_FILES
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap_or_default())
+        .collect()
+}
+
+impl TlsWatch {
+    /// Starts from the files as they are now (loaded at startup).
+    pub fn new(dir: &Path, name: &str) -> TlsWatch {
+        TlsWatch {
+            dir: dir.to_owned(),
+            name: name.to_owned(),
+            seen: read_tls_files(dir),
+        }
+    }
+
+    /// `Ok(None)`: nothing changed since the last poll. `Ok(Some)`: the
+    /// files changed and hold a valid set. `Err`: they changed and do not
+    /// (reported once per change; a half-written set usually becomes valid
+    /// at the next poll).
+    pub fn poll(&mut self) -> Result<Option<TlsMaterial>, NetError> {
+        let now = read_tls_files(&self.dir);
+        if now == self.seen {
+            return Ok(None);
+        }
+        self.seen = now;
+        load_tls(&self.dir, &self.name).map(Some)
+    }
+}
+
+/// Loads a TLS directory without checking that its files fit together:
+/// used only by [`crate::testing`] (a hostile peer's certificate may be
+/// expired, for another name, or from another CA).
+pub(crate) fn load_unchecked(dir: &Path) -> Result<TlsMaterial, NetError> {
+    let crt = dir.join("tls.crt");
+    let key = dir.join("tls.key");
+    let ca = dir.join("ca.crt");
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&crt)
+        .map_err(|e| file_err(&crt, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(&crt, e.to_string()))?;
+    let key_der = PrivateKeyDer::from_pem_file(&key).map_err(|e| file_err(&key, e.to_string()))?;
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&ca).map_err(|e| file_err(&ca, e.to_string()))? {
+        let c = c.map_err(|e| file_err(&ca, e.to_string()))?;
+        roots
+            .add(c)
+            .map_err(|e| file_err(&ca, format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(TlsMaterial {
+        chain,
+        key: key_der,
+        roots: Arc::new(roots),
+    })
+}
+
+/// A client configuration that presents no certificate (tests only).
+pub(crate) fn anonymous_client_config(
+    roots: Arc<RootCertStore>,
+) -> Result<rustls::ClientConfig, NetError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| NetError::TlsConfig(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}

@@ -38,6 +38,8 @@ pub enum PathError {
     TargetTooLong(usize),
     #[error("symlink target leaves the replicated root")]
     TargetEscapes,
+    #[error("symlink target has a '..' after a name (like 'a/..'); through another link it could leave the root, so only leading '..' are accepted")]
+    TargetClimbsAfterName,
 }
 
 /// A path relative to the replicated root that passed the shared rule.
@@ -160,9 +162,18 @@ fn check(bytes: &[u8]) -> Result<(), PathError> {
 }
 
 /// Checks a symlink target placed at `link`: non-empty, bounded, no NUL,
-/// not absolute, and, resolved lexically from the link's directory, never
-/// above the root. The same rule runs on the primary (such links are not
-/// shipped) and on the replica (such links are refused).
+/// not absolute, `..` only before the first name, and, resolved from the
+/// link's directory, never above the root. The same rule runs on the
+/// primary (such links are not shipped) and on the replica (such links are
+/// refused).
+///
+/// Why only leading `..`: the kernel resolves `a/..` through `a`, so if `a`
+/// is itself a link (say `a -> .`, fine on its own) `a/..` is the parent of
+/// where `a` points, which lexical resolution cannot see: `a -> .` next to
+/// `up -> a/..` would put `up` outside the root. Leading `..` climb real
+/// directories (a replica creates only real directories on the way to a
+/// link); after them, every name is a directory or a link that itself obeys
+/// this rule, so the target stays inside.
 pub fn check_link_target(link: &RelPath, target: &[u8]) -> Result<(), PathError> {
     if target.is_empty() {
         return Err(PathError::EmptyTarget);
@@ -178,16 +189,21 @@ pub fn check_link_target(link: &RelPath, target: &[u8]) -> Result<(), PathError>
     }
     // Depth of the directory holding the link.
     let mut depth: i64 = link.depth() as i64 - 1;
+    let mut named = false;
     for c in target.split(|b| *b == b'/') {
         match c {
             b"" | b"." => {}
+            b".." if named => return Err(PathError::TargetClimbsAfterName),
             b".." => {
                 depth -= 1;
                 if depth < 0 {
                     return Err(PathError::TargetEscapes);
                 }
             }
-            _ => depth += 1,
+            _ => {
+                named = true;
+                depth += 1;
+            }
         }
     }
     Ok(())
@@ -247,11 +263,18 @@ mod tests {
             check_link_target(&l, b"/etc"),
             Err(PathError::TargetEscapes)
         );
-        assert_eq!(check_link_target(&l, b"c/../../.."), Ok(()));
+        // '..' after a name: `c` may be a link (`c -> .`), so `c/..` is not
+        // lexically where it seems
         assert_eq!(
-            check_link_target(&l, b"c/../../../.."),
-            Err(PathError::TargetEscapes)
+            check_link_target(&l, b"c/../../.."),
+            Err(PathError::TargetClimbsAfterName)
         );
+        assert_eq!(
+            check_link_target(&RelPath::new("up").unwrap(), b"dot/.."),
+            Err(PathError::TargetClimbsAfterName)
+        );
+        assert_eq!(check_link_target(&l, b"../../c/d"), Ok(()));
+        assert_eq!(check_link_target(&l, b"./../c/./d"), Ok(()));
         let top = RelPath::new("link").unwrap();
         assert_eq!(
             check_link_target(&top, b"..").unwrap_err(),
@@ -304,8 +327,13 @@ mod tests {
             let target = parts.join("/");
             if check_link_target(&link, target.as_bytes()).is_ok() {
                 let mut level = depth as i64 - 1;
+                let mut named = false;
                 for p in &parts {
-                    match p.as_str() { ".." => level -= 1, "." => {}, _ => level += 1 }
+                    match p.as_str() {
+                        ".." => { prop_assert!(!named); level -= 1 }
+                        "." => {},
+                        _ => { named = true; level += 1 }
+                    }
                     prop_assert!(level >= 0);
                 }
             }

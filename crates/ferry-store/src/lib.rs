@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod index;
+pub mod marker;
 pub use index::{FileRecord, Index, IndexMeta, IndexOp};
 
 use std::fs::{File, OpenOptions};

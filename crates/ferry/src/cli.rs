@@ -34,9 +34,13 @@ pub enum Command {
     #[command(subcommand)]
     Cert(CertCommand),
     /// Run a ferry node.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Ask a running node for its role, epoch, peers and consistency point.
     Status(StatusArgs),
+    /// Move the primary role: on the primary, `--to NAME` hands over to a
+    /// caught-up replica (planned switchover, nothing lost); on a replica,
+    /// without `--to`, take over from an unreachable primary (failover).
+    Promote(PromoteArgs),
     /// Serve the Kubernetes mutating admission webhook that injects the sidecar.
     Inject(InjectArgs),
 }
@@ -139,6 +143,20 @@ pub struct RunArgs {
     /// Paths and renames those batches may hold in all (bounds their memory).
     #[arg(long, env = "FERRY_LOG_MAX_ITEMS", default_value_t = DEFAULT_LOG_MAX_ITEMS)]
     pub log_max_items: usize,
+    /// Close and redial a connection this old, so rotated certificates reach it (s).
+    #[arg(long, env = "FERRY_MAX_CONNECTION_AGE_SECS", default_value_t = DEFAULT_MAX_CONN_AGE.as_secs())]
+    pub max_connection_age_secs: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct PromoteArgs {
+    /// Planned switchover to this peer (run on the primary, with the app stopped).
+    #[arg(long)]
+    pub to: Option<String>,
+    #[arg(long, env = "FERRY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[arg(long, env = "FERRY_ROOT")]
+    pub root: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -262,6 +280,9 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
     if let Err(e) = ferry_watch::Excludes::new(&a.excludes, None) {
         errs.push(e.to_string());
     }
+    if a.max_connection_age_secs == 0 {
+        errs.push("--max-connection-age-secs 0: must be at least 1 (default 3600)".into());
+    }
     if a.batch_idle_ms == 0 || a.batch_max_delay_ms < a.batch_idle_ms {
         errs.push(format!(
             "--batch-idle-ms {} / --batch-max-delay-ms {}: need 0 < idle <= max delay",
@@ -303,6 +324,23 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
             if sd_abs == *root {
                 errs.push("--state-dir is the root itself; use a subdirectory (default ROOT/.ferry) or a path outside the root".into());
             }
+            // State left in ROOT/.ferry by a run with the default state dir,
+            // while this run keeps its state elsewhere: that old state would
+            // be replicated as data, and replicas (whose state dir is their
+            // ROOT/.ferry) would refuse it, stalling replication.
+            let default_sd = root.join(".ferry");
+            if sd_abs != default_sd
+                && ["lock", "state.a", "state.b"]
+                    .iter()
+                    .any(|f| default_sd.join(f).exists())
+            {
+                errs.push(format!(
+                    "--state-dir {}: but {} holds ferry state from a run with the default state dir; it would be replicated as data (and refused by replicas). Remove {} or drop --state-dir to use it",
+                    sd.display(),
+                    default_sd.display(),
+                    default_sd.display()
+                ));
+            }
             if rel.as_ref().is_some_and(|r| r.depth() > 1) {
                 errs.push(format!(
                     "--state-dir {}: inside the root it must be a top-level directory (e.g. ROOT/.ferry), or lie outside the root; a deeper one could be removed with its parent by a peer",
@@ -335,6 +373,7 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
         log_capacity: a.log_capacity,
         log_max_items: a.log_max_items,
         rescan_interval,
+        max_conn_age: Duration::from_secs(a.max_connection_age_secs),
     })
 }
 
@@ -387,7 +426,12 @@ fn check_root(r: &Path) -> Result<PathBuf, String> {
     let c = r
         .canonicalize()
         .map_err(|e| format!("--root {}: {e}", r.display()))?;
-    if c == Path::new("/") {
+    // `/` under any name (a bind mount of the host's root shows its inode)
+    let same_as_slash = std::fs::metadata("/").is_ok_and(|s| {
+        use std::os::unix::fs::MetadataExt;
+        s.dev() == md.dev() && s.ino() == md.ino()
+    });
+    if c == Path::new("/") || same_as_slash {
         return Err(
             "--root /: refusing to replicate the whole filesystem; pass the volume's mount path"
                 .into(),
@@ -497,6 +541,42 @@ pub fn main() -> i32 {
                 }
             }
         }
+        Command::Promote(a) => {
+            let sd = match (&a.state_dir, &a.root) {
+                (Some(s), _) => s.clone(),
+                (None, Some(r)) => r.join(".ferry"),
+                (None, None) => {
+                    return usage_exit(
+                        &["ferry promote needs --state-dir DIR or --root DIR".into()],
+                    )
+                }
+            };
+            let cmd = match &a.to {
+                Some(to) => format!("promote-to {to}"),
+                None => "promote".into(),
+            };
+            match runtime().block_on(crate::control::query(&sd, &cmd)) {
+                Ok(out) => match out.trim_end().strip_prefix("ok: ") {
+                    Some(msg) => {
+                        println!("{msg}");
+                        0
+                    }
+                    None => {
+                        eprintln!(
+                            "ferry: {}",
+                            out.trim_end()
+                                .strip_prefix("error: ")
+                                .unwrap_or(out.trim_end())
+                        );
+                        1
+                    }
+                },
+                Err(e) => {
+                    eprintln!("ferry: {e:#}");
+                    1
+                }
+            }
+        }
         Command::Demo(a) => runtime().block_on(crate::demo::run(a)),
         Command::Inject(a) => {
             let listen: SocketAddr = match a.listen.parse() {
@@ -586,6 +666,13 @@ async fn resync_progress_bar(state_dir: &Path) {
 }
 
 async fn run(cfg: NodeConfig) -> i32 {
+    let _root_lock = match lock_root(&cfg.root) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            return 1;
+        }
+    };
     let handle = match crate::node::start(cfg).await {
         Ok(h) => h,
         Err(e) => {
@@ -602,13 +689,75 @@ async fn run(cfg: NodeConfig) -> i32 {
             return 1;
         }
     };
-    let code = tokio::select! {
-        _ = term.recv() => { tracing::info!("SIGTERM: shipping what is pending, then exiting"); 0 }
-        _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: shutting down"); 0 }
-        _ = handle.wait_fatal() => { tracing::error!("a node task failed; exiting"); 1 }
+    let mut requests = std::mem::replace(&mut handle.requests, tokio::sync::mpsc::channel(1).1);
+    loop {
+        let req = tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shipping what is pending, then exiting"); handle.shutdown().await; return 0 }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: shutting down"); handle.shutdown().await; return 0 }
+            _ = handle.wait_fatal() => { tracing::error!("a node task failed; exiting"); handle.shutdown().await; return 1 }
+            r = requests.recv() => r,
+        };
+        let Some(req) = req else { continue };
+        use crate::node::{handover, NodeRequest};
+        let why = match req {
+            NodeRequest::Restart(why) => why,
+            NodeRequest::Switchover { to, reply } => {
+                if let Err(e) = handover::check_switchover(&handle.shared, &to) {
+                    let _ = reply.send(Err(format!("{e:#}")));
+                    continue;
+                }
+                tracing::info!(to = %to, "switchover: shipping what is pending, then handing over");
+                handle.drain().await;
+                let r = handover::switchover(&handle, &to)
+                    .await
+                    .map_err(|e| format!("{e:#}"));
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "switchover failed; this node restarts as primary");
+                }
+                let _ = reply.send(r);
+                "switchover".into()
+            }
+            NodeRequest::Failover { reply } => {
+                if let Err(e) = handover::check_failover(&handle.shared) {
+                    let _ = reply.send(Err(format!("{e:#}")));
+                    continue;
+                }
+                tracing::warn!(
+                    "failover: finishing the batch in progress, then taking over as primary"
+                );
+                handle.drain().await;
+                let dirty = ferry_apply::needs_resync_at(&handle.shared.cfg.state_dir);
+                let r = handover::failover(&handle.shared, dirty).map_err(|e| format!("{e:#}"));
+                let _ = reply.send(r);
+                "failover".into()
+            }
+        };
+        // let the control socket deliver its answer, then restart in the
+        // (durable) new role: same process, same pid
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tracing::info!(reason = %why, "restarting in the node's durable role");
+        handle.shutdown().await;
+        return restart_self();
+    }
+}
+
+/// Replaces this process with a fresh `ferry` of the same arguments: the
+/// node starts again from its durable state (role, epoch). Returns only on
+/// failure.
+fn restart_self() -> i32 {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("ferry: cannot find my own executable to restart: {e}");
+            return 1;
+        }
     };
-    handle.shutdown().await;
-    code
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    eprintln!("ferry: restart failed: {err}");
+    1
 }
 
 #[cfg(test)]

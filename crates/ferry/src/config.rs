@@ -4,7 +4,7 @@
 use ferry_proto::RelPath;
 use ferry_store::Role;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Quiet time before a batch is sealed (see `ferry_core::timer`).
@@ -27,6 +27,11 @@ pub const DEFAULT_LOG_MAX_ITEMS: usize = 262_144;
 /// The periodic safety-net rescan (a manifest diff with every peer): finds
 /// what the watcher missed and repairs replicas changed behind ferry's back.
 pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(600);
+/// A connection older than this is closed and redialled, so rotated
+/// certificates reach long-lived connections (see docs/SECURITY.md).
+pub const DEFAULT_MAX_CONN_AGE: Duration = ferry_net::DEFAULT_MAX_CONN_AGE;
+/// How often the TLS directory is checked for rotated files.
+pub const TLS_POLL: Duration = Duration::from_secs(2);
 /// Default QUIC port.
 pub const DEFAULT_PORT: u16 = 7443;
 
@@ -61,4 +66,50 @@ pub struct NodeConfig {
     pub log_max_items: usize,
     /// Periodic full rescan; `None`: off.
     pub rescan_interval: Option<Duration>,
+    /// Connection-age cap (certificate rotation reaches every connection).
+    pub max_conn_age: Duration,
+}
+
+/// Holds an exclusive lock on the root directory itself for the life of the
+/// process: two ferry processes on one root are refused even when their
+/// state dirs differ (the state-dir lock alone cannot see that).
+pub struct RootLock {
+    _dir: std::fs::File,
+}
+
+/// Takes the root lock, or says which mistake it is and how to fix it.
+pub fn lock_root(root: &Path) -> Result<RootLock, String> {
+    let dir = std::fs::File::open(root)
+        .map_err(|e| format!("--root {}: cannot open it ({e})", root.display()))?;
+    match dir.try_lock() {
+        Ok(()) => Ok(RootLock { _dir: dir }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "--root {} is locked by another ferry process (whatever its --state-dir): two daemons on one volume would fight over it; run one ferry per root, or stop the other one",
+            root.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!(
+            "--root {}: cannot lock it ({e})",
+            root.display()
+        )),
+    }
+}
+
+/// A replica writes every file of its root: probe that it can, at startup,
+/// instead of failing on the first batch.
+pub fn check_writable(root: &Path) -> Result<(), String> {
+    let probe = root.join(format!(".ferry.tmp.probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "--root {}: this node is a replica and cannot write its root ({e}); mount the volume read-write in the ferry container and run ferry as a user that may write it (Kubernetes: securityContext runAsUser/fsGroup), or start it as the primary",
+            root.display()
+        )),
+    }
 }

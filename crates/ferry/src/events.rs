@@ -126,6 +126,11 @@ pub struct PeerSessionEnded<'a> {
 impl Event for PeerSessionEnded<'_> {
     fn emit(self, m: &Metrics) {
         m.peer_connected.with_label_values(&[self.peer]).set(0);
+        // the connection-age cap (ferry_net::NetError::AgeCap) is routine
+        if self.error.contains("connection age cap reached") {
+            tracing::info!(peer = self.peer, "The connection reached its age cap; redialling (rotated certificates are picked up).");
+            return;
+        }
         m.error("peer_session");
         tracing::warn!(peer = self.peer, error = %self.error, retry_in_ms = self.retry_in.as_millis() as u64, "The session with the peer ended; retrying.");
     }
@@ -173,6 +178,23 @@ impl Event for BatchApplied {
     }
 }
 
+/// The replica finished, from its redo journal, a batch a crash interrupted.
+pub struct BatchRecovered {
+    pub seq: u64,
+    pub sealed_at_ns: u64,
+}
+impl Event for BatchRecovered {
+    fn emit(self, m: &Metrics) {
+        m.batches_recovered.inc();
+        tracing::info!(
+            seq = self.seq,
+            sealed_at_ns = self.sealed_at_ns,
+            "Finished batch {} from the redo journal: the replica is at its boundary.",
+            self.seq
+        );
+    }
+}
+
 /// The replica could not apply a batch; it is not acknowledged.
 pub struct ApplyFailed<'a> {
     pub error: &'a ferry_apply::ApplyError,
@@ -203,5 +225,27 @@ impl Event for ProtocolViolation<'_> {
     fn emit(self, m: &Metrics) {
         m.error("protocol");
         tracing::warn!(why = %self.why, "A peer broke the protocol; its stream is closed.");
+    }
+}
+
+/// Rotated TLS files were loaded: new connections use them.
+pub struct TlsReloaded<'a> {
+    pub dir: &'a std::path::Path,
+}
+impl Event for TlsReloaded<'_> {
+    fn emit(self, m: &Metrics) {
+        m.tls_reloads.inc();
+        tracing::info!(dir = %self.dir.display(), "Loaded rotated TLS certificates; new connections use them.");
+    }
+}
+
+/// The TLS files changed but do not make a valid set: the last good one stays.
+pub struct TlsReloadFailed<'a> {
+    pub error: &'a str,
+}
+impl Event for TlsReloadFailed<'_> {
+    fn emit(self, m: &Metrics) {
+        m.error("tls_reload");
+        tracing::error!(error = %self.error, "The rotated TLS files are not valid; still using the last good certificate. Fix the files (or the cert-manager Certificate) in the TLS dir.");
     }
 }

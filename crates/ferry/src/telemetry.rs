@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The `kind` values of `ferry_errors_total` (see docs/OPERATIONS.md).
-pub const ERROR_KINDS: [&str; 18] = [
+pub const ERROR_KINDS: [&str; 19] = [
     "peer_session",
     "peer_refused",
     "refused_primary",
@@ -28,6 +28,7 @@ pub const ERROR_KINDS: [&str; 18] = [
     "watch_limit",
     "file_unstable",
     "seal",
+    "tls_reload",
     "index",
 ];
 
@@ -50,6 +51,8 @@ pub struct Metrics {
     pub batches_sealed: IntCounter,
     pub batches_sent: IntCounterVec,
     pub batches_applied: IntCounter,
+    pub batches_recovered: IntCounter,
+    pub conflict_files: IntGauge,
     pub bytes_sent: IntCounterVec,
     pub bytes_applied: IntCounter,
     pub files_applied: IntCounter,
@@ -69,6 +72,7 @@ pub struct Metrics {
     pub epoch: IntGauge,
     pub role: IntGaugeVec,
     pub apply_seconds: Histogram,
+    pub tls_reloads: IntCounter,
 }
 
 impl Metrics {
@@ -101,6 +105,8 @@ impl Metrics {
             batches_sealed: reg(&r, IntCounter::new("ferry_batches_sealed_total", "Batches sealed by this primary.").unwrap()),
             batches_sent: reg(&r, IntCounterVec::new(Opts::new("ferry_batches_sent_total", "Batches sent, by peer."), &["peer"]).unwrap()),
             batches_applied: reg(&r, IntCounter::new("ferry_batches_applied_total", "Batches applied and made durable on this replica.").unwrap()),
+            conflict_files: reg(&r, IntGauge::new("ferry_conflict_files", "Files preserved in the state dir's conflicts/ after a demotion: writes of this node as primary that the new primary never got.").unwrap()),
+            batches_recovered: reg(&r, IntCounter::new("ferry_batches_recovered_total", "Batches a crash interrupted that the replica finished from its redo journal at restart.").unwrap()),
             bytes_sent: reg(&r, IntCounterVec::new(Opts::new("ferry_bytes_sent_total", "File content bytes sent, by peer."), &["peer"]).unwrap()),
             bytes_applied: reg(&r, IntCounter::new("ferry_bytes_applied_total", "File content bytes written by this replica.").unwrap()),
             files_applied: reg(&r, IntCounter::new("ferry_files_applied_total", "Regular files replaced by this replica.").unwrap()),
@@ -130,6 +136,7 @@ impl Metrics {
             epoch: reg(&r, IntGauge::new("ferry_epoch", "Current epoch.").unwrap()),
             role: reg(&r, IntGaugeVec::new(Opts::new("ferry_role", "1 for the node's current role."), &["role"]).unwrap()),
             apply_seconds: reg(&r, Histogram::with_opts(HistogramOpts::new("ferry_apply_seconds", "Seconds to apply and fsync one batch on the replica.")).unwrap()),
+            tls_reloads: reg(&r, IntCounter::new("ferry_tls_reloads_total", "Rotated TLS certificates loaded without a restart.").unwrap()),
             registry: r,
         };
         // Known label values exist from the start at 0, so a healthy node still

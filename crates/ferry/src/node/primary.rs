@@ -1029,6 +1029,13 @@ async fn session(
             if r.code == RefuseCode::StaleEpoch {
                 ctx.shared.metrics.error("fenced");
             }
+            if matches!(r.code, RefuseCode::StaleEpoch | RefuseCode::NotReplica)
+                && r.epoch > st.epoch
+            {
+                // G7: a newer primary exists; this node follows it
+                ctx.shared
+                    .demote(r.epoch, &format!("{} is at epoch {}", peer.name, r.epoch))?;
+            }
             bail!(
                 "{} refused this primary ({:?}): {}",
                 peer.name,
@@ -1040,6 +1047,21 @@ async fn session(
         None => bail!("{} closed the stream during the handshake", peer.name),
     };
     *backoff = Duration::from_millis(100);
+    // Where this epoch began: a demoted old primary tells its own
+    // unreplicated writes apart with it (conflicts).
+    if let Some(b) =
+        ferry_store::marker::load(&ctx.shared.cfg.state_dir, ferry_store::marker::EPOCH_BASE)
+    {
+        if b.len() == 4 && b[0] == st.epoch {
+            send.send(&Message::EpochBase {
+                epoch: b[0],
+                base_epoch: b[1],
+                base_seq: b[2],
+                base_sealed_at_ns: b[3],
+            })
+            .await?;
+        }
+    }
     let m = &ctx.shared.metrics;
     *progress.connected_at.lock().expect("connected_at") = Some(Instant::now());
     PeerConnected {

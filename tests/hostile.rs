@@ -1,0 +1,1336 @@
+//! G6, G2, G7 against a hostile peer: a test client holding valid mTLS
+//! credentials (made with `ferry cert`, its name on the replica's peer list)
+//! speaks ferry's wire protocol directly and sends what no ferry would.
+//! Every case must be refused with a typed error (a `Refuse` the client
+//! reads, and `ferry_errors_total{kind=...}` on the replica), touch nothing
+//! outside the replica's root, and leave the daemon serving: after each
+//! case another listed peer still gets a batch applied and acknowledged.
+//! The replica's memory (VmHWM from /proc) stays bounded throughout.
+
+#[path = "support/peer.rs"]
+mod peer;
+#[path = "support/mod.rs"]
+mod support;
+
+use ferry_proto::{
+    AppendHeader, BatchHeader, FileHeader, Message, Mtime, Op, RefuseCode, MAX_DATA, MAX_FRAME,
+};
+use peer::*;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use support::*;
+
+const EPOCH: u64 = 1;
+
+/// What a case must end with.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// A refusal with this code, counted under one of the kinds.
+    Refused(RefuseCode, &'static [&'static str]),
+    /// Either refused (counted under a kind) or applied, as long as nothing
+    /// outside the root changed (e.g. deleting `link/x` where `link` is a
+    /// symlink: the path does not exist inside the root, so there is
+    /// nothing to delete).
+    Confined(&'static [&'static str]),
+}
+
+struct Suite {
+    base: PathBuf,
+    replica: Node,
+    pid: u32,
+    hostile: Rc<Peer>,
+    good: Rc<Peer>,
+    outside: Outside,
+    cases: usize,
+    failures: Vec<String>,
+    rows: Vec<String>,
+    served: usize,
+}
+
+fn wait_metrics(node: &Node) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(node.metrics, "/metrics").is_none() {
+        assert!(Instant::now() < deadline, "{}", node.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Suite {
+    fn new(base: &Path) -> Suite {
+        let pki = Pki::new(base, "ca");
+        let mut replica = Node::new(base, "replica", &pki.issue("replica"), "replica", &[], &[]);
+        // two listed peers: the hostile one and a well-behaved one
+        replica.peer("primary", 1);
+        replica.peer("backup", 1);
+        replica.start();
+        wait_metrics(&replica);
+        let pid = pid_of(&replica.root).expect("replica pid");
+        let hostile = Rc::new(Peer::new(&pki.issue("primary"), "primary"));
+        // The well-behaved sessions come from the same listed primary on
+        // fresh connections: another node speaking as primary of the same
+        // epoch is itself refused (G7: one primary per epoch; see the case
+        // "a second primary claiming the epoch").
+        let good = hostile.clone();
+        let _ = pki.issue("backup");
+        let outside = Outside::new(base);
+        let mut s = Suite {
+            base: base.to_owned(),
+            replica,
+            pid,
+            hostile,
+            good,
+            outside,
+            cases: 0,
+            failures: Vec::new(),
+            rows: Vec::new(),
+            served: 0,
+        };
+        s.serve_good("setup");
+        s
+    }
+
+    fn errors(&self, kinds: &[&str]) -> f64 {
+        kinds
+            .iter()
+            .map(|k| {
+                metric_labeled(
+                    self.replica.metrics,
+                    "ferry_errors_total",
+                    &format!("kind=\"{k}\""),
+                )
+            })
+            .sum()
+    }
+
+    /// A well-behaved listed peer gets one batch applied and acknowledged.
+    fn serve_good(&mut self, after: &str) {
+        self.served += 1;
+        let name = format!("served/{}.txt", self.served);
+        let body = format!("served after {after}");
+        let good = self.good.clone();
+        let attempt = |resync: bool| {
+            let mut s = good.session(self.replica.port);
+            let applied = s.start(EPOCH);
+            let mut msgs = vec![Message::Op(Op::Mkdir {
+                path: rel("served"),
+                mode: 0o755,
+            })];
+            // a fresh replica's first batch is a resync (it has applied no epoch)
+            msgs.insert(
+                0,
+                Message::BatchBegin(BatchHeader {
+                    epoch: EPOCH,
+                    seq: applied + 1,
+                    sealed_at_ns: 1,
+                    exact: true,
+                    resync: resync || applied == 0,
+                }),
+            );
+            msgs.extend(file(&name, body.as_bytes()));
+            msgs.push(Message::BatchEnd { seq: applied + 1 });
+            s.send(&msgs);
+            (applied, s.reply(Duration::from_secs(20)))
+        };
+        let (mut applied, mut r) = attempt(false);
+        // A hostile batch that failed mid-apply leaves the tree between
+        // batches: the replica asks for a resync, as a real primary does.
+        if matches!(&r, Reply::Refuse(x) if x.code == RefuseCode::Inconsistent) {
+            (applied, r) = attempt(true);
+        }
+        assert_eq!(
+            r,
+            Reply::Ack(applied + 1),
+            "the replica stopped serving a well-behaved peer after {after}:\n{}",
+            self.replica.log_tail()
+        );
+        assert_eq!(
+            std::fs::read(self.replica.root.join(&name)).unwrap(),
+            body.as_bytes()
+        );
+    }
+
+    /// Puts the replica-side traps back: `lnk` (absolute symlink to the
+    /// outside dir), `rel` (relative symlink to it), `seed.txt`, `sub/`.
+    fn traps(&self) {
+        let root = &self.replica.root;
+        for (name, target) in [
+            ("lnk", self.outside.dir.clone()),
+            ("rel", PathBuf::from("../outside")),
+        ] {
+            let p = root.join(name);
+            if p.symlink_metadata()
+                .is_ok_and(|m| !m.file_type().is_symlink())
+            {
+                let _ = std::fs::remove_dir_all(&p);
+                let _ = std::fs::remove_file(&p);
+            }
+            if p.symlink_metadata().is_err() {
+                std::os::unix::fs::symlink(&target, &p).unwrap();
+            }
+        }
+        // `rel` resolves from the root's parent: make it point at our outside dir
+        assert_eq!(
+            root.join("rel").canonicalize().ok(),
+            self.outside.dir.canonicalize().ok()
+        );
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        if !root.join("seed.txt").exists() {
+            std::fs::write(root.join("seed.txt"), b"seed").unwrap();
+        }
+    }
+
+    /// One hostile case. `act` gets a session that said hello and the
+    /// replica's applied seq, and sends the hostile input.
+    fn case(&mut self, name: &str, expect: Expect, act: impl FnOnce(&mut Session<'_>, u64)) {
+        self.cases += 1;
+        self.traps();
+        let before_outside = self.outside.state();
+        let kinds: &[&str] = match expect {
+            Expect::Refused(_, k) | Expect::Confined(k) => k,
+        };
+        let before = self.errors(kinds);
+        let t0 = Instant::now();
+        let mut outcome = Vec::new();
+        {
+            let hostile = self.hostile.clone();
+            let mut s = hostile.session(self.replica.port);
+            let applied = s.start(EPOCH);
+            act(&mut s, applied);
+            // read until a refusal, an end or silence
+            loop {
+                // after an ack, a refusal (if any) follows at once
+                let wait = if outcome.is_empty() { 10_000 } else { 1_000 };
+                let r = s.reply(Duration::from_millis(wait));
+                let last = !matches!(r, Reply::Ack(_));
+                outcome.push(r);
+                if last || outcome.len() > 8 {
+                    break;
+                }
+            }
+        }
+        let mut why = Vec::new();
+        let refused = outcome.iter().find_map(|r| match r {
+            Reply::Refuse(r) => Some(r.clone()),
+            _ => None,
+        });
+        match (expect, &refused) {
+            (Expect::Refused(code, _), Some(r)) if r.code == code => {}
+            (Expect::Refused(code, _), _) => why.push(format!("expected a {code:?} refusal")),
+            (Expect::Confined(_), _) => {}
+        }
+        // the metric: counted under the expected kind when refused
+        if refused.is_some() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.errors(kinds) <= before && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if self.errors(kinds) <= before {
+                why.push(format!(
+                    "no ferry_errors_total{{kind in {kinds:?}}} counted"
+                ));
+            }
+        }
+        if self.outside.state() != before_outside {
+            why.push(format!(
+                "the outside dir changed: {:?} -> {:?}",
+                before_outside,
+                self.outside.state()
+            ));
+        }
+        if let Some(l) = link_leaving_root(&self.replica.root) {
+            why.push(format!(
+                "a symlink on the replica resolves outside the root: {l}"
+            ));
+        }
+        let log = std::fs::read_to_string(&self.replica.log).unwrap_or_default();
+        if log.contains("panicked") {
+            why.push("the replica panicked".into());
+        }
+        if !self.replica.running() {
+            why.push("the replica exited".into());
+        }
+        let row = format!(
+            "{:<58} {:<40} {:>5} ms",
+            name,
+            match &refused {
+                Some(r) => format!("refused {:?}: {}", r.code, r.message),
+                None => format!("{:?}", outcome.last()),
+            }
+            .chars()
+            .take(40)
+            .collect::<String>(),
+            t0.elapsed().as_millis()
+        );
+        self.rows.push(row);
+        if why.is_empty() && self.replica.running() {
+            self.serve_good(name);
+        }
+        if !why.is_empty() {
+            self.failures
+                .push(format!("{name}: {} (replies: {outcome:?})", why.join("; ")));
+        }
+    }
+
+    fn finish(mut self, label: &str) {
+        let (hwm, rss) = memory_kib(self.pid);
+        eprintln!(
+            "{label}: {} hostile cases, {} failed; replica VmHWM {} MiB, VmRSS {} MiB",
+            self.cases,
+            self.failures.len(),
+            hwm / 1024,
+            rss / 1024
+        );
+        for r in &self.rows {
+            eprintln!("  {r}");
+        }
+        assert!(
+            self.failures.is_empty(),
+            "{} of {} hostile cases not handled:\n{}\n{}",
+            self.failures.len(),
+            self.cases,
+            self.failures.join("\n"),
+            self.replica.log_tail()
+        );
+        // bounded memory: one frame, 16 queued apply commands and quinn's
+        // per-connection windows (docs/SECURITY.md) stay far below this
+        assert!(
+            hwm < MEMORY_CAP_KIB,
+            "replica peak memory {} MiB over {} MiB",
+            hwm / 1024,
+            MEMORY_CAP_KIB / 1024
+        );
+        assert!(self.replica.running());
+        self.replica.stop();
+        let _ = &self.base;
+    }
+}
+
+/// A symlink below `root` (other than the test's own traps `lnk` and `rel`)
+/// that the kernel resolves to a place outside `root`.
+fn link_leaving_root(root: &Path) -> Option<String> {
+    let croot = root.canonicalize().ok()?;
+    for e in walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .into_iter()
+        .flatten()
+    {
+        if !e.path_is_symlink() {
+            continue;
+        }
+        let rel = e.path().strip_prefix(root).ok()?;
+        if rel == Path::new("lnk") || rel == Path::new("rel") {
+            continue;
+        }
+        if let Ok(t) = e.path().canonicalize() {
+            if !t.starts_with(&croot) {
+                return Some(format!("{} -> {}", rel.display(), t.display()));
+            }
+        }
+    }
+    None
+}
+
+/// The replica's peak resident memory over a whole suite.
+const MEMORY_CAP_KIB: u64 = 160 * 1024;
+
+const PROTO: Expect = Expect::Refused(RefuseCode::Protocol, &["protocol"]);
+const APPLY_REFUSED: Expect = Expect::Refused(RefuseCode::Protocol, &["refused"]);
+const BAD_STREAM: Expect = Expect::Refused(RefuseCode::Protocol, &["bad_stream"]);
+const CONFINED: Expect = Expect::Confined(&["refused", "inconsistent"]);
+
+fn mtime() -> Mtime {
+    Mtime {
+        secs: 1_700_000_000,
+        nanos: 0,
+    }
+}
+
+fn fh(path: &str, mode: u32, size: u64) -> Message {
+    Message::FileBegin(FileHeader {
+        path: rel(path),
+        mode,
+        mtime: mtime(),
+        size,
+    })
+}
+
+/// Sends `begin`, the messages, and the batch end.
+fn batch(s: &mut Session<'_>, seq: u64, msgs: Vec<Message>) {
+    let mut v = vec![begin(EPOCH, seq)];
+    v.extend(msgs);
+    v.push(Message::BatchEnd { seq });
+    s.send(&v);
+}
+
+/// Inside a batch, raw bytes then the batch end.
+fn raw_in_batch(s: &mut Session<'_>, seq: u64, raw: &[u8]) {
+    s.send(&[begin(EPOCH, seq)]);
+    s.raw(raw);
+    s.send(&[Message::BatchEnd { seq }]);
+}
+
+#[test]
+fn g6_hostile_paths_links_and_modes_are_refused_and_nothing_outside_changes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = Suite::new(tmp.path());
+    let outside_abs = t.outside.dir.join("planted.txt");
+    let outside_abs = outside_abs.to_str().unwrap().as_bytes().to_vec();
+
+    // -- paths no RelPath can hold (refused by the decoder: the shared rule)
+    let bad_paths: Vec<(&str, Vec<u8>)> = vec![
+        ("'..' path", b"../outside/planted.txt".to_vec()),
+        (
+            "'..' inside a path",
+            b"sub/../../outside/planted.txt".to_vec(),
+        ),
+        ("absolute path", outside_abs.clone()),
+        ("empty component", b"sub//planted.txt".to_vec()),
+        ("trailing slash", b"sub/".to_vec()),
+        ("'.' component", b"./planted.txt".to_vec()),
+        ("NUL byte", b"planted.txt\0.ok".to_vec()),
+        ("empty path", b"".to_vec()),
+        ("path over 4096 bytes", vec![b'a'; 4097]),
+        ("component over 255 bytes", vec![b'b'; 256]),
+    ];
+    for (what, p) in &bad_paths {
+        let f = raw_file_begin(p, 0o644, 4);
+        t.case(&format!("file: {what}"), PROTO, |s, a| {
+            raw_in_batch(s, a + 1, &f)
+        });
+        let d = raw_mkdir(p);
+        t.case(&format!("mkdir: {what}"), PROTO, |s, a| {
+            raw_in_batch(s, a + 1, &d)
+        });
+    }
+    // rename and symlink ops carrying a climbing path
+    let mut ren = field16(b"seed.txt");
+    ren.extend(field16(b"../outside/planted.txt"));
+    let ren = frame(kind::OP_RENAME, &ren);
+    t.case("rename to '../'", PROTO, |s, a| {
+        raw_in_batch(s, a + 1, &ren)
+    });
+    let del = frame(kind::OP_DELETE, &field16(b"../outside/victim.txt"));
+    t.case("delete '../outside/victim.txt'", PROTO, |s, a| {
+        raw_in_batch(s, a + 1, &del)
+    });
+
+    // -- paths through symlinks that exist on the replica (never followed)
+    let data = b"pwned";
+    for via in ["lnk", "rel"] {
+        t.case(&format!("file through symlink {via}/"), CONFINED, |s, a| {
+            batch(s, a + 1, file(&format!("{via}/planted.txt"), data))
+        });
+        t.case(
+            &format!("file replacing {via}/victim.txt"),
+            CONFINED,
+            |s, a| batch(s, a + 1, file(&format!("{via}/victim.txt"), data)),
+        );
+        t.case(
+            &format!("file deep below {via}/subdir/"),
+            CONFINED,
+            |s, a| batch(s, a + 1, file(&format!("{via}/subdir/new/x.txt"), data)),
+        );
+        t.case(&format!("mkdir through {via}/"), CONFINED, |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![Message::Op(Op::Mkdir {
+                    path: rel(&format!("{via}/newdir")),
+                    mode: 0o777,
+                })],
+            )
+        });
+        t.case(&format!("delete through {via}/"), CONFINED, |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![Message::Op(Op::Delete {
+                    path: rel(&format!("{via}/victim.txt")),
+                })],
+            )
+        });
+        t.case(&format!("delete a dir through {via}/"), CONFINED, |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![Message::Op(Op::Delete {
+                    path: rel(&format!("{via}/subdir")),
+                })],
+            )
+        });
+        t.case(&format!("rename out of {via}/"), CONFINED, |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![Message::Op(Op::Rename {
+                    from: rel(&format!("{via}/victim.txt")),
+                    to: rel("stolen.txt"),
+                })],
+            )
+        });
+        t.case(&format!("rename into {via}/"), CONFINED, |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![Message::Op(Op::Rename {
+                    from: rel("seed.txt"),
+                    to: rel(&format!("{via}/planted.txt")),
+                })],
+            )
+        });
+        t.case(&format!("chmod through {via}/"), CONFINED, |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![Message::Op(Op::SetMeta {
+                    path: rel(&format!("{via}/victim.txt")),
+                    mode: 0o777,
+                    mtime: Mtime::default(),
+                })],
+            )
+        });
+        t.case(&format!("chmod the link {via} itself"), CONFINED, |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![Message::Op(Op::SetMeta {
+                    path: rel(via),
+                    mode: 0o777,
+                    mtime: Mtime::default(),
+                })],
+            )
+        });
+        t.case(&format!("mkdir over the link {via}"), CONFINED, |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![Message::Op(Op::Mkdir {
+                    path: rel(via),
+                    mode: 0o700,
+                })],
+            )
+        });
+        t.case(
+            &format!("symlink created through {via}/"),
+            CONFINED,
+            |s, a| {
+                batch(
+                    s,
+                    a + 1,
+                    vec![Message::Op(Op::Symlink {
+                        path: rel(&format!("{via}/evil")),
+                        target: b"x".to_vec(),
+                        mtime: mtime(),
+                    })],
+                )
+            },
+        );
+        t.case(&format!("append to {via}/victim.txt"), CONFINED, |s, a| {
+            let victim = b"must never change";
+            let mut v = vec![Message::FileAppend(AppendHeader {
+                path: rel(&format!("{via}/victim.txt")),
+                offset: victim.len() as u64,
+                prev_mtime: mtime(),
+                size: victim.len() as u64 + 5,
+                mode: 0o644,
+                mtime: mtime(),
+            })];
+            v.push(Message::FileData(bytes::Bytes::from_static(b"pwned")));
+            v.push(Message::FileEnd {
+                hash: *blake3::hash(b"pwned").as_bytes(),
+            });
+            batch(s, a + 1, v)
+        });
+    }
+    // a link the peer makes itself, then a write through it in the same batch
+    t.case(
+        "own link to a dir, then a file through it",
+        CONFINED,
+        |s, a| {
+            let mut v = vec![Message::Op(Op::Symlink {
+                path: rel("hop"),
+                target: b"sub".to_vec(),
+                mtime: mtime(),
+            })];
+            v.extend(file("hop/through.txt", data));
+            batch(s, a + 1, v)
+        },
+    );
+
+    // -- symlinks whose targets leave the root
+    for (what, target) in [
+        ("absolute target", b"/etc".to_vec()),
+        ("absolute target to the outside dir", {
+            t.outside.dir.to_str().unwrap().as_bytes().to_vec()
+        }),
+        ("'..' target", b"../outside".to_vec()),
+        ("climbing twice", b"../../outside".to_vec()),
+        ("dipping then climbing", b"sub/../../outside".to_vec()),
+        ("empty target", b"".to_vec()),
+        ("NUL in target", b"sub\0/x".to_vec()),
+    ] {
+        t.case(&format!("symlink: {what}"), APPLY_REFUSED, |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![Message::Op(Op::Symlink {
+                    path: rel("esc"),
+                    target,
+                    mtime: mtime(),
+                })],
+            )
+        });
+    }
+    // a chain of links, each fine on its own, that climbs out: `dot` -> `.`
+    // is the root itself, so `dot/..` is the root's parent
+    t.case(
+        "symlink chain: dot -> '.', up -> 'dot/..'",
+        APPLY_REFUSED,
+        |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![
+                    Message::Op(Op::Symlink {
+                        path: rel("dot"),
+                        target: b".".to_vec(),
+                        mtime: mtime(),
+                    }),
+                    Message::Op(Op::Symlink {
+                        path: rel("up"),
+                        target: b"dot/..".to_vec(),
+                        mtime: mtime(),
+                    }),
+                ],
+            )
+        },
+    );
+    t.case(
+        "symlink chain via a subdir link: s -> 'sub', up2 -> 's/../..'",
+        APPLY_REFUSED,
+        |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![
+                    Message::Op(Op::Symlink {
+                        path: rel("sub/here"),
+                        target: b".".to_vec(),
+                        mtime: mtime(),
+                    }),
+                    Message::Op(Op::Symlink {
+                        path: rel("sub/up2"),
+                        target: b"here/../..".to_vec(),
+                        mtime: mtime(),
+                    }),
+                ],
+            )
+        },
+    );
+    let long_target = {
+        let mut p = field16(b"esc");
+        p.extend(field16(&vec![b'a'; 4097]));
+        p.extend(1_700_000_000i64.to_be_bytes());
+        p.extend(0u32.to_be_bytes());
+        frame(kind::OP_SYMLINK, &p)
+    };
+    t.case("symlink: target over 4096 bytes", PROTO, |s, a| {
+        raw_in_batch(s, a + 1, &long_target)
+    });
+
+    // -- devices, FIFOs, sockets, setuid: the protocol has no operation that
+    // creates a special file; the only way to ask is file-type bits in a
+    // mode, or an unknown entry kind, and both are refused.
+    for (what, mode) in [
+        ("setuid file", 0o4755),
+        ("setgid file", 0o2755),
+        ("setuid+setgid file", 0o6777),
+        ("FIFO type bits", 0o010644),
+        ("char device type bits", 0o020644),
+        ("block device type bits", 0o060644),
+        ("socket type bits", 0o140644),
+        ("regular-file type bits", 0o100644),
+        ("all bits", u32::MAX),
+    ] {
+        t.case(&format!("file mode: {what}"), APPLY_REFUSED, |s, a| {
+            let mut v = vec![fh("sub/special", mode, 1)];
+            v.push(Message::FileData(bytes::Bytes::from_static(b"x")));
+            v.push(Message::FileEnd {
+                hash: *blake3::hash(b"x").as_bytes(),
+            });
+            batch(s, a + 1, v)
+        });
+        t.case(&format!("mkdir mode: {what}"), APPLY_REFUSED, |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![Message::Op(Op::Mkdir {
+                    path: rel("sub/specialdir"),
+                    mode,
+                })],
+            )
+        });
+        t.case(&format!("chmod: {what}"), APPLY_REFUSED, |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![Message::Op(Op::SetMeta {
+                    path: rel("seed.txt"),
+                    mode,
+                    mtime: mtime(),
+                })],
+            )
+        });
+    }
+    let mut entry = field16(b"dev");
+    entry.push(3); // entry kind 3: no such kind (devices are not expressible)
+    entry.extend([0u8; 4 + 8 + 12]);
+    entry.extend(field16(b""));
+    entry.push(0);
+    let entry = frame(kind::MANIFEST_ENTRY, &entry);
+    t.case("manifest entry of an unknown kind", PROTO, |s, _| {
+        s.raw(&entry)
+    });
+
+    // -- content that does not match what was announced
+    t.case("data not matching its hash", BAD_STREAM, |s, a| {
+        let mut v = vec![fh("sub/hash.txt", 0o644, 5)];
+        v.push(Message::FileData(bytes::Bytes::from_static(b"hello")));
+        v.push(Message::FileEnd {
+            hash: *blake3::hash(b"world").as_bytes(),
+        });
+        batch(s, a + 1, v)
+    });
+    t.case("fewer bytes than announced", BAD_STREAM, |s, a| {
+        let mut v = vec![fh("sub/short.txt", 0o644, 10)];
+        v.push(Message::FileData(bytes::Bytes::from_static(b"hello")));
+        v.push(Message::FileEnd {
+            hash: *blake3::hash(b"hello").as_bytes(),
+        });
+        batch(s, a + 1, v)
+    });
+    t.case("more bytes than announced", BAD_STREAM, |s, a| {
+        let mut v = vec![fh("sub/long.txt", 0o644, 2)];
+        v.push(Message::FileData(bytes::Bytes::from_static(b"hello")));
+        batch(s, a + 1, v)
+    });
+    t.case("file data without a file", BAD_STREAM, |s, a| {
+        batch(
+            s,
+            a + 1,
+            vec![Message::FileData(bytes::Bytes::from_static(b"x"))],
+        )
+    });
+    t.case("append whose base does not match", CONFINED, |s, a| {
+        batch(
+            s,
+            a + 1,
+            vec![
+                Message::FileAppend(AppendHeader {
+                    path: rel("seed.txt"),
+                    offset: 1,
+                    prev_mtime: Mtime::default(),
+                    size: 9,
+                    mode: 0o644,
+                    mtime: mtime(),
+                }),
+                Message::FileData(bytes::Bytes::from_static(b"appended")),
+                Message::FileEnd {
+                    hash: *blake3::hash(b"appended").as_bytes(),
+                },
+            ],
+        )
+    });
+
+    // -- the replica's own state dir and ferry's temp names
+    for (what, msgs) in [
+        ("file in the state dir", file(".ferry/node.state", b"x")),
+        (
+            "delete the state dir",
+            vec![Message::Op(Op::Delete {
+                path: rel(".ferry"),
+            })],
+        ),
+        (
+            "rename the state dir away",
+            vec![Message::Op(Op::Rename {
+                from: rel(".ferry"),
+                to: rel("stolen-state"),
+            })],
+        ),
+        (
+            "rename onto the state dir",
+            vec![Message::Op(Op::Rename {
+                from: rel("sub"),
+                to: rel(".ferry"),
+            })],
+        ),
+        ("file with the temp prefix", file("sub/.ferry.tmp.x", b"x")),
+    ] {
+        t.case(what, APPLY_REFUSED, move |s, a| batch(s, a + 1, msgs));
+    }
+
+    // nothing was ever created outside, and the traps are still links
+    assert!(!t.outside.dir.join("planted.txt").exists());
+    assert!(!t.base.join("planted.txt").exists());
+    t.finish("paths, links, modes");
+}
+
+#[test]
+fn g6_hostile_framing_floods_and_stalls_are_refused_with_bounded_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = Suite::new(tmp.path());
+    let (hwm0, _) = memory_kib(t.pid);
+
+    // A stream that never says anything: the replica must not wait forever.
+    let silent = t.hostile.dial(t.replica.port, "replica").unwrap();
+    let (_silent_send, _silent_recv) = t.hostile.rt.block_on(silent.open()).unwrap();
+    // (nothing is written: quinn only tells the replica about a stream
+    // once its first byte arrives, so send half a frame header)
+    let mut silent_send = _silent_send;
+    t.hostile
+        .rt
+        .block_on(silent_send.send_raw(&[0, 0]))
+        .unwrap();
+    let silent_since = Instant::now();
+
+    // -- length fields
+    for (what, len) in [
+        ("frame length MAX_FRAME + 1", MAX_FRAME as u32 + 1),
+        ("frame length u32::MAX (-1 as i32)", u32::MAX),
+        ("frame length 0x8000_0000 (negative as i32)", 0x8000_0000),
+    ] {
+        t.case(what, PROTO, |s, _| {
+            let mut f = len.to_be_bytes().to_vec();
+            f.push(kind::FILE_DATA);
+            s.raw(&f)
+        });
+    }
+    t.case("zero-length frame", PROTO, |s, _| s.raw(&[0, 0, 0, 0]));
+    t.case("truncated frame, then stream end", PROTO, |s, a| {
+        s.send(&[begin(EPOCH, a + 1)]);
+        let mut f = 100u32.to_be_bytes().to_vec();
+        f.extend([kind::FILE_DATA; 10]);
+        s.raw(&f);
+        s.finish();
+    });
+    t.case("truncated length header, then stream end", PROTO, |s, _| {
+        s.raw(&[0, 0]);
+        s.finish();
+    });
+    t.case("path length over the frame", PROTO, |s, a| {
+        let mut p = 0xFFFFu16.to_be_bytes().to_vec();
+        p.extend(b"short");
+        raw_in_batch(s, a + 1, &frame(kind::OP_MKDIR, &p))
+    });
+    t.case("field cut short (no mode)", PROTO, |s, a| {
+        raw_in_batch(s, a + 1, &frame(kind::OP_MKDIR, &field16(b"x")))
+    });
+    t.case("trailing bytes after a message", PROTO, |s, a| {
+        let mut p = field16(b"x");
+        p.extend(0o755u32.to_be_bytes());
+        p.extend(b"junk");
+        raw_in_batch(s, a + 1, &frame(kind::OP_MKDIR, &p))
+    });
+    t.case("unknown message kind", PROTO, |s, _| {
+        s.raw(&frame(200, b""))
+    });
+    t.case("mtime nanoseconds >= 1e9", PROTO, |s, a| {
+        let mut p = field16(b"x");
+        p.extend(0o644u32.to_be_bytes());
+        p.extend(0i64.to_be_bytes());
+        p.extend(2_000_000_000u32.to_be_bytes());
+        p.extend(1u64.to_be_bytes());
+        raw_in_batch(s, a + 1, &frame(kind::FILE_BEGIN, &p))
+    });
+    t.case("file size over 1 TiB", PROTO, |s, a| {
+        raw_in_batch(s, a + 1, &raw_file_begin(b"big", 0o644, u64::MAX))
+    });
+    t.case("batch flags with unknown bits", PROTO, |s, a| {
+        let mut p = Vec::new();
+        p.extend(EPOCH.to_be_bytes());
+        p.extend((a + 1).to_be_bytes());
+        p.extend(1u64.to_be_bytes());
+        p.push(0xFF);
+        s.raw(&frame(kind::BATCH_BEGIN, &p))
+    });
+    t.case("hello with a 300-byte node name", PROTO, |s, _| {
+        let mut p = 1u16.to_be_bytes().to_vec();
+        p.extend(field16(&[b'n'; 300]));
+        p.extend(EPOCH.to_be_bytes());
+        p.extend(0u64.to_be_bytes());
+        s.raw(&frame(kind::HELLO, &p))
+    });
+    // Decompression bomb: ferry has no compression until issue 4 (zstd), so
+    // there is nothing to inflate; what bounds a peer today is the frame
+    // cap: a data frame over MAX_DATA inside a frame under MAX_FRAME, and a
+    // frame announcing the largest size then stalling.
+    t.case("data frame over MAX_DATA", PROTO, |s, a| {
+        s.send(&[begin(EPOCH, a + 1), fh("sub/big", 0o644, 1 << 30)]);
+        let payload = vec![0u8; MAX_DATA + 1];
+        s.raw(&frame(kind::FILE_DATA, &payload));
+    });
+    t.case("flood past the announced size", BAD_STREAM, |s, a| {
+        s.send(&[begin(EPOCH, a + 1), fh("sub/flood", 0o644, 1024)]);
+        let chunk = bytes::Bytes::from(vec![7u8; MAX_DATA]);
+        // 64 MiB more than announced; the replica stops at the first excess
+        let msgs: Vec<Message> = (0..64).map(|_| Message::FileData(chunk.clone())).collect();
+        s.send(&msgs);
+    });
+
+    // -- a stream that never ends: a batch begun, half a frame, then nothing;
+    // the replica must keep serving (a newer session takes over)
+    {
+        let hostile = t.hostile.clone();
+        let mut s = hostile.session(t.replica.port);
+        let a = s.start(EPOCH);
+        s.send(&[begin(EPOCH, a + 1), fh("sub/never", 0o644, 1 << 20)]);
+        let mut f = (MAX_FRAME as u32).to_be_bytes().to_vec();
+        f.push(kind::FILE_DATA);
+        f.extend(vec![1u8; 1000]);
+        s.raw(&f);
+        t.cases += 1;
+        t.serve_good("a batch that never ends");
+        let r = s.reply(Duration::from_secs(10));
+        assert!(
+            matches!(&r, Reply::Refuse(_) | Reply::End(_)),
+            "the stalled session was not ended: {r:?}"
+        );
+        t.rows
+            .push(format!("{:<58} {r:?}", "batch that never ends"));
+    }
+
+    // -- thousands of streams on one connection
+    {
+        let conn = t.hostile.dial(t.replica.port, "replica").unwrap();
+        let mut hello = Vec::new();
+        {
+            let mut b = bytes::BytesMut::new();
+            ferry_proto::encode(
+                &Message::Hello(ferry_proto::Hello {
+                    version: ferry_proto::VERSION,
+                    node: "primary".into(),
+                    epoch: EPOCH,
+                    last_seq: 0,
+                }),
+                &mut b,
+            );
+            hello.extend_from_slice(&b);
+        }
+        let opened = t.hostile.rt.block_on(ferry_net::testing::open_many_streams(
+            &conn,
+            5000,
+            &hello,
+            Duration::from_secs(5),
+        ));
+        t.cases += 1;
+        t.rows.push(format!(
+            "{:<58} {opened} of 5000 streams opened (MAX_STREAMS = {})",
+            "5000 streams on one connection",
+            ferry_net::MAX_STREAMS
+        ));
+        assert!(
+            opened <= 2 * ferry_net::MAX_STREAMS as usize,
+            "the replica let one connection open {opened} streams"
+        );
+        t.serve_good("5000 streams");
+        drop(conn);
+    }
+
+    // -- many connections at once, each opening a stream and saying hello
+    {
+        let n = 200;
+        let port = t.replica.port;
+        let hostile = t.hostile.clone();
+        let ok = hostile.rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..n {
+                let tr = hostile.transport.clone();
+                let fut = async move {
+                    let c = tr.connect(([127, 0, 0, 1], port).into(), "replica");
+                    let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(20), c).await
+                    else {
+                        return None;
+                    };
+                    let (mut s, _r) = conn.open().await.ok()?;
+                    s.send(&Message::Hello(ferry_proto::Hello {
+                        version: ferry_proto::VERSION,
+                        node: "primary".into(),
+                        epoch: EPOCH,
+                        last_seq: 0,
+                    }))
+                    .await
+                    .ok()?;
+                    s.flush().await.ok()?;
+                    Some(conn)
+                };
+                // the handshakes run concurrently
+                set.spawn(fut);
+            }
+            let mut conns = Vec::new();
+            while let Some(r) = set.join_next().await {
+                if let Ok(Some(c)) = r {
+                    conns.push(c);
+                }
+            }
+            conns
+        });
+        t.cases += 1;
+        t.rows.push(format!(
+            "{:<58} {} of {n} connected",
+            "200 concurrent connections",
+            ok.len()
+        ));
+        t.serve_good("200 concurrent connections");
+        drop(ok);
+    }
+
+    // the silent stream was closed by the replica, not left open forever
+    let deadline = silent_since + Duration::from_secs(20);
+    while ferry_net::testing::is_open(&silent) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    t.cases += 1;
+    let closed = !ferry_net::testing::is_open(&silent);
+    t.rows.push(format!(
+        "{:<58} closed by the replica: {closed} after {:?}",
+        "a stream that never sends a hello",
+        silent_since.elapsed()
+    ));
+    if !closed {
+        t.failures
+            .push("a stream that never sent a hello was left open".into());
+    }
+    let (hwm1, _) = memory_kib(t.pid);
+    eprintln!(
+        "replica VmHWM before {} MiB, after {} MiB",
+        hwm0 / 1024,
+        hwm1 / 1024
+    );
+    t.finish("framing, floods, stalls");
+}
+
+#[test]
+fn g2_g7_hostile_sequences_and_epochs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = Suite::new(tmp.path());
+    let empty = |s: &mut Session<'_>, seq: u64| batch(s, seq, Vec::new());
+
+    t.case("sequence gap (+2)", PROTO, |s, a| empty(s, a + 2));
+    t.case("sequence gap (+1000)", PROTO, |s, a| empty(s, a + 1000));
+    t.case("duplicate of the last applied batch", PROTO, |s, a| {
+        empty(s, a)
+    });
+    t.case("duplicate within a session", PROTO, |s, a| {
+        empty(s, a + 1);
+        empty(s, a + 1);
+    });
+    t.case("rewind by one", PROTO, |s, a| empty(s, a - 1));
+    t.case("rewind to 0", PROTO, |s, _| empty(s, 0));
+    t.case("resync that rewinds", PROTO, |s, a| {
+        s.send(&[
+            Message::BatchBegin(BatchHeader {
+                epoch: EPOCH,
+                seq: a - 1,
+                sealed_at_ns: 1,
+                exact: true,
+                resync: true,
+            }),
+            Message::BatchEnd { seq: a - 1 },
+        ])
+    });
+    t.case("batch end naming another batch", PROTO, |s, a| {
+        s.send(&[begin(EPOCH, a + 1), Message::BatchEnd { seq: a + 2 }])
+    });
+    t.case("batch begun inside a batch", PROTO, |s, a| {
+        s.send(&[begin(EPOCH, a + 1), begin(EPOCH, a + 1)])
+    });
+    t.case("batch end outside a batch", PROTO, |s, a| {
+        s.send(&[Message::BatchEnd { seq: a + 1 }])
+    });
+    t.case("operation outside a batch", PROTO, |s, _| {
+        s.send(&[Message::Op(Op::Delete {
+            path: rel("seed.txt"),
+        })])
+    });
+    t.case("file outside a batch", PROTO, |s, _| {
+        s.send(&file("x", b"x"))
+    });
+    t.case("ack sent to a replica", PROTO, |s, a| {
+        s.send(&[Message::Ack {
+            epoch: EPOCH,
+            seq: a,
+        }])
+    });
+    t.case("welcome sent to a replica", PROTO, |s, _| {
+        s.send(&[Message::Welcome(ferry_proto::Welcome {
+            node: "primary".into(),
+            epoch: EPOCH,
+            applied_epoch: EPOCH,
+            applied_seq: 0,
+        })])
+    });
+    t.case("batch of a future epoch", PROTO, |s, a| {
+        s.send(&[begin(EPOCH + 1, a + 1), Message::BatchEnd { seq: a + 1 }])
+    });
+    t.case("batch of a stale epoch", PROTO, |s, a| {
+        s.send(&[begin(EPOCH - 1, a + 1), Message::BatchEnd { seq: a + 1 }])
+    });
+    t.case("batch with seq u64::MAX", PROTO, |s, _| empty(s, u64::MAX));
+    t.case("resync to seq u64::MAX", PROTO, |s, _| {
+        s.send(&[
+            Message::BatchBegin(BatchHeader {
+                epoch: EPOCH,
+                seq: u64::MAX,
+                sealed_at_ns: 1,
+                exact: true,
+                resync: true,
+            }),
+            Message::BatchEnd { seq: u64::MAX },
+        ])
+    });
+
+    // hellos that must be refused before any batch
+    for (what, code, kind, epoch, version, node) in [
+        (
+            "hello of a stale epoch",
+            RefuseCode::StaleEpoch,
+            "fenced",
+            0u64,
+            ferry_proto::VERSION,
+            "primary",
+        ),
+        (
+            "hello of another protocol version",
+            RefuseCode::Version,
+            "refused_primary",
+            EPOCH,
+            99,
+            "primary",
+        ),
+        (
+            "hello naming another node than the certificate",
+            RefuseCode::Protocol,
+            "protocol",
+            EPOCH,
+            ferry_proto::VERSION,
+            "backup",
+        ),
+    ] {
+        t.cases += 1;
+        let kinds = [kind];
+        let before = t.errors(&kinds);
+        let hostile = t.hostile.clone();
+        let mut s = hostile.session(t.replica.port);
+        s.send(&[Message::Hello(ferry_proto::Hello {
+            version,
+            node: node.into(),
+            epoch,
+            last_seq: 0,
+        })]);
+        let r = s.reply(Duration::from_secs(10));
+        drop(s);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while t.errors(&kinds) <= before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let ok = matches!(&r, Reply::Refuse(x) if x.code == code) && t.errors(&kinds) > before;
+        t.rows.push(format!("{what:<58} {r:?}"));
+        if !ok {
+            t.failures.push(format!("{what}: {r:?}"));
+        }
+        t.serve_good(what);
+    }
+    // A second listed node claiming the epoch the replica already follows
+    // (two replicas promoted at once): refused, the owner still served.
+    t.cases += 1;
+    {
+        let before = t.errors(&["fenced"]);
+        let other = Peer::new(&t.base.join("pki-ca/tls-backup"), "backup");
+        let mut s = other.session(t.replica.port);
+        let r = s.hello(EPOCH);
+        drop(s);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while t.errors(&["fenced"]) <= before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t.rows.push(format!(
+            "{:<58} {r:?}",
+            "a second primary claiming the epoch"
+        ));
+        if !matches!(&r, Reply::Refuse(x) if x.code == RefuseCode::StaleEpoch)
+            || t.errors(&["fenced"]) <= before
+        {
+            t.failures
+                .push(format!("a second primary claiming the epoch: {r:?}"));
+        }
+        t.serve_good("a second primary claiming the epoch");
+    }
+    // A stale epoch after the replica saw a newer one: the newer primary is
+    // adopted (G7: the highest epoch wins), the old one is fenced from then on.
+    t.cases += 1;
+    {
+        let mut s = t.good.session(t.replica.port);
+        let r = s.hello(EPOCH + 1);
+        assert!(
+            matches!(r, Reply::Welcome(_)),
+            "a newer epoch was not adopted: {r:?}"
+        );
+    }
+    let before = t.errors(&["fenced"]);
+    let hostile = t.hostile.clone();
+    let mut s = hostile.session(t.replica.port);
+    let r = s.hello(EPOCH);
+    drop(s);
+    std::thread::sleep(Duration::from_millis(200));
+    t.rows
+        .push(format!("{:<58} {r:?}", "old primary after a newer epoch"));
+    if !matches!(&r, Reply::Refuse(x) if x.code == RefuseCode::StaleEpoch)
+        || t.errors(&["fenced"]) <= before
+    {
+        t.failures
+            .push(format!("old primary after a newer epoch: {r:?}"));
+    }
+    t.finish("sequences and epochs");
+}
+
+/// G6 under a filesystem race: while batches that write into `d/` apply,
+/// another process swaps `d` for a symlink to a directory outside the root
+/// (a temp dir standing in for `/`) and back, in a loop. Every apply
+/// operation walks from a held directory handle with `O_NOFOLLOW`, so
+/// whatever the interleaving, nothing is created, changed or deleted
+/// outside; batches that meet the link are refused and later ones apply.
+#[test]
+fn g6_directory_swapped_for_a_symlink_while_batches_apply_nothing_escapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = Suite::new(tmp.path());
+    let root = t.replica.root.clone();
+    let before = t.outside.state();
+    let mut s = t.good.session(t.replica.port);
+    let mut applied = s.start(EPOCH);
+    batch_at(&mut s, applied + 1, vec![mkdir("d")]);
+    assert_eq!(s.reply(Duration::from_secs(10)), Reply::Ack(applied + 1));
+    applied += 1;
+
+    // the swapper: another process, bounded in iterations and time
+    let stop = t.base.join("stop-swapping");
+    let script = format!(
+        r#"cd '{root}' || exit 1
+end=$((SECONDS + 20))
+n=0
+for i in $(seq 1 20000); do
+  [ $SECONDS -ge $end ] && break
+  [ -e '{stop}' ] && break
+  # a batch re-created d while it was swapped out: drop the stale copy
+  [ -d d.real ] && [ -d d ] && [ ! -L d ] && rm -rf d.real
+  mv -T d d.real 2>/dev/null && ln -sT '{out}' d 2>/dev/null && n=$((n + 1))
+  [ -L d ] && rm -f d
+  mv -T d.real d 2>/dev/null
+done
+echo "swapped d for a link $n times" >&2
+[ -L d ] && rm -f d
+[ -d d.real ] && [ ! -e d ] && mv -T d.real d
+exit 0"#,
+        root = root.display(),
+        out = t.outside.dir.display(),
+        stop = stop.display()
+    );
+    let mut swapper = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .spawn()
+        .unwrap();
+
+    let (mut acked, mut refused) = (0u32, 0u32);
+    let mut resync_next = false;
+    let started = Instant::now();
+    let mut i = 0u64;
+    while started.elapsed() < Duration::from_secs(8) && i < 3000 {
+        i += 1;
+        let mut msgs = vec![mkdir("d"), mkdir(&format!("d/sub{i}"))];
+        msgs.extend(file(&format!("d/f{i}.txt"), b"raced"));
+        msgs.extend(file(&format!("d/sub{i}/deep.txt"), b"deep"));
+        msgs.push(Message::Op(Op::Symlink {
+            path: rel(&format!("d/l{i}")),
+            target: b"f.txt".to_vec(),
+            mtime: mtime(),
+        }));
+        msgs.push(Message::Op(Op::SetMeta {
+            path: rel(&format!("d/f{i}.txt")),
+            mode: 0o600,
+            mtime: mtime(),
+        }));
+        msgs.push(Message::Op(Op::Rename {
+            from: rel(&format!("d/f{i}.txt")),
+            to: rel(&format!("d/g{i}.txt")),
+        }));
+        if i > 1 {
+            msgs.push(Message::Op(Op::Delete {
+                path: rel(&format!("d/sub{}", i - 1)),
+            }));
+            msgs.push(Message::Op(Op::Delete {
+                path: rel(&format!("d/g{}.txt", i - 1)),
+            }));
+        }
+        if i.is_multiple_of(10) {
+            msgs.push(Message::Op(Op::Delete { path: rel("d") }));
+        }
+        let mut v = vec![Message::BatchBegin(BatchHeader {
+            epoch: EPOCH,
+            seq: applied + 1,
+            sealed_at_ns: 1,
+            exact: true,
+            resync: resync_next,
+        })];
+        v.extend(msgs);
+        v.push(Message::BatchEnd { seq: applied + 1 });
+        s.send(&v);
+        match s.reply(Duration::from_secs(10)) {
+            Reply::Ack(n) => {
+                applied = n;
+                acked += 1;
+                resync_next = false;
+            }
+            Reply::Refuse(_) | Reply::End(_) => {
+                // as a primary does: a new session and a resync batch
+                resync_next = true;
+                refused += 1;
+                drop(s);
+                s = t.good.session(t.replica.port);
+                applied = s.start(EPOCH);
+            }
+            other => panic!("batch {i}: {other:?}\n{}", t.replica.log_tail()),
+        }
+    }
+    drop(s);
+    std::fs::write(&stop, b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while swapper.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the swapper did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("{i} batches while d was swapped for a link: {acked} applied, {refused} refused");
+    assert_eq!(
+        t.outside.state(),
+        before,
+        "something outside the root changed under the race"
+    );
+    let leak = link_leaving_root(&root);
+    assert!(leak.is_none(), "{leak:?}");
+    assert!(acked > 0, "no batch applied at all during the race");
+    let mut t = t;
+    t.serve_good("the race");
+    t.finish("filesystem race");
+}
+
+fn mkdir(p: &str) -> Message {
+    Message::Op(Op::Mkdir {
+        path: rel(p),
+        mode: 0o755,
+    })
+}
+
+fn batch_at(s: &mut Session<'_>, seq: u64, msgs: Vec<Message>) {
+    batch(s, seq, msgs)
+}
