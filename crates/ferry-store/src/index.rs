@@ -176,6 +176,10 @@ pub struct IndexMeta {
     /// Tombstones older than this were dropped: a peer acked before it
     /// cannot learn its deletions from the index.
     pub floor: u64,
+    /// The last batch written to it. An index whose seq is not the node's
+    /// last sealed seq missed a batch (a write that failed) and vouches for
+    /// nothing.
+    pub seq: u64,
 }
 
 /// The open index.
@@ -236,8 +240,13 @@ impl Index {
                 .map_err(&e)?
                 .map(|v| v.value()))
         };
-        match (get("epoch")?, get("base")?, get("floor")?) {
-            (Some(epoch), Some(base), Some(floor)) => Ok(Some(IndexMeta { epoch, base, floor })),
+        match (get("epoch")?, get("base")?, get("floor")?, get("seq")?) {
+            (Some(epoch), Some(base), Some(floor), Some(seq)) => Ok(Some(IndexMeta {
+                epoch,
+                base,
+                floor,
+                seq,
+            })),
             _ => Ok(None),
         }
     }
@@ -281,6 +290,9 @@ impl Index {
             m.insert("floor", meta.floor)
                 .map_err(redb::Error::from)
                 .map_err(&e)?;
+            m.insert("seq", meta.seq)
+                .map_err(redb::Error::from)
+                .map_err(&e)?;
         }
         tx.commit().map_err(redb::Error::from).map_err(&e)
     }
@@ -301,9 +313,9 @@ impl Index {
     }
 
     /// Applies a sealed batch's changes (records get `seq` unless a Put
-    /// says otherwise), records the peers' acked seqs, drops tombstones
-    /// every peer is past; durable when it returns (`durable`) so the batch
-    /// may be sent.
+    /// says otherwise), records `seq` as the last batch written and the
+    /// peers' acked seqs, drops tombstones every peer is past; durable when
+    /// it returns (`durable`) so the batch may be sent.
     pub fn apply(
         &self,
         seq: u64,
@@ -421,16 +433,22 @@ impl Index {
                     .map_err(redb::Error::from)
                     .map_err(&e)?;
             }
-            if g.len().map_err(redb::Error::from).map_err(&e)? > MAX_TOMBSTONES {
-                drop(g);
+            let too_many = g.len().map_err(redb::Error::from).map_err(&e)? > MAX_TOMBSTONES;
+            drop(g);
+            if too_many {
                 tx.delete_table(GONE)
                     .map_err(redb::Error::from)
                     .map_err(&e)?;
-                let mut m = tx.open_table(META).map_err(redb::Error::from).map_err(&e)?;
+            }
+            let mut m = tx.open_table(META).map_err(redb::Error::from).map_err(&e)?;
+            if too_many {
                 m.insert("floor", seq)
                     .map_err(redb::Error::from)
                     .map_err(&e)?;
             }
+            m.insert("seq", seq)
+                .map_err(redb::Error::from)
+                .map_err(&e)?;
         }
         tx.commit().map_err(redb::Error::from).map_err(&e)
     }
@@ -552,6 +570,7 @@ mod tests {
             epoch: 1,
             base: 5,
             floor: 5,
+            seq: 5,
         };
         ix.rebuild(
             meta,
@@ -597,7 +616,7 @@ mod tests {
         .unwrap();
         drop(ix);
         let ix = Index::open(d.path()).unwrap();
-        assert_eq!(ix.meta().unwrap(), Some(meta));
+        assert_eq!(ix.meta().unwrap(), Some(IndexMeta { seq: 7, ..meta }));
         let keys: Vec<String> = ix
             .records()
             .unwrap()

@@ -218,10 +218,12 @@ pub async fn start(
             None
         }
     };
+    // It vouches only for this epoch, and only if it holds every batch
+    // sealed (a failed write, e.g. on a full disk, leaves it behind).
     let index_meta = index
         .as_ref()
         .and_then(|ix| ix.meta().ok().flatten())
-        .filter(|m| m.epoch == st.epoch);
+        .filter(|m| m.epoch == st.epoch && m.seq == st.seq);
     let st = if index.is_some() && index_meta.is_none() {
         // The index will be built (by the batcher, before its first batch)
         // as batch S+1, an empty one sealed now, before any peer connects:
@@ -530,6 +532,7 @@ async fn index_at_start(ctx: &Ctx) -> anyhow::Result<Vec<ferry_core::Change>> {
                 epoch: st.epoch,
                 base: seq,
                 floor: seq,
+                seq,
             };
             let n = scanned.len();
             let res = tokio::task::block_in_place(|| {
