@@ -428,7 +428,8 @@ impl Index {
             }
             // every peer is past these deletions
             let all_past = peers.iter().map(|p| p.2).min().unwrap_or(seq);
-            if seq.is_multiple_of(64) {
+            let pruned = seq.is_multiple_of(64);
+            if pruned {
                 g.retain(|_, s| s > all_past)
                     .map_err(redb::Error::from)
                     .map_err(&e)?;
@@ -441,8 +442,20 @@ impl Index {
                     .map_err(&e)?;
             }
             let mut m = tx.open_table(META).map_err(redb::Error::from).map_err(&e)?;
-            if too_many {
-                m.insert("floor", seq)
+            // a peer acked before the floor may lack deletions no longer here
+            let floor = m
+                .get("floor")
+                .map_err(redb::Error::from)
+                .map_err(&e)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            let new_floor = match (too_many, pruned) {
+                (true, _) => seq,
+                (false, true) => floor.max(all_past),
+                (false, false) => floor,
+            };
+            if new_floor != floor {
+                m.insert("floor", new_floor)
                     .map_err(redb::Error::from)
                     .map_err(&e)?;
             }
@@ -646,6 +659,13 @@ mod tests {
         assert!(changed.is_empty());
         assert_eq!(gone, vec![k("a.b")]);
         assert_eq!(ix.peers().unwrap(), peers);
+        // batch 64 drops the tombstones every peer is past (at 6 here), and
+        // a peer acked before that is no longer covered
+        ix.apply(64, &[], &[("r".to_string(), 1, 6)], true).unwrap();
+        let (_, gone) = ix.changed_after(6).unwrap();
+        assert_eq!(gone, vec![k("a.b")]);
+        assert_eq!(ix.changed_after(0).unwrap().1, vec![k("a.b")]);
+        assert_eq!(ix.meta().unwrap().map(|m| (m.floor, m.seq)), Some((6, 64)));
         ix.invalidate().unwrap();
         assert_eq!(ix.meta().unwrap(), None);
     }

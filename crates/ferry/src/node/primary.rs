@@ -154,12 +154,15 @@ const HASHES_CAP: usize = 65_536;
 impl Ctx {
     /// The index vouches for what a peer acked at (`epoch`, `seq`) lacks.
     fn index_covers(&self, epoch: u64, seq: u64) -> bool {
-        self.index.is_some()
-            && self
-                .index_meta
-                .lock()
-                .expect("index meta")
-                .is_some_and(|m| m.epoch == epoch && seq >= m.base && seq >= m.floor && seq > 0)
+        let Some(ix) = &self.index else { return false };
+        if self.index_meta.lock().expect("index meta").is_none() {
+            return false;
+        }
+        // read afresh: the floor rises as tombstones are dropped
+        match tokio::task::block_in_place(|| ix.meta()) {
+            Ok(Some(m)) => m.epoch == epoch && seq >= m.base && seq >= m.floor && seq > 0,
+            _ => false,
+        }
     }
 
     /// Writes to the index; on failure the index stops vouching (peers fall
