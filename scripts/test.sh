@@ -12,6 +12,9 @@ say() { printf '\n== %s\n' "$*"; }
 need=()
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v curl >/dev/null || need+=(curl)
+# tests/partition.rs: network namespaces, veth, tc; nftables where netem is missing
+command -v ip >/dev/null || need+=(iproute2)
+command -v nft >/dev/null || need+=(nftables)
 if ((${#need[@]})); then
     say "installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

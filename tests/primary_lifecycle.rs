@@ -52,8 +52,9 @@ fn bytes_sent(n: &Node) -> f64 {
 
 /// Resume cost (G4, G5): a caught-up primary on a 20,000-file root is
 /// restarted three times — with nothing changed, with files changed, added,
-/// removed and one rewritten with its size and mtime restored while it was
-/// down (kill -9), and with the replica behind (batches it never acked, the
+/// removed, one rewritten with its size and mtime restored and an 8 MiB one
+/// chmodded and back (only its ctime moved) while it was down (kill -9),
+/// and with the replica behind (batches it never acked, the
 /// primary's in-memory log gone). Each time the primary sends only what
 /// changed (ferry_bytes_sent_total of the new process), never the volume,
 /// needs no manifest resync, and the replica ends identical.
@@ -73,6 +74,9 @@ fn g5_restart_resends_only_what_changed() {
             std::fs::write(dir.join(format!("f{f:03}.sv")), data).unwrap();
         }
     }
+    let big = sv_content(&mut rng, 8 << 20);
+    volume += big.len() as u64;
+    std::fs::write(root.join("big.sv"), big).unwrap();
     p.replica.start();
     p.primary.start().wait_ready(Duration::from_secs(30));
     wait_converged(&root, &p.replica.root, Duration::from_secs(80));
@@ -120,6 +124,13 @@ fn g5_restart_resends_only_what_changed() {
         .unwrap()
         .set_modified(md.modified().unwrap())
         .unwrap();
+    // its inode's ctime changes, nothing else: the index's hash says so,
+    // and the 8 MiB are not sent again
+    use std::os::unix::fs::PermissionsExt;
+    let bigp = root.join("big.sv");
+    let mode = std::fs::metadata(&bigp).unwrap().permissions().mode();
+    std::fs::set_permissions(&bigp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&bigp, std::fs::Permissions::from_mode(mode)).unwrap();
     p.primary.start().wait_ready(Duration::from_secs(30));
     let took = wait_converged(&root, &p.replica.root, CONVERGE);
     wait_idle(&p.primary, Duration::from_secs(30));
@@ -223,5 +234,43 @@ fn g5_peer_too_far_behind_catches_up_without_the_log() {
     assert!(
         log.contains("Catching the peer up from the file index"),
         "no catch-up from the index"
+    );
+
+    // a larger catch-up shows its progress in `ferry status`
+    assert_eq!(p.replica.stop(), Some(0));
+    for b in 0..3 {
+        let dir = root.join(format!("bulk{b}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..1000 {
+            std::fs::write(dir.join(format!("h{f}.sv")), sv_content(&mut rng, 16_000)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for b in 0..20 {
+        std::fs::write(root.join(format!("tick{b}")), b"t").unwrap();
+        std::thread::sleep(Duration::from_millis(30)); // push bulk out of the log
+    }
+    p.replica.start();
+    let proot = root.to_str().unwrap().to_string();
+    let t0 = std::time::Instant::now();
+    let mut seen = None;
+    while t0.elapsed() < CONVERGE {
+        let json = run_ok(&["status", "--root", &proot, "--json"]);
+        if let Some(i) = json.find("\"resync\":{") {
+            seen = Some(json[i..].split('}').next().unwrap_or_default().to_string());
+            break;
+        }
+        let log = std::fs::read_to_string(&p.primary.log).unwrap_or_default();
+        if log.matches("Catch-up from the file index sent").count() >= 2 {
+            break;
+        }
+    }
+    wait_converged(&root, &p.replica.root, CONVERGE);
+    let seen = seen.expect("ferry status never showed the catch-up's progress");
+    eprintln!("progress seen: {seen}");
+    assert!(seen.contains("\"peer\":\"replica-0\""), "{seen}");
+    assert!(
+        !seen.contains("\"total\":0"),
+        "the catch-up knows its total: {seen}"
     );
 }

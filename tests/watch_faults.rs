@@ -64,6 +64,7 @@ fn g1_periodic_rescan_repairs_a_diverged_replica() {
     wait_converged(&p.primary.root, &p.replica.root, CONVERGE);
     wait_idle(&p.primary, Duration::from_secs(20));
     let rescans = p.primary.metric("ferry_rescans_total");
+    let resyncs = p.primary.metric("ferry_resyncs_total");
     let r = p.replica.root.join("data");
     std::fs::remove_file(r.join("f1.sv")).unwrap();
     std::fs::write(r.join("f2.sv"), b"changed on the replica").unwrap();
@@ -74,6 +75,12 @@ fn g1_periodic_rescan_repairs_a_diverged_replica() {
     assert!(
         p.primary.metric("ferry_rescans_total") > rescans,
         "ferry_rescans_total did not grow"
+    );
+    // the safety net is not a recovery: FerryResyncsFrequent watches those
+    assert_eq!(
+        p.primary.metric("ferry_resyncs_total"),
+        resyncs,
+        "periodic rescans counted as resyncs"
     );
 }
 
@@ -142,6 +149,35 @@ fn g9_exhausted_inotify_limits_are_named() {
         log.contains("fs.inotify.max_user_watches"),
         "the runtime error does not name the sysctl"
     );
+}
+
+/// The second look at a new directory, made deterministic: with no inotify
+/// watch left, a new directory is never watched, so a file written into it
+/// after its batch was sealed produces no event at all. The second look
+/// (250 ms after the seal) ships it; without it only the periodic rescan
+/// (here a minute away) would.
+#[test]
+fn g1_second_look_at_a_new_directory_ships_what_no_event_reported() {
+    let Some(limited) = inotify_limited(10, 2) else {
+        eprintln!("SKIPPED: user namespaces are unavailable (unshare --user failed)");
+        return;
+    };
+    let mut p = pair(&["--rescan-interval", "60s"], &[]);
+    std::fs::create_dir_all(p.primary.root.join(".ferry")).unwrap();
+    p.replica.start();
+    p.primary.start_wrapped(&w(&limited)); // root and .ferry: no watch left
+    p.primary.wait_ready(Duration::from_secs(20));
+    let root = p.primary.root.clone();
+    let mut rng = fastrand::Rng::with_seed(seed());
+    for i in 0..3 {
+        let dir = root.join(format!("new{i}"));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("early.sv"), sv_content(&mut rng, 100)).unwrap();
+        std::thread::sleep(Duration::from_millis(150)); // sealed by now
+        std::fs::write(dir.join("late.sv"), sv_content(&mut rng, 100)).unwrap();
+    }
+    let took = wait_converged(&root, &p.replica.root, Duration::from_secs(15));
+    eprintln!("files no event reported arrived {took:?} after the last write");
 }
 
 fn w(v: &[String]) -> Vec<&str> {

@@ -176,6 +176,10 @@ pub struct IndexMeta {
     /// Tombstones older than this were dropped: a peer acked before it
     /// cannot learn its deletions from the index.
     pub floor: u64,
+    /// The last batch written to it. An index whose seq is not the node's
+    /// last sealed seq missed a batch (a write that failed) and vouches for
+    /// nothing.
+    pub seq: u64,
 }
 
 /// The open index.
@@ -236,8 +240,13 @@ impl Index {
                 .map_err(&e)?
                 .map(|v| v.value()))
         };
-        match (get("epoch")?, get("base")?, get("floor")?) {
-            (Some(epoch), Some(base), Some(floor)) => Ok(Some(IndexMeta { epoch, base, floor })),
+        match (get("epoch")?, get("base")?, get("floor")?, get("seq")?) {
+            (Some(epoch), Some(base), Some(floor), Some(seq)) => Ok(Some(IndexMeta {
+                epoch,
+                base,
+                floor,
+                seq,
+            })),
             _ => Ok(None),
         }
     }
@@ -281,6 +290,9 @@ impl Index {
             m.insert("floor", meta.floor)
                 .map_err(redb::Error::from)
                 .map_err(&e)?;
+            m.insert("seq", meta.seq)
+                .map_err(redb::Error::from)
+                .map_err(&e)?;
         }
         tx.commit().map_err(redb::Error::from).map_err(&e)
     }
@@ -301,9 +313,9 @@ impl Index {
     }
 
     /// Applies a sealed batch's changes (records get `seq` unless a Put
-    /// says otherwise), records the peers' acked seqs, drops tombstones
-    /// every peer is past; durable when it returns (`durable`) so the batch
-    /// may be sent.
+    /// says otherwise), records `seq` as the last batch written and the
+    /// peers' acked seqs, drops tombstones every peer is past; durable when
+    /// it returns (`durable`) so the batch may be sent.
     pub fn apply(
         &self,
         seq: u64,
@@ -416,21 +428,40 @@ impl Index {
             }
             // every peer is past these deletions
             let all_past = peers.iter().map(|p| p.2).min().unwrap_or(seq);
-            if seq.is_multiple_of(64) {
+            let pruned = seq.is_multiple_of(64);
+            if pruned {
                 g.retain(|_, s| s > all_past)
                     .map_err(redb::Error::from)
                     .map_err(&e)?;
             }
-            if g.len().map_err(redb::Error::from).map_err(&e)? > MAX_TOMBSTONES {
-                drop(g);
+            let too_many = g.len().map_err(redb::Error::from).map_err(&e)? > MAX_TOMBSTONES;
+            drop(g);
+            if too_many {
                 tx.delete_table(GONE)
                     .map_err(redb::Error::from)
                     .map_err(&e)?;
-                let mut m = tx.open_table(META).map_err(redb::Error::from).map_err(&e)?;
-                m.insert("floor", seq)
+            }
+            let mut m = tx.open_table(META).map_err(redb::Error::from).map_err(&e)?;
+            // a peer acked before the floor may lack deletions no longer here
+            let floor = m
+                .get("floor")
+                .map_err(redb::Error::from)
+                .map_err(&e)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            let new_floor = match (too_many, pruned) {
+                (true, _) => seq,
+                (false, true) => floor.max(all_past),
+                (false, false) => floor,
+            };
+            if new_floor != floor {
+                m.insert("floor", new_floor)
                     .map_err(redb::Error::from)
                     .map_err(&e)?;
             }
+            m.insert("seq", seq)
+                .map_err(redb::Error::from)
+                .map_err(&e)?;
         }
         tx.commit().map_err(redb::Error::from).map_err(&e)
     }
@@ -552,6 +583,7 @@ mod tests {
             epoch: 1,
             base: 5,
             floor: 5,
+            seq: 5,
         };
         ix.rebuild(
             meta,
@@ -597,7 +629,7 @@ mod tests {
         .unwrap();
         drop(ix);
         let ix = Index::open(d.path()).unwrap();
-        assert_eq!(ix.meta().unwrap(), Some(meta));
+        assert_eq!(ix.meta().unwrap(), Some(IndexMeta { seq: 7, ..meta }));
         let keys: Vec<String> = ix
             .records()
             .unwrap()
@@ -627,6 +659,13 @@ mod tests {
         assert!(changed.is_empty());
         assert_eq!(gone, vec![k("a.b")]);
         assert_eq!(ix.peers().unwrap(), peers);
+        // batch 64 drops the tombstones every peer is past (at 6 here), and
+        // a peer acked before that is no longer covered
+        ix.apply(64, &[], &[("r".to_string(), 1, 6)], true).unwrap();
+        let (_, gone) = ix.changed_after(6).unwrap();
+        assert_eq!(gone, vec![k("a.b")]);
+        assert_eq!(ix.changed_after(0).unwrap().1, vec![k("a.b")]);
+        assert_eq!(ix.meta().unwrap().map(|m| (m.floor, m.seq)), Some((6, 64)));
         ix.invalidate().unwrap();
         assert_eq!(ix.meta().unwrap(), None);
     }

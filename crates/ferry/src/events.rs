@@ -59,8 +59,8 @@ pub struct NewDirRecheck {
     pub changes: usize,
 }
 impl Event for NewDirRecheck {
-    fn emit(self, m: &Metrics) {
-        m.rescans.inc();
+    fn emit(self, _m: &Metrics) {
+        // not counted: most of what it finds was reported by the new watch too
         tracing::debug!(
             changes = self.changes,
             "New directories changed before their watch existed; re-reading those paths."

@@ -72,6 +72,9 @@ pub struct SealedBatch {
     pub exact: bool,
     /// Events were lost: peers resync to this batch instead.
     pub resync_all: bool,
+    /// That resync is the periodic safety net (not counted as a resync:
+    /// `ferry_resyncs_total` counts recoveries, the alert watches it).
+    pub periodic: bool,
     pub renames: Vec<(RelPath, RelPath)>,
     pub items: Vec<Item>,
     /// Directories moved in this batch. notify re-watches a moved tree
@@ -151,12 +154,15 @@ const HASHES_CAP: usize = 65_536;
 impl Ctx {
     /// The index vouches for what a peer acked at (`epoch`, `seq`) lacks.
     fn index_covers(&self, epoch: u64, seq: u64) -> bool {
-        self.index.is_some()
-            && self
-                .index_meta
-                .lock()
-                .expect("index meta")
-                .is_some_and(|m| m.epoch == epoch && seq >= m.base && seq >= m.floor && seq > 0)
+        let Some(ix) = &self.index else { return false };
+        if self.index_meta.lock().expect("index meta").is_none() {
+            return false;
+        }
+        // read afresh: the floor rises as tombstones are dropped
+        match tokio::task::block_in_place(|| ix.meta()) {
+            Ok(Some(m)) => m.epoch == epoch && seq >= m.base && seq >= m.floor && seq > 0,
+            _ => false,
+        }
     }
 
     /// Writes to the index; on failure the index stops vouching (peers fall
@@ -204,7 +210,6 @@ pub async fn start(
     let cfg = &shared.cfg;
     let excludes = Excludes::new(&cfg.excludes, cfg.state_rel.clone())?;
     let st = shared.node_state();
-    let (seq_tx, _) = watch::channel(st.seq);
     // The file index: what the root held as of the batches sealed, so a
     // restart ships only what changed and a peer behind catches up without
     // a manifest. It vouches only for this epoch.
@@ -216,10 +221,26 @@ pub async fn start(
             None
         }
     };
+    // It vouches only for this epoch, and only if it holds every batch
+    // sealed (a failed write, e.g. on a full disk, leaves it behind).
     let index_meta = index
         .as_ref()
         .and_then(|ix| ix.meta().ok().flatten())
-        .filter(|m| m.epoch == st.epoch);
+        .filter(|m| m.epoch == st.epoch && m.seq == st.seq);
+    let st = if index.is_some() && index_meta.is_none() {
+        // The index will be built (by the batcher, before its first batch)
+        // as batch S+1, an empty one sealed now, before any peer connects:
+        // every peer resyncs by manifest to it or later, so what a peer
+        // acked before this start (S or less) is never taken as covered.
+        let mut st = st;
+        st.seq += 1;
+        st.sealed_at_ns = now_ns();
+        shared.save_state(st)?;
+        st
+    } else {
+        st
+    };
+    let (seq_tx, _) = watch::channel(st.seq);
     let acked = index
         .as_ref()
         .and_then(|ix| ix.peers().ok())
@@ -332,6 +353,8 @@ struct BatchState {
     verify: Vec<RelPath>,
     /// The inotify watch limit was hit: some directories are not watched.
     watch_limited: bool,
+    /// The batch being built carries the periodic rescan.
+    periodic: bool,
 }
 
 impl BatchState {
@@ -390,6 +413,7 @@ async fn batcher(
         changes: Vec::new(),
         verify: Vec::new(),
         watch_limited: false,
+        periodic: false,
     };
     // The safety net: a periodic full rescan (a manifest diff with every
     // peer) finds what the watcher missed and repairs replicas changed
@@ -401,6 +425,7 @@ async fn batcher(
     for c in index_at_start(ctx).await? {
         b.push(c);
     }
+    let mut next_flush = Instant::now() + INDEX_FLUSH;
     loop {
         if b.watch_limited && rescan_every.is_none() {
             let d = crate::config::DEFAULT_RESCAN_INTERVAL;
@@ -422,7 +447,8 @@ async fn batcher(
             }
             _ = sleep_until(deadline), if deadline.is_some() => {
                 b.flush();
-                if let Some(sealed) = seal(ctx, &mut b.co, &mut b.verify, &rx).await? {
+                let periodic = std::mem::take(&mut b.periodic);
+                if let Some(sealed) = seal(ctx, &mut b.co, &mut b.verify, periodic, &rx).await? {
                     if sealed.items.iter().any(|i| i.replace && i.state.as_ref().is_some_and(|s| s.entry.kind == EntryKind::Dir)) {
                         rechecks.push_back((Instant::now() + RECHECK_DELAY, 0, sealed));
                         if rechecks.len() > RECHECK_CAP {
@@ -442,9 +468,14 @@ async fn batcher(
                     b.push(c);
                 }
             }
+            _ = tokio::time::sleep_until(next_flush.into()) => {
+                flush_index(ctx);
+                next_flush = Instant::now() + INDEX_FLUSH;
+            }
             _ = sleep_until(next_rescan), if next_rescan.is_some() => {
                 PeriodicRescan.emit(m);
                 b.push(ferry_core::Change::RescanAll);
+                b.periodic = true;
                 next_rescan = rescan_every.map(|d| Instant::now() + d);
             }
             _ = shutdown.changed() => {
@@ -466,7 +497,8 @@ async fn batcher(
                     }
                 }
                 b.flush();
-                seal(ctx, &mut b.co, &mut b.verify, &rx).await?;
+                seal(ctx, &mut b.co, &mut b.verify, false, &rx).await?;
+                flush_index(ctx);
                 break;
             }
         }
@@ -497,25 +529,13 @@ async fn index_at_start(ctx: &Ctx) -> anyhow::Result<Vec<ferry_core::Change>> {
     note_skips(&ctx.shared, &skipped);
     match meta {
         None => {
-            // The index is built as batch S+1, an empty one: every peer
-            // resyncs by manifest to it (or later), so what a peer acked
-            // before this start (S or less) is never taken as covered.
-            let mut st = st;
-            st.seq += 1;
-            st.sealed_at_ns = now_ns();
-            ctx.shared.save_state(st).map_err(|e| {
-                ctx.shared.metrics.error("state_fsync");
-                anyhow!(e)
-            })?;
-            ctx.log.lock().expect("log").last_seq = st.seq;
-            ctx.shared.metrics.sealed_seq.set(st.seq as i64);
-            ctx.shared.set_status(|s| s.sealed_seq = st.seq);
-            let _ = ctx.seq_tx.send(st.seq);
+            // `start` sealed the empty batch this index is built as
             let seq = st.seq;
             let meta = ferry_store::IndexMeta {
                 epoch: st.epoch,
                 base: seq,
                 floor: seq,
+                seq,
             };
             let n = scanned.len();
             let res = tokio::task::block_in_place(|| {
@@ -571,6 +591,21 @@ async fn index_at_start(ctx: &Ctx) -> anyhow::Result<Vec<ferry_core::Change>> {
             Ok(rc.changes())
         }
     }
+}
+
+/// How often content hashes and acked seqs reach the index when no batch
+/// is sealed (they ride along with every batch otherwise).
+const INDEX_FLUSH: Duration = Duration::from_secs(5);
+
+/// Writes the queued content hashes and the peers' acked seqs.
+fn flush_index(ctx: &Ctx) {
+    let ops = std::mem::take(&mut *ctx.hashes.lock().expect("hashes"));
+    if ops.is_empty() {
+        return;
+    }
+    let st = ctx.shared.node_state();
+    let peers = ctx.peers_acked(st.epoch);
+    ctx.index_write(|ix| ix.apply(st.seq, &ops, &peers, true));
 }
 
 /// The second look at the directories a sealed batch created (see
@@ -705,6 +740,7 @@ async fn seal(
     ctx: &Ctx,
     co: &mut Coalescer,
     verify: &mut Vec<RelPath>,
+    periodic: bool,
     rx: &mpsc::Receiver<RawEvent>,
 ) -> anyhow::Result<Option<Arc<SealedBatch>>> {
     if co.is_empty() && verify.is_empty() {
@@ -740,6 +776,7 @@ async fn seal(
         sealed_at: Instant::now(),
         exact,
         resync_all: pending.rescan_all,
+        periodic: periodic && pending.rescan_all,
         renames: pending.renames,
         items,
         moved_dirs: moved,
@@ -962,6 +999,8 @@ struct Sender<'a> {
     /// The peer never applied a batch: its content is of unknown origin, so
     /// the first resync compares content hashes, not just size and mtime.
     verify: bool,
+    /// The resync running is the periodic rescan.
+    periodic: bool,
 }
 
 async fn session(
@@ -1101,6 +1140,7 @@ async fn session(
         st: sender_state,
         epoch: st.epoch,
         verify: welcome.applied_epoch == 0,
+        periodic: false,
     };
     let first = {
         let log = ctx.log.lock().expect("log");
@@ -1277,7 +1317,10 @@ impl Sender<'_> {
                     next = target + 1;
                 }
                 Some(b) if b.resync_all => {
-                    self.resync(b.seq, None, &mut man_rx).await?;
+                    self.periodic = b.periodic;
+                    let r = self.resync(b.seq, None, &mut man_rx).await;
+                    self.periodic = false;
+                    r?;
                     next = b.seq + 1;
                 }
                 Some(b) => {
@@ -1471,7 +1514,13 @@ impl Sender<'_> {
     ) -> anyhow::Result<()> {
         let m = &self.ctx.shared.metrics;
         let whole = prefix.is_none();
-        if whole {
+        if whole && self.periodic {
+            tracing::info!(
+                peer = self.peer,
+                target,
+                "Periodic rescan: comparing the peer's manifest with the root."
+            );
+        } else if whole {
             ResyncStarted {
                 peer: self.peer,
                 target,
@@ -2204,6 +2253,7 @@ mod tests {
             sealed_at: Instant::now(),
             exact: true,
             resync_all: false,
+            periodic: false,
             renames: Vec::new(),
             items: (0..items)
                 .map(|i| Item {
