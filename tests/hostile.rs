@@ -964,11 +964,21 @@ fn g6_hostile_framing_floods_and_stalls_are_refused_with_bounded_memory() {
             conns
         });
         t.cases += 1;
+        // the replica keeps at most MAX_CONNS_PER_PEER of them and closes the rest
+        std::thread::sleep(Duration::from_secs(1));
+        let open = ok.iter().filter(|c| ferry_net::testing::is_open(c)).count();
+        let limited = t.errors(&["conn_limit"]);
         t.rows.push(format!(
-            "{:<58} {} of {n} connected",
+            "{:<58} {} of {n} handshakes done, {open} still open, {limited} refused as over the limit",
             "200 concurrent connections",
             ok.len()
         ));
+        if open > ferry_net::MAX_CONNS_PER_PEER || limited < 1.0 {
+            t.failures.push(format!(
+                "200 concurrent connections: {open} stay open, {limited} counted as conn_limit"
+            ));
+        }
+        // a well-behaved peer gets in while this one is at its limit
         t.serve_good("200 concurrent connections");
         drop(ok);
     }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The `kind` values of `ferry_errors_total` (see docs/OPERATIONS.md).
-pub const ERROR_KINDS: [&str; 18] = [
+pub const ERROR_KINDS: [&str; 19] = [
     "peer_session",
     "peer_refused",
     "refused_primary",
@@ -29,6 +29,7 @@ pub const ERROR_KINDS: [&str; 18] = [
     "file_unstable",
     "seal",
     "tls_reload",
+    "conn_limit",
 ];
 
 /// Per-peer series, created at 0 when the node starts.
