@@ -1289,3 +1289,209 @@ fn mkdir(p: &str) -> Message {
         mode: 0o755,
     })
 }
+
+/// The other direction: a listed *replica* that lies or sends garbage to the
+/// primary. The primary must not panic, must keep replicating to its other
+/// (real) replica, and ends a session that breaks the protocol (counting
+/// it); it redials the liar. Lies about the liar's own state (an ack of a
+/// batch it never got, a welcome at seq u64::MAX) only hurt its own copy
+/// and are not detectable from the wire; they must not hurt anyone else.
+#[test]
+fn g6_hostile_replica_cannot_crash_or_stall_the_primary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let pki = Pki::new(base, "ca");
+    let mallory = Peer::with_allowed(&pki.issue("mallory"), "mallory", &["primary"]);
+    let mut replica = Node::new(base, "replica", &pki.issue("replica"), "replica", &[], &[]);
+    replica.peer("primary", 1);
+    replica.start();
+    let mut primary = Node::new(
+        base,
+        "primary",
+        &pki.issue("primary"),
+        "primary",
+        &[("replica", replica.port), ("mallory", mallory.port())],
+        &[],
+    );
+    primary.start().wait_ready(Duration::from_secs(20));
+    let pid = pid_of(&primary.root).expect("primary pid");
+    let welcome = |epoch: u64, applied_epoch: u64, applied_seq: u64| {
+        Message::Welcome(ferry_proto::Welcome {
+            node: "mallory".into(),
+            epoch,
+            applied_epoch,
+            applied_seq,
+        })
+    };
+    type Act = Box<dyn Fn(&mut Session<'_>, u64)>;
+    let cases: Vec<(&str, Act)> = vec![
+        (
+            "welcome at seq and epoch u64::MAX",
+            Box::new(move |s, _| s.send(&[welcome(u64::MAX, u64::MAX, u64::MAX)])),
+        ),
+        (
+            "welcome naming another node",
+            Box::new(|s, e| {
+                s.send(&[Message::Welcome(ferry_proto::Welcome {
+                    node: "replica".into(),
+                    epoch: e,
+                    applied_epoch: e,
+                    applied_seq: 1,
+                })])
+            }),
+        ),
+        (
+            "ack of seq u64::MAX",
+            Box::new(move |s, e| {
+                s.send(&[
+                    welcome(e, e, 1),
+                    Message::Ack {
+                        epoch: e,
+                        seq: u64::MAX,
+                    },
+                ])
+            }),
+        ),
+        (
+            "ack of a batch never sent",
+            Box::new(move |s, e| s.send(&[welcome(e, e, 1), Message::Ack { epoch: e, seq: 999 }])),
+        ),
+        (
+            "ack of a stale epoch",
+            Box::new(move |s, e| s.send(&[welcome(e, e, 1), Message::Ack { epoch: 0, seq: 1 }])),
+        ),
+        (
+            "manifest end claiming u64::MAX entries",
+            Box::new(move |s, e| {
+                s.send(&[welcome(e, e, 1), Message::ManifestEnd { count: u64::MAX }])
+            }),
+        ),
+        (
+            "!manifest entry with a climbing path",
+            Box::new(move |s, e| {
+                s.send(&[welcome(e, 0, 0)]);
+                let mut ent = field16(b"../../etc/passwd");
+                ent.push(0);
+                ent.extend([0u8; 4 + 8 + 12]);
+                ent.extend(field16(b""));
+                ent.push(0);
+                s.raw(&frame(kind::MANIFEST_ENTRY, &ent));
+            }),
+        ),
+        (
+            "manifest of 50,000 made-up entries, end count wrong",
+            Box::new(move |s, e| {
+                s.send(&[welcome(e, 0, 0)]);
+                let msgs: Vec<Message> = (0..50_000)
+                    .map(|i| {
+                        Message::ManifestEntry(ferry_proto::Entry {
+                            path: rel(&format!("ghost/{i}")),
+                            kind: ferry_proto::EntryKind::File,
+                            mode: 0o644,
+                            size: 1,
+                            mtime: mtime(),
+                            target: Vec::new(),
+                            hash: None,
+                        })
+                    })
+                    .collect();
+                s.send(&msgs);
+                s.send(&[Message::ManifestEnd { count: 7 }]);
+            }),
+        ),
+        (
+            "!refusal with an unknown code and a long message",
+            Box::new(|s, e| {
+                let mut p = 999u16.to_be_bytes().to_vec();
+                p.extend(e.to_be_bytes());
+                p.extend(field16(&[b'x'; 4096]));
+                s.raw(&frame(3, &p));
+            }),
+        ),
+        (
+            "!oversized frame",
+            Box::new(|s, _| s.raw(&u32::MAX.to_be_bytes())),
+        ),
+        (
+            "!hello sent back to the primary",
+            Box::new(|s, e| {
+                s.send(&[Message::Hello(ferry_proto::Hello {
+                    version: ferry_proto::VERSION,
+                    node: "mallory".into(),
+                    epoch: e,
+                    last_seq: 0,
+                })])
+            }),
+        ),
+        ("silence after the hello", Box::new(|_, _| {})),
+    ];
+    let mut failures = Vec::new();
+    let n = cases.len();
+    for (i, (what, act)) in cases.into_iter().enumerate() {
+        // '!': the primary must end the session and count an error
+        let (must_end, what) = match what.strip_prefix('!') {
+            Some(w) => (true, w),
+            None => (false, what),
+        };
+        let errors = metric_labeled(primary.metrics, "ferry_errors_total", "kind=");
+        let Some(mut s) = mallory.accept(Duration::from_secs(20)) else {
+            failures.push(format!("{what}: the primary did not redial"));
+            break;
+        };
+        let epoch = match s.next(Duration::from_secs(10)) {
+            Some(Message::Hello(h)) => h.epoch,
+            other => panic!("{what}: expected the primary's hello, got {other:?}"),
+        };
+        act(&mut s, epoch);
+        // the primary ends the session (or, for silence, keeps waiting)
+        let mut ended = false;
+        for _ in 0..40 {
+            match s.next(Duration::from_millis(50)) {
+                Some(_) => continue,
+                None if !s.is_open() => {
+                    ended = true;
+                    break;
+                }
+                None => {}
+            }
+            if metric_labeled(primary.metrics, "ferry_errors_total", "kind=") > errors {
+                ended = true;
+                break;
+            }
+        }
+        drop(s);
+        if must_end && !ended {
+            failures.push(format!("{what}: the primary did not end the session"));
+        }
+        // the real replica keeps getting everything
+        std::fs::write(primary.root.join(format!("after-{i}.txt")), what).unwrap();
+        wait_converged(&primary.root, &replica.root, Duration::from_secs(30));
+        let log = std::fs::read_to_string(&primary.log).unwrap_or_default();
+        if log.contains("panicked") {
+            failures.push(format!("{what}: the primary panicked"));
+            break;
+        }
+        if !primary.running() {
+            failures.push(format!("{what}: the primary exited"));
+            break;
+        }
+        eprintln!("  {what:<58} session ended: {ended}");
+    }
+    let (hwm, _) = memory_kib(pid);
+    eprintln!(
+        "hostile replica: {n} cases, {} failed; primary VmHWM {} MiB",
+        failures.len(),
+        hwm / 1024
+    );
+    assert!(
+        failures.is_empty(),
+        "{}\n{}",
+        failures.join("\n"),
+        primary.log_tail()
+    );
+    assert!(
+        hwm < MEMORY_CAP_KIB,
+        "primary peak memory {} MiB",
+        hwm / 1024
+    );
+}
