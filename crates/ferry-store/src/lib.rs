@@ -8,6 +8,10 @@
 //! used. One fsync per update, no rename.
 #![forbid(unsafe_code)]
 
+pub mod index;
+pub mod marker;
+pub use index::{FileRecord, Index, IndexMeta, IndexOp};
+
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -59,6 +63,8 @@ pub enum StoreError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error("the file index {path} failed: {error}; the primary resyncs its peers by manifest after its next start (delete the file if this repeats)")]
+    Index { path: PathBuf, error: String },
     #[error("fsync of state file {path} failed: {error}; the state was not stored")]
     Sync {
         path: PathBuf,

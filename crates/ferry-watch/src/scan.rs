@@ -212,9 +212,105 @@ pub fn scan_tree(
     Ok(())
 }
 
+/// A second look at a directory that came into existence, once its inotify
+/// watch surely exists. notify adds the watch of a new directory only after
+/// it has delivered the directory's creation, so whatever was created or
+/// changed inside it in between produced no event. `sealed` is what the
+/// batch that shipped the directory read; the changes returned re-mark every
+/// path whose state differs now (or that is new, or gone). Nothing when the
+/// directory itself moved on (its parent's watch reports that).
+pub fn changed_since(
+    root: &Path,
+    dir: &RelPath,
+    excludes: &Excludes,
+    sealed: &std::collections::HashMap<&RelPath, &Scanned>,
+    skipped: &mut Vec<Skip>,
+) -> io::Result<Vec<ferry_core::Change>> {
+    use ferry_core::Change;
+    let mut now = Vec::new();
+    scan_tree(root, Some(dir), excludes, &mut now, skipped)?;
+    let same_dir = match (now.first(), sealed.get(dir)) {
+        (Some(n), Some(s)) => n.entry.path == *dir && (n.dev, n.ino) == (s.dev, s.ino),
+        _ => false,
+    };
+    if !same_dir {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::with_capacity(now.len());
+    for n in &now {
+        seen.insert(&n.entry.path);
+        match sealed.get(&n.entry.path) {
+            Some(s) if *s == n => {}
+            // a directory the seal never saw: everything below it is new
+            None if n.entry.kind == EntryKind::Dir => {
+                out.push(Change::Created(n.entry.path.clone()))
+            }
+            _ => out.push(Change::Touched(n.entry.path.clone())),
+        }
+    }
+    for p in sealed.keys() {
+        if p.starts_with(dir) && !seen.contains(p) {
+            out.push(Change::Removed((*p).clone()));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changed_since_finds_what_the_seal_missed() {
+        use ferry_core::Change;
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("n/sub")).unwrap();
+        std::fs::write(r.join("n/keep"), b"1").unwrap();
+        std::fs::write(r.join("n/edit"), b"1").unwrap();
+        std::fs::write(r.join("n/gone"), b"1").unwrap();
+        let ex = Excludes::new(&[], None).unwrap();
+        let mut at_seal = Vec::new();
+        let mut skipped = Vec::new();
+        let n = RelPath::new("n").unwrap();
+        scan_tree(r, Some(&n), &ex, &mut at_seal, &mut skipped).unwrap();
+        let sealed: std::collections::HashMap<&RelPath, &Scanned> =
+            at_seal.iter().map(|s| (&s.entry.path, s)).collect();
+        assert_eq!(
+            changed_since(r, &n, &ex, &sealed, &mut skipped).unwrap(),
+            vec![],
+            "nothing changed"
+        );
+        // what happened before the watch existed
+        std::fs::write(r.join("n/edit"), b"22").unwrap();
+        std::fs::remove_file(r.join("n/gone")).unwrap();
+        std::fs::write(r.join("n/sub/new"), b"3").unwrap();
+        std::fs::create_dir_all(r.join("n/sub/deep/er")).unwrap();
+        let mut got = changed_since(r, &n, &ex, &sealed, &mut skipped).unwrap();
+        // n itself changed too (an entry left it), unless within one
+        // timestamp tick: not asserted
+        got.retain(|c| *c != Change::Touched(RelPath::new("n").unwrap()));
+        got.sort_by_key(|c| format!("{c:?}"));
+        let rp = |s: &str| RelPath::new(s).unwrap();
+        let mut want = vec![
+            Change::Touched(rp("n/edit")),
+            Change::Removed(rp("n/gone")),
+            Change::Touched(rp("n/sub")),
+            Change::Touched(rp("n/sub/new")),
+            Change::Created(rp("n/sub/deep")),
+            Change::Created(rp("n/sub/deep/er")),
+        ];
+        want.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(got, want);
+        // the directory moved away and another took its name: not ours to judge
+        std::fs::rename(r.join("n"), r.join("m")).unwrap();
+        std::fs::create_dir(r.join("n")).unwrap();
+        assert_eq!(
+            changed_since(r, &n, &ex, &sealed, &mut skipped).unwrap(),
+            vec![]
+        );
+    }
 
     #[test]
     fn scan_in_walk_order_skipping_state_and_specials() {

@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 /// Why the watcher could not start or keep going.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
-    #[error("inotify watch limit reached while watching {root}; raise it with `sysctl fs.inotify.max_user_watches=524288` (or exclude large trees)")]
+    #[error("inotify watch limit reached while watching {root} (one watch per directory); raise it with `sysctl fs.inotify.max_user_watches=524288` (or exclude large trees)")]
     MaxWatches { root: PathBuf },
-    #[error("no inotify instance available; raise `sysctl fs.inotify.max_user_instances` (each ferry uses one)")]
+    #[error("no inotify instance available: the limit fs.inotify.max_user_instances is reached (or the process ran out of file descriptors); raise it with `sysctl fs.inotify.max_user_instances=512` (each ferry uses one)")]
     MaxInstances,
     #[error("cannot watch {root}: {reason}")]
     Other { root: PathBuf, reason: String },
@@ -35,7 +35,12 @@ pub enum RawEvent {
     /// The kernel queue overflowed: events were lost.
     Overflow,
     /// The watcher failed (e.g. the watch limit was reached for a new dir).
-    Error(String, bool),
+    /// `limit`: the inotify watch limit; `path`: where, when notify knows.
+    Error {
+        msg: String,
+        limit: bool,
+        path: Option<PathBuf>,
+    },
 }
 
 /// Watches a root recursively; events go to a bounded channel. When the
@@ -85,8 +90,12 @@ fn convert(res: notify::Result<notify::Event>) -> Vec<RawEvent> {
     let ev = match res {
         Ok(ev) => ev,
         Err(e) => {
-            let max = matches!(e.kind, notify::ErrorKind::MaxFilesWatch);
-            return vec![RawEvent::Error(e.to_string(), max)];
+            let limit = matches!(e.kind, notify::ErrorKind::MaxFilesWatch);
+            return vec![RawEvent::Error {
+                msg: e.to_string(),
+                limit,
+                path: e.paths.first().cloned(),
+            }];
         }
     };
     if ev.need_rescan() {
@@ -146,6 +155,11 @@ impl Translator {
                 None
             }
         }
+    }
+
+    /// `p` relative to the root, unless it is the root, outside it or excluded.
+    pub fn relative(&mut self, p: &Path) -> Option<RelPath> {
+        self.rel(p).filter(|r| !self.excluded(r))
     }
 
     fn excluded(&self, p: &RelPath) -> bool {
@@ -210,7 +224,16 @@ impl Translator {
                 }
             }
             RawEvent::Overflow => out.push(Change::RescanAll),
-            RawEvent::Error(_, _) => out.push(Change::RescanAll),
+            // An error that names a path: that subtree is re-read (the
+            // batcher also verifies it on every peer); without a path,
+            // anything may have been lost.
+            RawEvent::Error { path: Some(p), .. } => match self.rel(&p) {
+                Some(r) if !self.excluded(&r) => out.push(Change::Touched(r)),
+                Some(_) => {}
+                None if p == self.root => out.push(Change::RescanAll),
+                None => {}
+            },
+            RawEvent::Error { path: None, .. } => out.push(Change::RescanAll),
         }
     }
 

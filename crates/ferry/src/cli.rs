@@ -34,9 +34,13 @@ pub enum Command {
     #[command(subcommand)]
     Cert(CertCommand),
     /// Run a ferry node.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Ask a running node for its role, epoch, peers and consistency point.
     Status(StatusArgs),
+    /// Move the primary role: on the primary, `--to NAME` hands over to a
+    /// caught-up replica (planned switchover, nothing lost); on a replica,
+    /// without `--to`, take over from an unreachable primary (failover).
+    Promote(PromoteArgs),
     /// Serve the Kubernetes mutating admission webhook that injects the sidecar.
     Inject(InjectArgs),
 }
@@ -128,9 +132,31 @@ pub struct RunArgs {
     /// On SIGTERM, wait this long for peers to ack what is pending (s).
     #[arg(long, env = "FERRY_SHUTDOWN_GRACE_SECS", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
     pub shutdown_grace_secs: u64,
+    /// Periodic full rescan, a safety net for events the watcher lost: e.g.
+    /// 600, 600s, 10m, 1h, 500ms (a bare number is seconds); 0 turns it off.
+    #[arg(long, env = "FERRY_RESCAN_INTERVAL", default_value = "10m")]
+    pub rescan_interval: String,
+    /// Sealed batches kept in memory for peers that fall behind; a peer
+    /// further behind catches up from the file index (or by manifest).
+    #[arg(long, env = "FERRY_LOG_CAPACITY", default_value_t = DEFAULT_LOG_CAPACITY)]
+    pub log_capacity: usize,
+    /// Paths and renames those batches may hold in all (bounds their memory).
+    #[arg(long, env = "FERRY_LOG_MAX_ITEMS", default_value_t = DEFAULT_LOG_MAX_ITEMS)]
+    pub log_max_items: usize,
     /// Close and redial a connection this old, so rotated certificates reach it (s).
     #[arg(long, env = "FERRY_MAX_CONNECTION_AGE_SECS", default_value_t = DEFAULT_MAX_CONN_AGE.as_secs())]
     pub max_connection_age_secs: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct PromoteArgs {
+    /// Planned switchover to this peer (run on the primary, with the app stopped).
+    #[arg(long)]
+    pub to: Option<String>,
+    #[arg(long, env = "FERRY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[arg(long, env = "FERRY_ROOT")]
+    pub root: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -263,6 +289,30 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
             a.batch_idle_ms, a.batch_max_delay_ms
         ));
     }
+    if a.log_capacity == 0 || a.log_max_items == 0 {
+        errs.push(format!(
+            "--log-capacity {} / --log-max-items {}: both must be at least 1",
+            a.log_capacity, a.log_max_items
+        ));
+    }
+    let rescan_interval = match parse_interval(&a.rescan_interval) {
+        Some(d) if d.is_zero() => None,
+        Some(d) if d < Duration::from_millis(100) => {
+            errs.push(format!(
+                "--rescan-interval {:?}: at least 100ms (or 0 to turn it off)",
+                a.rescan_interval
+            ));
+            None
+        }
+        Some(d) => Some(d),
+        None => {
+            errs.push(format!(
+                "--rescan-interval {:?}: expected a duration such as 600, 600s, 10m, 1h or 500ms (0 turns it off)",
+                a.rescan_interval
+            ));
+            None
+        }
+    };
     let (state_dir, state_rel) = match &root {
         Some(root) => {
             let sd = a.state_dir.clone().unwrap_or_else(|| root.join(".ferry"));
@@ -320,9 +370,27 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
         batch_max_delay: Duration::from_millis(a.batch_max_delay_ms),
         shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),
         max_inflight: DEFAULT_MAX_INFLIGHT,
-        log_capacity: DEFAULT_LOG_CAPACITY,
+        log_capacity: a.log_capacity,
+        log_max_items: a.log_max_items,
+        rescan_interval,
         max_conn_age: Duration::from_secs(a.max_connection_age_secs),
     })
+}
+
+/// `600`, `600s`, `10m`, `1h`, `500ms` (a bare number is seconds).
+fn parse_interval(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit.trim() {
+        "" | "s" => n.checked_mul(1000)?,
+        "ms" => n,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
 }
 
 fn absolutize(p: &Path) -> PathBuf {
@@ -473,6 +541,42 @@ pub fn main() -> i32 {
                 }
             }
         }
+        Command::Promote(a) => {
+            let sd = match (&a.state_dir, &a.root) {
+                (Some(s), _) => s.clone(),
+                (None, Some(r)) => r.join(".ferry"),
+                (None, None) => {
+                    return usage_exit(
+                        &["ferry promote needs --state-dir DIR or --root DIR".into()],
+                    )
+                }
+            };
+            let cmd = match &a.to {
+                Some(to) => format!("promote-to {to}"),
+                None => "promote".into(),
+            };
+            match runtime().block_on(crate::control::query(&sd, &cmd)) {
+                Ok(out) => match out.trim_end().strip_prefix("ok: ") {
+                    Some(msg) => {
+                        println!("{msg}");
+                        0
+                    }
+                    None => {
+                        eprintln!(
+                            "ferry: {}",
+                            out.trim_end()
+                                .strip_prefix("error: ")
+                                .unwrap_or(out.trim_end())
+                        );
+                        1
+                    }
+                },
+                Err(e) => {
+                    eprintln!("ferry: {e:#}");
+                    1
+                }
+            }
+        }
         Command::Demo(a) => runtime().block_on(crate::demo::run(a)),
         Command::Inject(a) => {
             let listen: SocketAddr = match a.listen.parse() {
@@ -585,18 +689,94 @@ async fn run(cfg: NodeConfig) -> i32 {
             return 1;
         }
     };
-    let code = tokio::select! {
-        _ = term.recv() => { tracing::info!("SIGTERM: shipping what is pending, then exiting"); 0 }
-        _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: shutting down"); 0 }
-        _ = handle.wait_fatal() => { tracing::error!("a node task failed; exiting"); 1 }
+    let mut requests = std::mem::replace(&mut handle.requests, tokio::sync::mpsc::channel(1).1);
+    loop {
+        let req = tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shipping what is pending, then exiting"); handle.shutdown().await; return 0 }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted: shutting down"); handle.shutdown().await; return 0 }
+            _ = handle.wait_fatal() => { tracing::error!("a node task failed; exiting"); handle.shutdown().await; return 1 }
+            r = requests.recv() => r,
+        };
+        let Some(req) = req else { continue };
+        use crate::node::{handover, NodeRequest};
+        let why = match req {
+            NodeRequest::Restart(why) => why,
+            NodeRequest::Switchover { to, reply } => {
+                if let Err(e) = handover::check_switchover(&handle.shared, &to) {
+                    let _ = reply.send(Err(format!("{e:#}")));
+                    continue;
+                }
+                tracing::info!(to = %to, "switchover: shipping what is pending, then handing over");
+                handle.drain().await;
+                let r = handover::switchover(&handle, &to)
+                    .await
+                    .map_err(|e| format!("{e:#}"));
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "switchover failed; this node restarts as primary");
+                }
+                let _ = reply.send(r);
+                "switchover".into()
+            }
+            NodeRequest::Failover { reply } => {
+                if let Err(e) = handover::check_failover(&handle.shared) {
+                    let _ = reply.send(Err(format!("{e:#}")));
+                    continue;
+                }
+                tracing::warn!(
+                    "failover: finishing the batch in progress, then taking over as primary"
+                );
+                handle.drain().await;
+                let dirty = ferry_apply::needs_resync_at(&handle.shared.cfg.state_dir);
+                let r = handover::failover(&handle.shared, dirty).map_err(|e| format!("{e:#}"));
+                let _ = reply.send(r);
+                "failover".into()
+            }
+        };
+        // let the control socket deliver its answer, then restart in the
+        // (durable) new role: same process, same pid
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tracing::info!(reason = %why, "restarting in the node's durable role");
+        handle.shutdown().await;
+        return restart_self();
+    }
+}
+
+/// Replaces this process with a fresh `ferry` of the same arguments: the
+/// node starts again from its durable state (role, epoch). Returns only on
+/// failure.
+fn restart_self() -> i32 {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("ferry: cannot find my own executable to restart: {e}");
+            return 1;
+        }
     };
-    handle.shutdown().await;
-    code
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    eprintln!("ferry: restart failed: {err}");
+    1
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rescan_interval_forms() {
+        assert_eq!(parse_interval("600"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_interval("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_interval("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_interval("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_interval("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_interval("0"), Some(Duration::ZERO));
+        assert_eq!(parse_interval("ten"), None);
+        assert_eq!(parse_interval("5d"), None);
+        assert_eq!(parse_interval(""), None);
+        assert_eq!(parse_interval("99999999999999999999h"), None);
+    }
 
     #[test]
     fn resync_progress_is_read_from_status_json() {

@@ -20,6 +20,13 @@ pub const DEFAULT_MAX_INFLIGHT: usize = 256;
 /// Sealed batches the primary keeps in memory for peers that fall behind;
 /// past this a peer catches up by manifest-diff resync instead.
 pub const DEFAULT_LOG_CAPACITY: usize = 16_384;
+/// Items (paths and renames) those batches may hold in all, so the log's
+/// memory is bounded however large the batches (about 250 bytes each:
+/// some 64 MiB). Past it, too, a peer catches up without the log.
+pub const DEFAULT_LOG_MAX_ITEMS: usize = 262_144;
+/// The periodic safety-net rescan (a manifest diff with every peer): finds
+/// what the watcher missed and repairs replicas changed behind ferry's back.
+pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(600);
 /// A connection older than this is closed and redialled, so rotated
 /// certificates reach long-lived connections (see docs/SECURITY.md).
 pub const DEFAULT_MAX_CONN_AGE: Duration = ferry_net::DEFAULT_MAX_CONN_AGE;
@@ -56,6 +63,9 @@ pub struct NodeConfig {
     pub shutdown_grace: Duration,
     pub max_inflight: usize,
     pub log_capacity: usize,
+    pub log_max_items: usize,
+    /// Periodic full rescan; `None`: off.
+    pub rescan_interval: Option<Duration>,
     /// Connection-age cap (certificate rotation reaches every connection).
     pub max_conn_age: Duration,
 }

@@ -38,7 +38,14 @@ pub fn spawn(shared: &Arc<Shared>, tasks: &mut tokio::task::JoinSet<()>) -> anyh
                 {
                     return;
                 }
-                let reply = match line.trim() {
+                let cmd = line.trim();
+                if cmd == "promote" || cmd.starts_with("promote-to ") {
+                    let reply = promote(&shared, cmd).await;
+                    let _ = w.write_all(reply.replace('\n', " ").as_bytes()).await;
+                    let _ = w.write_all(b"\n").await;
+                    return;
+                }
+                let reply = match cmd {
                     "status" => shared.status.lock().expect("status").to_json(),
                     // one line on the wire: newlines escaped, the client restores them
                     "status-text" => shared
@@ -58,6 +65,30 @@ pub fn spawn(shared: &Arc<Shared>, tasks: &mut tokio::task::JoinSet<()>) -> anyh
         }
     });
     Ok(())
+}
+
+/// Forwards a promote request to the node's owner and waits for the
+/// outcome: `ok: ...` or `error: ...`.
+async fn promote(shared: &Shared, cmd: &str) -> String {
+    use crate::node::NodeRequest;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let req = match cmd.strip_prefix("promote-to ") {
+        Some(to) => NodeRequest::Switchover {
+            to: to.trim().to_owned(),
+            reply: tx,
+        },
+        None => NodeRequest::Failover { reply: tx },
+    };
+    if shared.requests.send(req).await.is_err() {
+        return "error: the node is shutting down".into();
+    }
+    let limit = shared.cfg.shutdown_grace + std::time::Duration::from_secs(60);
+    match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(Ok(msg))) => format!("ok: {msg}"),
+        Ok(Ok(Err(e))) => format!("error: {e}"),
+        Ok(Err(_)) => "error: the node stopped before answering".into(),
+        Err(_) => format!("error: no outcome within {limit:?}"),
+    }
 }
 
 /// Client side: asks a running daemon.

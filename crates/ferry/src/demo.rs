@@ -28,6 +28,8 @@ fn node_cfg(root: &Path, name: &str, tls: &Path, role: Role, peers: Vec<PeerSpec
         shutdown_grace: Duration::from_secs(5),
         max_inflight: DEFAULT_MAX_INFLIGHT,
         log_capacity: DEFAULT_LOG_CAPACITY,
+        log_max_items: crate::config::DEFAULT_LOG_MAX_ITEMS,
+        rescan_interval: Some(crate::config::DEFAULT_RESCAN_INTERVAL),
         max_conn_age: DEFAULT_MAX_CONN_AGE,
     }
 }

@@ -22,19 +22,49 @@ impl Event for WatchOverflow {
 }
 
 /// The watcher failed; `limit` when the inotify watch limit was reached.
+/// With a path, that subtree is rescanned (verified on every peer).
 pub struct WatchFailed<'a> {
     pub error: &'a str,
     pub limit: bool,
+    pub path: Option<&'a RelPath>,
 }
 impl Event for WatchFailed<'_> {
     fn emit(self, m: &Metrics) {
+        let path = self.path.map(|p| p.display()).unwrap_or_default();
         if self.limit {
             m.error("watch_limit");
-            tracing::error!(error = %self.error, "The inotify watch limit was reached; raise `sysctl fs.inotify.max_user_watches`. Rescans cover new directories until then.");
+            tracing::error!(error = %self.error, path = %path, "The inotify watch limit was reached, so a new directory is not watched; raise `sysctl fs.inotify.max_user_watches` (e.g. to 524288). Until then the periodic rescan finds changes there.");
         } else {
             m.error("watch");
-            tracing::warn!(error = %self.error, "The watcher reported an error; rescanning.");
+            tracing::warn!(error = %self.error, path = %path, "The watcher reported an error; rescanning.");
         }
+        if self.path.is_some() {
+            m.rescans.inc();
+        }
+    }
+}
+
+/// The periodic safety-net rescan starts (every peer resyncs by manifest).
+pub struct PeriodicRescan;
+impl Event for PeriodicRescan {
+    fn emit(self, m: &Metrics) {
+        m.rescans.inc();
+        tracing::info!("Periodic rescan: every peer is compared with the root by manifest.");
+    }
+}
+
+/// The second look at new directories found changes made before their
+/// inotify watch existed.
+pub struct NewDirRecheck {
+    pub changes: usize,
+}
+impl Event for NewDirRecheck {
+    fn emit(self, m: &Metrics) {
+        m.rescans.inc();
+        tracing::debug!(
+            changes = self.changes,
+            "New directories changed before their watch existed; re-reading those paths."
+        );
     }
 }
 
@@ -144,6 +174,23 @@ impl Event for BatchApplied {
             bytes = self.bytes,
             took_ms = self.took.as_millis() as u64,
             "Applied a batch durably."
+        );
+    }
+}
+
+/// The replica finished, from its redo journal, a batch a crash interrupted.
+pub struct BatchRecovered {
+    pub seq: u64,
+    pub sealed_at_ns: u64,
+}
+impl Event for BatchRecovered {
+    fn emit(self, m: &Metrics) {
+        m.batches_recovered.inc();
+        tracing::info!(
+            seq = self.seq,
+            sealed_at_ns = self.sealed_at_ns,
+            "Finished batch {} from the redo journal: the replica is at its boundary.",
+            self.seq
         );
     }
 }

@@ -1,6 +1,9 @@
 //! A running ferry node: state dir, transport, metrics, and the primary's or
 //! the replica's loops. `ferry run` and `ferry demo` both start nodes here.
 
+pub mod conflicts;
+mod file_index;
+pub mod handover;
 pub mod primary;
 pub mod replica;
 
@@ -11,7 +14,24 @@ use ferry_store::{NodeState, Role, StateDir};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// What a running node asks of its owner (`ferry run`'s loop), which holds
+/// the node and can drain and restart it.
+pub enum NodeRequest {
+    /// The durable role changed (promoted, or demoted by a newer epoch):
+    /// drain, then restart in the new role.
+    Restart(String),
+    /// `ferry promote --to NAME` on a primary: planned switchover.
+    Switchover {
+        to: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// `ferry promote` on a replica: failover.
+    Failover {
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
 
 /// What `ferry status` shows; updated by the loops.
 #[derive(Debug, Clone, Default)]
@@ -24,6 +44,9 @@ pub struct Status {
     pub consistent_as_of_ns: u64,
     pub peers: Vec<PeerStatus>,
     pub resync: Option<ResyncProgress>,
+    /// Files preserved from a demotion (the old primary's writes the new
+    /// primary never got), and where.
+    pub conflicts: Option<(u64, String)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -92,6 +115,11 @@ impl Status {
                 o += &format!("resync:    with {}: comparing manifests\n", r.peer);
             }
         }
+        if let Some((n, dir)) = &self.conflicts {
+            o += &format!(
+                "conflicts: {n} files this node wrote as primary that the new primary never got, preserved in {dir} (see MANIFEST.tsv there)\n"
+            );
+        }
         for p in &self.peers {
             o += &format!(
                 "peer {}: {}, acked seq {}, backlog {} batches, lag {:.1} ms{}\n",
@@ -130,7 +158,7 @@ impl Status {
             })
             .collect();
         format!(
-            "{{\"name\":{},\"role\":{},\"epoch\":{},\"sealed_seq\":{},\"applied_seq\":{},\"consistent_as_of_ns\":{},\"resync\":{},\"peers\":[{}]}}",
+            "{{\"name\":{},\"role\":{},\"epoch\":{},\"sealed_seq\":{},\"applied_seq\":{},\"consistent_as_of_ns\":{},\"resync\":{},\"conflicts\":{},\"peers\":[{}]}}",
             esc(&self.name),
             esc(&self.role),
             self.epoch,
@@ -140,6 +168,10 @@ impl Status {
             self.resync
                 .as_ref()
                 .map(|r| format!("{{\"peer\":{},\"done\":{},\"total\":{}}}", esc(&r.peer), r.done, r.total))
+                .unwrap_or_else(|| "null".into()),
+            self.conflicts
+                .as_ref()
+                .map(|(n, d)| format!("{{\"files\":{n},\"dir\":{}}}", esc(d)))
                 .unwrap_or_else(|| "null".into()),
             peers.join(",")
         )
@@ -153,6 +185,7 @@ pub struct Shared {
     pub ready: Arc<AtomicBool>,
     pub status: Mutex<Status>,
     pub state: Mutex<(StateDir, NodeState)>,
+    pub requests: mpsc::Sender<NodeRequest>,
 }
 
 impl Shared {
@@ -169,6 +202,63 @@ impl Shared {
     pub fn set_status(&self, f: impl FnOnce(&mut Status)) {
         f(&mut self.status.lock().expect("status lock"));
     }
+
+    /// A primary learned of a newer epoch (G7): it becomes a replica of the
+    /// newer primary. Its last sealed position is recorded, so its next
+    /// resync preserves the writes the new primary never got (conflicts).
+    pub fn demote(&self, newer_epoch: u64, why: &str) -> anyhow::Result<()> {
+        let st = self.node_state();
+        if st.role != Role::Primary || newer_epoch <= st.epoch {
+            return Ok(());
+        }
+        ferry_store::marker::save(
+            &self.cfg.state_dir,
+            ferry_store::marker::DEMOTED,
+            &[st.epoch, st.seq, now_ns()],
+        )?;
+        self.save_state(NodeState {
+            role: Role::Replica,
+            epoch: newer_epoch,
+            applied_epoch: st.epoch,
+            ..st
+        })?;
+        self.metrics.epoch.set(newer_epoch as i64);
+        tracing::warn!(
+            old_epoch = st.epoch,
+            new_epoch = newer_epoch,
+            last_sealed = st.seq,
+            "This node is no longer primary ({why}): it restarts as a replica of the primary of epoch {newer_epoch}."
+        );
+        let _ = self.requests.try_send(NodeRequest::Restart(format!(
+            "demoted by epoch {newer_epoch}"
+        )));
+        Ok(())
+    }
+
+    /// Makes this replica the primary of `epoch`, continuing after the batch
+    /// it last applied (durable before anything else happens).
+    pub fn become_primary(&self, epoch: u64) -> anyhow::Result<NodeState> {
+        let st = self.node_state();
+        anyhow::ensure!(
+            epoch > st.epoch,
+            "epoch {epoch} is not newer than {}",
+            st.epoch
+        );
+        ferry_store::marker::save(
+            &self.cfg.state_dir,
+            ferry_store::marker::EPOCH_BASE,
+            &[epoch, st.applied_epoch, st.seq, st.sealed_at_ns],
+        )?;
+        let ns = NodeState {
+            role: Role::Primary,
+            epoch,
+            ..st
+        };
+        self.save_state(ns)?;
+        ferry_store::marker::remove(&self.cfg.state_dir, ferry_store::marker::DEMOTED)?;
+        self.metrics.epoch.set(epoch as i64);
+        Ok(ns)
+    }
 }
 
 /// A started node.
@@ -181,13 +271,16 @@ pub struct NodeHandle {
     tasks: tokio::task::JoinSet<()>,
     /// Endless services (metrics, control socket): aborted on shutdown.
     services: tokio::task::JoinSet<()>,
-    transport: Arc<ferry_net::Transport>,
+    pub transport: Arc<ferry_net::Transport>,
+    /// Role changes and promote requests for the owner.
+    pub requests: mpsc::Receiver<NodeRequest>,
 }
 
 impl NodeHandle {
-    /// Stops the node: the primary ships what is pending (bounded by the
-    /// grace period), the replica finishes the batch in progress.
-    pub async fn shutdown(mut self) {
+    /// Stops the node's loops: the primary seals and ships what is pending
+    /// and waits for acks (bounded by the grace period), the replica
+    /// finishes the batch in progress. The transport stays open.
+    pub async fn drain(&mut self) {
         let _ = self.shutdown.send(true);
         let grace = self.shared.cfg.shutdown_grace;
         let _ = tokio::time::timeout(grace, async {
@@ -195,6 +288,12 @@ impl NodeHandle {
         })
         .await;
         self.tasks.abort_all();
+    }
+
+    /// Stops the node: [`NodeHandle::drain`], then the services and the
+    /// transport.
+    pub async fn shutdown(mut self) {
+        self.drain().await;
         self.services.abort_all();
         self.transport.close();
         let _ = tokio::time::timeout(
@@ -251,6 +350,11 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         crate::telemetry::init_peer(&metrics, &p.name);
     }
     metrics.role.with_label_values(&[st.role.as_str()]).set(1);
+    if st.role == Role::Replica {
+        // the durable position, before the first scrape can happen
+        metrics.applied_seq.set(st.seq as i64);
+        metrics.consistent_as_of.set(st.sealed_at_ns as f64 / 1e9);
+    }
     let ready = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
     let mut services = tokio::task::JoinSet::new();
@@ -273,13 +377,16 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         epoch: st.epoch,
         ..Status::default()
     };
+    let (req_tx, req_rx) = mpsc::channel(4);
     let shared = Arc::new(Shared {
         cfg,
         metrics,
         ready,
         status: Mutex::new(status),
         state: Mutex::new((state_dir, st)),
+        requests: req_tx,
     });
+    conflicts::report(&shared);
     shared.save_state(st)?;
     crate::control::spawn(&shared, &mut services)?;
     services.spawn(watch_tls(shared.clone(), transport.clone()));
@@ -306,6 +413,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         tasks,
         services,
         transport,
+        requests: req_rx,
     })
 }
 

@@ -8,7 +8,7 @@
 //! replica's older (real) version and is remembered, so a later rename of it
 //! is sent as content instead of a move.
 
-use super::{now_ns, Shared};
+use super::{file_index, now_ns, Shared};
 use crate::config::PeerSpec;
 use crate::events::*;
 use anyhow::{anyhow, bail, Context};
@@ -80,10 +80,20 @@ pub struct SealedBatch {
     pub moved_dirs: Vec<RelPath>,
 }
 
+impl SealedBatch {
+    /// What the batch weighs in the log (at least 1).
+    fn weight(&self) -> usize {
+        1 + self.items.len() + self.renames.len() + self.moved_dirs.len()
+    }
+}
+
 /// Sealed batches kept for peers that are behind.
 pub struct Log {
     batches: VecDeque<Arc<SealedBatch>>,
     cap: usize,
+    /// Items (renames and entries) held in all, and the most allowed.
+    items: usize,
+    max_items: usize,
     last_seq: u64,
     /// The batcher has stopped (shutdown): `last_seq` is final.
     closed: bool,
@@ -101,11 +111,19 @@ impl Log {
         let i = seq.checked_sub(first)? as usize;
         self.batches.get(i).cloned()
     }
+    /// Appends a batch; the oldest go once there are more than `cap`
+    /// batches or `max_items` items in all (a peer that still needed them
+    /// catches up from the file index, or by manifest).
     fn push(&mut self, b: Arc<SealedBatch>) {
         self.last_seq = b.seq;
+        self.items += b.weight();
         self.batches.push_back(b);
-        while self.batches.len() > self.cap {
-            self.batches.pop_front();
+        while self.batches.len() > self.cap
+            || (self.items > self.max_items && self.batches.len() > 1)
+        {
+            if let Some(old) = self.batches.pop_front() {
+                self.items -= old.weight();
+            }
         }
     }
 }
@@ -115,6 +133,65 @@ struct Ctx {
     log: Mutex<Log>,
     seq_tx: watch::Sender<u64>,
     excludes: Excludes,
+    /// The durable file index (`None`: it could not be opened).
+    index: Option<ferry_store::Index>,
+    /// What the index vouches for; `None` while it vouches for nothing
+    /// (never built, another epoch, or failed).
+    index_meta: Mutex<Option<ferry_store::IndexMeta>>,
+    /// Each peer's last acknowledged seq, recorded in the index with each
+    /// batch (tombstones every peer is past are dropped).
+    acked: Mutex<std::collections::HashMap<String, u64>>,
+    /// Content hashes senders computed, written with the next batch.
+    hashes: Mutex<Vec<ferry_store::IndexOp>>,
+}
+
+/// Hashes queued for the index at most (the rest are simply not recorded).
+const HASHES_CAP: usize = 65_536;
+
+impl Ctx {
+    /// The index vouches for what a peer acked at (`epoch`, `seq`) lacks.
+    fn index_covers(&self, epoch: u64, seq: u64) -> bool {
+        self.index.is_some()
+            && self
+                .index_meta
+                .lock()
+                .expect("index meta")
+                .is_some_and(|m| m.epoch == epoch && seq >= m.base && seq >= m.floor && seq > 0)
+    }
+
+    /// Writes to the index; on failure the index stops vouching (peers fall
+    /// back to manifest resyncs, the next start rebuilds it).
+    fn index_write(
+        &self,
+        f: impl FnOnce(&ferry_store::Index) -> Result<(), ferry_store::StoreError>,
+    ) {
+        let Some(ix) = &self.index else { return };
+        if self.index_meta.lock().expect("index meta").is_none() {
+            return;
+        }
+        if let Err(e) = tokio::task::block_in_place(|| f(ix)) {
+            self.shared.metrics.error("index");
+            tracing::error!(error = %e, "The file index failed; peers resync by manifest until the next start rebuilds it.");
+            *self.index_meta.lock().expect("index meta") = None;
+            let _ = ix.invalidate();
+        }
+    }
+
+    fn peers_acked(&self, epoch: u64) -> Vec<(String, u64, u64)> {
+        let acked = self.acked.lock().expect("acked");
+        self.shared
+            .cfg
+            .peers
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    epoch,
+                    acked.get(&p.name).copied().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
 }
 
 pub async fn start(
@@ -128,16 +205,45 @@ pub async fn start(
     let excludes = Excludes::new(&cfg.excludes, cfg.state_rel.clone())?;
     let st = shared.node_state();
     let (seq_tx, _) = watch::channel(st.seq);
+    // The file index: what the root held as of the batches sealed, so a
+    // restart ships only what changed and a peer behind catches up without
+    // a manifest. It vouches only for this epoch.
+    let index = match ferry_store::Index::open(&cfg.state_dir) {
+        Ok(ix) => Some(ix),
+        Err(e) => {
+            shared.metrics.error("index");
+            tracing::error!(error = %e, "The file index cannot be opened; every restart resyncs peers by manifest.");
+            None
+        }
+    };
+    let index_meta = index
+        .as_ref()
+        .and_then(|ix| ix.meta().ok().flatten())
+        .filter(|m| m.epoch == st.epoch);
+    let acked = index
+        .as_ref()
+        .and_then(|ix| ix.peers().ok())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, e, _)| *e == st.epoch)
+        .map(|(n, _, s)| (n, s))
+        .collect();
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         log: Mutex::new(Log {
             batches: VecDeque::new(),
             cap: cfg.log_capacity,
+            items: 0,
+            max_items: cfg.log_max_items,
             last_seq: st.seq,
             closed: false,
         }),
         seq_tx,
         excludes,
+        index,
+        index_meta: Mutex::new(index_meta),
+        acked: Mutex::new(acked),
+        hashes: Mutex::new(Vec::new()),
     });
     shared.metrics.sealed_seq.set(st.seq as i64);
     shared.set_status(|s| s.sealed_seq = st.seq);
@@ -199,6 +305,77 @@ pub async fn start(
     Ok(())
 }
 
+/// How long after sealing a new directory it is looked at again: notify
+/// adds its watch right after delivering its creation, so by then the watch
+/// exists and what happened inside before it is found (see
+/// [`scan::changed_since`]).
+const RECHECK_DELAY: Duration = Duration::from_millis(250);
+/// New-directory rechecks waiting at most; past this the oldest runs at once.
+const RECHECK_CAP: usize = 256;
+/// Events queued between notify and the batcher above which a recheck waits:
+/// notify's thread may be blocked on the queue and not have added the watch.
+const RECHECK_QUEUE_CALM: usize = 1024;
+
+/// On shutdown, events are taken until none came for this long...
+const SHUTDOWN_DRAIN_QUIET: Duration = Duration::from_millis(100);
+/// ...or for this long at most.
+const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(2);
+
+/// What the batcher keeps between events.
+struct BatchState {
+    tr: Translator,
+    co: Coalescer,
+    timer: BatchTimer,
+    changes: Vec<ferry_core::Change>,
+    /// Subtrees to verify on every peer by manifest with the next batch (a
+    /// watcher error named them).
+    verify: Vec<RelPath>,
+    /// The inotify watch limit was hit: some directories are not watched.
+    watch_limited: bool,
+}
+
+impl BatchState {
+    fn fold(&mut self, m: &crate::telemetry::Metrics, ev: RawEvent) {
+        match &ev {
+            RawEvent::Overflow => WatchOverflow.emit(m),
+            RawEvent::Error { msg, limit, path } => {
+                let rel = path.as_deref().and_then(|p| self.tr.relative(p));
+                WatchFailed {
+                    error: msg,
+                    limit: *limit,
+                    path: rel.as_ref(),
+                }
+                .emit(m);
+                self.watch_limited |= *limit;
+                if let Some(r) = rel {
+                    self.verify.push(r);
+                }
+            }
+            _ => {}
+        }
+        self.tr.push(ev, &mut self.changes);
+        for c in self.changes.drain(..) {
+            self.co.push(c);
+        }
+        if !self.co.is_empty() {
+            self.timer.on_change(Instant::now());
+        }
+    }
+
+    fn push(&mut self, c: ferry_core::Change) {
+        self.co.push(c);
+        self.timer.on_change(Instant::now());
+    }
+
+    fn flush(&mut self) {
+        let mut rest = Vec::new();
+        self.tr.flush(&mut rest);
+        for c in rest {
+            self.co.push(c);
+        }
+    }
+}
+
 async fn batcher(
     ctx: &Ctx,
     mut rx: mpsc::Receiver<RawEvent>,
@@ -206,64 +383,238 @@ async fn batcher(
 ) -> anyhow::Result<()> {
     let cfg = &ctx.shared.cfg;
     let m = &ctx.shared.metrics;
-    let mut tr = Translator::new(cfg.root.clone(), ctx.excludes.clone());
-    let mut co = Coalescer::new();
-    let mut timer = BatchTimer::new(cfg.batch_idle, cfg.batch_max_delay);
-    let mut changes = Vec::new();
-    let fold = |ev: RawEvent,
-                tr: &mut Translator,
-                co: &mut Coalescer,
-                timer: &mut BatchTimer,
-                changes: &mut Vec<ferry_core::Change>| {
-        match &ev {
-            RawEvent::Overflow => WatchOverflow.emit(m),
-            RawEvent::Error(msg, max) => WatchFailed {
-                error: msg,
-                limit: *max,
-            }
-            .emit(m),
-            _ => {}
-        }
-        tr.push(ev, changes);
-        for c in changes.drain(..) {
-            co.push(c);
-        }
-        if !co.is_empty() {
-            timer.on_change(Instant::now());
-        }
+    let mut b = BatchState {
+        tr: Translator::new(cfg.root.clone(), ctx.excludes.clone()),
+        co: Coalescer::new(),
+        timer: BatchTimer::new(cfg.batch_idle, cfg.batch_max_delay),
+        changes: Vec::new(),
+        verify: Vec::new(),
+        watch_limited: false,
     };
+    // The safety net: a periodic full rescan (a manifest diff with every
+    // peer) finds what the watcher missed and repairs replicas changed
+    // behind ferry's back. Forced on (at the default interval) once the
+    // inotify watch limit leaves directories unwatched.
+    let mut rescan_every = cfg.rescan_interval;
+    let mut next_rescan = rescan_every.map(|d| Instant::now() + d);
+    let mut rechecks: VecDeque<(Instant, u32, Arc<SealedBatch>)> = VecDeque::new();
+    for c in index_at_start(ctx).await? {
+        b.push(c);
+    }
     loop {
-        let deadline = timer.deadline();
+        if b.watch_limited && rescan_every.is_none() {
+            let d = crate::config::DEFAULT_RESCAN_INTERVAL;
+            tracing::warn!(interval_s = d.as_secs(), "Directories are left unwatched (inotify watch limit); a periodic rescan finds their changes although --rescan-interval is 0.");
+            rescan_every = Some(d);
+            next_rescan = Some(Instant::now() + d);
+        }
+        let deadline = b.timer.deadline();
+        let recheck_at = rechecks.front().map(|r| r.0);
         tokio::select! {
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
-                fold(ev, &mut tr, &mut co, &mut timer, &mut changes);
+                b.fold(m, ev);
                 // bounded, so a flood of events cannot hold off sealing
                 for _ in 0..4096 {
                     let Ok(ev) = rx.try_recv() else { break };
-                    fold(ev, &mut tr, &mut co, &mut timer, &mut changes);
+                    b.fold(m, ev);
                 }
             }
             _ = sleep_until(deadline), if deadline.is_some() => {
-                let mut rest = Vec::new();
-                tr.flush(&mut rest);
-                for c in rest { co.push(c); }
-                seal(ctx, &mut co, &rx).await?;
-                timer.reset();
+                b.flush();
+                if let Some(sealed) = seal(ctx, &mut b.co, &mut b.verify, &rx).await? {
+                    if sealed.items.iter().any(|i| i.replace && i.state.as_ref().is_some_and(|s| s.entry.kind == EntryKind::Dir)) {
+                        rechecks.push_back((Instant::now() + RECHECK_DELAY, 0, sealed));
+                        if rechecks.len() > RECHECK_CAP {
+                            if let Some(f) = rechecks.front_mut() { f.0 = Instant::now(); }
+                        }
+                    }
+                }
+                b.timer.reset();
+            }
+            _ = sleep_until(recheck_at), if recheck_at.is_some() => {
+                let Some((_, tries, sealed)) = rechecks.pop_front() else { continue };
+                if rx.len() > RECHECK_QUEUE_CALM && tries < 20 && rechecks.len() < RECHECK_CAP {
+                    rechecks.push_front((Instant::now() + RECHECK_DELAY, tries + 1, sealed));
+                    continue;
+                }
+                for c in recheck_new_dirs(ctx, sealed).await? {
+                    b.push(c);
+                }
+            }
+            _ = sleep_until(next_rescan), if next_rescan.is_some() => {
+                PeriodicRescan.emit(m);
+                b.push(ferry_core::Change::RescanAll);
+                next_rescan = rescan_every.map(|d| Instant::now() + d);
             }
             _ = shutdown.changed() => {
-                while let Ok(ev) = rx.try_recv() {
-                    fold(ev, &mut tr, &mut co, &mut timer, &mut changes);
+                // Writes made just before SIGTERM may still be on their way
+                // from the kernel through notify's thread: take events until
+                // the queue has been quiet for a moment (bounded).
+                let until = Instant::now() + SHUTDOWN_DRAIN_MAX;
+                loop {
+                    while let Ok(ev) = rx.try_recv() {
+                        b.fold(m, ev);
+                    }
+                    let quiet = tokio::time::timeout(SHUTDOWN_DRAIN_QUIET, rx.recv()).await;
+                    match quiet {
+                        Ok(Some(ev)) => b.fold(m, ev),
+                        Ok(None) | Err(_) => break,
+                    }
+                    if Instant::now() > until {
+                        break;
+                    }
                 }
-                let mut rest = Vec::new();
-                tr.flush(&mut rest);
-                for c in rest { co.push(c); }
-                seal(ctx, &mut co, &rx).await?;
+                b.flush();
+                seal(ctx, &mut b.co, &mut b.verify, &rx).await?;
                 break;
             }
         }
     }
     Ok(())
+}
+
+/// Compares the root with the file index at start: what changed while
+/// ferry was down becomes the first batch (stat first, hash only what stat
+/// cannot tell). Without a usable index, builds one from the root; peers
+/// then resync by manifest once.
+async fn index_at_start(ctx: &Ctx) -> anyhow::Result<Vec<ferry_core::Change>> {
+    let Some(ix) = &ctx.index else {
+        return Ok(Vec::new());
+    };
+    let st = ctx.shared.node_state();
+    let meta = *ctx.index_meta.lock().expect("index meta");
+    let root = ctx.shared.cfg.root.clone();
+    let excludes = ctx.excludes.clone();
+    let started = Instant::now();
+    let (scanned, skipped) = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut skipped = Vec::new();
+        scan::scan_tree(&root, None, &excludes, &mut out, &mut skipped).map(|_| (out, skipped))
+    })
+    .await?
+    .context("scanning the root at start")?;
+    note_skips(&ctx.shared, &skipped);
+    match meta {
+        None => {
+            // The index is built as batch S+1, an empty one: every peer
+            // resyncs by manifest to it (or later), so what a peer acked
+            // before this start (S or less) is never taken as covered.
+            let mut st = st;
+            st.seq += 1;
+            st.sealed_at_ns = now_ns();
+            ctx.shared.save_state(st).map_err(|e| {
+                ctx.shared.metrics.error("state_fsync");
+                anyhow!(e)
+            })?;
+            ctx.log.lock().expect("log").last_seq = st.seq;
+            ctx.shared.metrics.sealed_seq.set(st.seq as i64);
+            ctx.shared.set_status(|s| s.sealed_seq = st.seq);
+            let _ = ctx.seq_tx.send(st.seq);
+            let seq = st.seq;
+            let meta = ferry_store::IndexMeta {
+                epoch: st.epoch,
+                base: seq,
+                floor: seq,
+            };
+            let n = scanned.len();
+            let res = tokio::task::block_in_place(|| {
+                ix.rebuild(
+                    meta,
+                    scanned
+                        .iter()
+                        .map(|s| (s.entry.path.as_bytes().to_vec(), file_index::record(s, seq))),
+                )
+            });
+            match res {
+                Ok(()) => {
+                    *ctx.index_meta.lock().expect("index meta") = Some(meta);
+                    tracing::info!(
+                        entries = n,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "Built the file index from the root; peers resync by manifest once."
+                    );
+                }
+                Err(e) => {
+                    ctx.shared.metrics.error("index");
+                    tracing::error!(error = %e, "The file index could not be built; peers resync by manifest.");
+                }
+            }
+            Ok(Vec::new())
+        }
+        Some(_) => {
+            let records = tokio::task::block_in_place(|| ix.records());
+            let records = match records {
+                Ok(r) => r,
+                Err(e) => {
+                    ctx.shared.metrics.error("index");
+                    tracing::error!(error = %e, "The file index cannot be read; peers resync by manifest.");
+                    *ctx.index_meta.lock().expect("index meta") = None;
+                    return Ok(Vec::new());
+                }
+            };
+            let root = ctx.shared.cfg.root.clone();
+            let excludes = ctx.excludes.clone();
+            let rc = tokio::task::spawn_blocking(move || {
+                file_index::reconcile(&root, &excludes, scanned, records)
+            })
+            .await?;
+            let refreshed = rc.refreshed.clone();
+            ctx.index_write(|ix| ix.apply(st.seq, &refreshed, &[], true));
+            tracing::info!(
+                changed = rc.changed.len(),
+                gone = rc.gone.len(),
+                hashed = rc.hashed,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "Compared the root with the file index: shipping what changed while ferry was down."
+            );
+            Ok(rc.changes())
+        }
+    }
+}
+
+/// The second look at the directories a sealed batch created (see
+/// [`RECHECK_DELAY`]): the changes that the watcher could not report.
+async fn recheck_new_dirs(
+    ctx: &Ctx,
+    sealed: Arc<SealedBatch>,
+) -> anyhow::Result<Vec<ferry_core::Change>> {
+    let root = ctx.shared.cfg.root.clone();
+    let excludes = ctx.excludes.clone();
+    let (changes, skipped) = tokio::task::spawn_blocking(move || {
+        let by_path: std::collections::HashMap<&RelPath, &Scanned> = sealed
+            .items
+            .iter()
+            .filter_map(|i| i.state.as_ref().map(|s| (&i.path, s)))
+            .collect();
+        let mut out = Vec::new();
+        let mut skipped = Vec::new();
+        for i in &sealed.items {
+            let new_dir = i.replace
+                && i.state
+                    .as_ref()
+                    .is_some_and(|s| s.entry.kind == EntryKind::Dir);
+            if new_dir {
+                out.extend(scan::changed_since(
+                    &root,
+                    &i.path,
+                    &excludes,
+                    &by_path,
+                    &mut skipped,
+                )?);
+            }
+        }
+        Ok::<_, std::io::Error>((out, skipped))
+    })
+    .await??;
+    note_skips(&ctx.shared, &skipped);
+    if !changes.is_empty() {
+        NewDirRecheck {
+            changes: changes.len(),
+        }
+        .emit(&ctx.shared.metrics);
+    }
+    Ok(changes)
 }
 
 async fn sleep_until(d: Option<Instant>) {
@@ -350,14 +701,19 @@ fn read_items(
     Ok(items)
 }
 
-async fn seal(ctx: &Ctx, co: &mut Coalescer, rx: &mpsc::Receiver<RawEvent>) -> anyhow::Result<()> {
-    if co.is_empty() {
-        return Ok(());
+async fn seal(
+    ctx: &Ctx,
+    co: &mut Coalescer,
+    verify: &mut Vec<RelPath>,
+    rx: &mpsc::Receiver<RawEvent>,
+) -> anyhow::Result<Option<Arc<SealedBatch>>> {
+    if co.is_empty() && verify.is_empty() {
+        return Ok(None);
     }
     let pending = co.take();
     let root = ctx.shared.cfg.root.clone();
     let excludes = ctx.excludes.clone();
-    let (items, skipped, moved) = {
+    let (items, skipped, mut moved) = {
         let pending = pending.clone();
         tokio::task::spawn_blocking(move || {
             let mut skipped = Vec::new();
@@ -367,6 +723,8 @@ async fn seal(ctx: &Ctx, co: &mut Coalescer, rx: &mpsc::Receiver<RawEvent>) -> a
         .await??
     };
     note_skips(&ctx.shared, &skipped);
+    // subtrees a watcher error named: every peer verifies them by manifest
+    moved.append(verify);
     let exact = rx.is_empty();
     let mut st = ctx.shared.node_state();
     st.seq += 1;
@@ -386,6 +744,16 @@ async fn seal(ctx: &Ctx, co: &mut Coalescer, rx: &mpsc::Receiver<RawEvent>) -> a
         items,
         moved_dirs: moved,
     });
+    let sealed = b.clone();
+    // The index learns the batch before any peer can receive it.
+    let mut ops = file_index::batch_ops(&b);
+    if b.resync_all {
+        // events were lost: the index is brought back from the root too
+        ops.extend(index_rescan(ctx, st.seq).await?);
+    }
+    ops.append(&mut ctx.hashes.lock().expect("hashes"));
+    let peers = ctx.peers_acked(st.epoch);
+    ctx.index_write(|ix| ix.apply(st.seq, &ops, &peers, true));
 
     BatchSealed {
         seq: b.seq,
@@ -418,7 +786,32 @@ async fn seal(ctx: &Ctx, co: &mut Coalescer, rx: &mpsc::Receiver<RawEvent>) -> a
     });
     ctx.shared.set_status(|s| s.sealed_seq = st.seq);
     let _ = ctx.seq_tx.send(st.seq);
-    Ok(())
+    Ok(Some(sealed))
+}
+
+/// A full scan compared with the index, recorded at batch `seq` (a batch
+/// that follows lost events).
+async fn index_rescan(ctx: &Ctx, seq: u64) -> anyhow::Result<Vec<ferry_store::IndexOp>> {
+    let Some(ix) = &ctx.index else {
+        return Ok(Vec::new());
+    };
+    if ctx.index_meta.lock().expect("index meta").is_none() {
+        return Ok(Vec::new());
+    }
+    let records = match tokio::task::block_in_place(|| ix.records()) {
+        Ok(r) => r,
+        Err(_) => return Ok(Vec::new()), // the write below fails and says why
+    };
+    let root = ctx.shared.cfg.root.clone();
+    let excludes = ctx.excludes.clone();
+    let rc = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut skipped = Vec::new();
+        scan::scan_tree(&root, None, &excludes, &mut out, &mut skipped)?;
+        Ok::<_, std::io::Error>(file_index::reconcile(&root, &excludes, out, records))
+    })
+    .await??;
+    Ok(rc.ops(seq))
 }
 
 /// Per-peer progress shared by the sender and the ack reader.
@@ -443,9 +836,10 @@ async fn peer_loop(
     let progress = Arc::new(PeerProgress {
         acked: watch::channel(0).0,
         inflight: Mutex::new(VecDeque::new()),
-        // The first session after a start resyncs: changes made while the
-        // node was down are found by the manifest diff.
-        need_resync: AtomicBool::new(true),
+        // Without an index that vouches for the root, the first session
+        // after a start resyncs: changes made while the node was down are
+        // found by the manifest diff. With one, the batcher ships them.
+        need_resync: AtomicBool::new(ctx.index_meta.lock().expect("index meta").is_none()),
         expect_manifest: AtomicBool::new(false),
         connected_at: Mutex::new(None),
     });
@@ -549,6 +943,11 @@ struct SenderState {
     degrade_until: u64,
     /// Moved directories to verify by subtree manifest once caught up.
     pending_verify: Vec<RelPath>,
+    /// A catch-up from the index to this seq was sent and not (yet) acked.
+    /// If the session ended first, the next one resyncs by manifest
+    /// instead: that resumes (what the peer already applied is not sent
+    /// again), where a second catch-up would send it all again.
+    catching_up: Option<u64>,
 }
 
 struct Sender<'a> {
@@ -597,6 +996,13 @@ async fn session(
             if r.code == RefuseCode::StaleEpoch {
                 ctx.shared.metrics.error("fenced");
             }
+            if matches!(r.code, RefuseCode::StaleEpoch | RefuseCode::NotReplica)
+                && r.epoch > st.epoch
+            {
+                // G7: a newer primary exists; this node follows it
+                ctx.shared
+                    .demote(r.epoch, &format!("{} is at epoch {}", peer.name, r.epoch))?;
+            }
             bail!(
                 "{} refused this primary ({:?}): {}",
                 peer.name,
@@ -608,6 +1014,21 @@ async fn session(
         None => bail!("{} closed the stream during the handshake", peer.name),
     };
     *backoff = Duration::from_millis(100);
+    // Where this epoch began: a demoted old primary tells its own
+    // unreplicated writes apart with it (conflicts).
+    if let Some(b) =
+        ferry_store::marker::load(&ctx.shared.cfg.state_dir, ferry_store::marker::EPOCH_BASE)
+    {
+        if b.len() == 4 && b[0] == st.epoch {
+            send.send(&Message::EpochBase {
+                epoch: b[0],
+                base_epoch: b[1],
+                base_seq: b[2],
+                base_sealed_at_ns: b[3],
+            })
+            .await?;
+        }
+    }
     let m = &ctx.shared.metrics;
     *progress.connected_at.lock().expect("connected_at") = Some(Instant::now());
     PeerConnected {
@@ -629,6 +1050,27 @@ async fn session(
         } else {
             0
         });
+    {
+        // what the peer holds, as it says: its acked seq until it acks more
+        let applied = *progress.acked.borrow();
+        let last = ctx.log.lock().expect("log").last_seq;
+        ctx.acked
+            .lock()
+            .expect("acked")
+            .insert(peer.name.clone(), applied);
+        m.acked_seq
+            .with_label_values(&[&peer.name])
+            .set(applied as i64);
+        m.unacked
+            .with_label_values(&[&peer.name])
+            .set(last.saturating_sub(applied) as i64);
+        ctx.shared.set_status(|s| {
+            if let Some(p) = s.peers.iter_mut().find(|p| p.name == peer.name) {
+                p.acked_seq = applied;
+                p.unacked = last.saturating_sub(applied);
+            }
+        });
+    }
     progress.inflight.lock().expect("inflight").clear();
     progress.expect_manifest.store(false, Ordering::Relaxed);
     let (man_tx, man_rx) = mpsc::channel(1024);
@@ -720,6 +1162,10 @@ async fn read_acks(
                     }
                 }
                 progress.acked.send_replace(seq);
+                ctx.acked
+                    .lock()
+                    .expect("acked")
+                    .insert(peer.to_owned(), seq);
                 let last = ctx.log.lock().expect("log").last_seq;
                 m.acked_seq.with_label_values(&[peer]).set(seq as i64);
                 m.unacked
@@ -784,7 +1230,7 @@ impl Sender<'_> {
             Resume::From(n) => n,
             Resume::Resync => {
                 let target = self.ctx.log.lock().expect("log").last_seq;
-                self.resync(target, None, &mut man_rx).await?;
+                self.catch_up_or_resync(target, &mut man_rx).await?;
                 target + 1
             }
         };
@@ -827,7 +1273,7 @@ impl Sender<'_> {
                         "batch no longer in the log; resyncing"
                     );
                     let target = self.ctx.log.lock().expect("log").last_seq;
-                    self.resync(target, None, &mut man_rx).await?;
+                    self.catch_up_or_resync(target, &mut man_rx).await?;
                     next = target + 1;
                 }
                 Some(b) if b.resync_all => {
@@ -848,6 +1294,147 @@ impl Sender<'_> {
             .lock()
             .expect("inflight")
             .push_back((seq, sealed_at));
+    }
+
+    /// Brings the peer to batch `target` when the log no longer holds what
+    /// it lacks: from the file index when it vouches for the peer's acked
+    /// seq (no manifest, only what changed after it), else by manifest.
+    async fn catch_up_or_resync(
+        &mut self,
+        target: u64,
+        man_rx: &mut mpsc::Receiver<Option<Entry>>,
+    ) -> anyhow::Result<()> {
+        let acked = *self.progress.acked.borrow();
+        let forced = self.progress.need_resync.load(Ordering::Relaxed);
+        let interrupted = self.st.catching_up.take().is_some_and(|t| acked < t);
+        if interrupted {
+            tracing::info!(
+                peer = self.peer,
+                acked,
+                "The last catch-up was interrupted; resuming it by manifest."
+            );
+        }
+        if !forced && !interrupted && acked <= target && self.ctx.index_covers(self.epoch, acked) {
+            // false: the index could not be read; by manifest then
+            if self.catch_up(acked, target).await? {
+                return Ok(());
+            }
+        }
+        self.resync(target, None, man_rx).await
+    }
+
+    /// Sends, as one resync batch to `target`, the current state of every
+    /// path the index says changed after `acked`, after deleting the paths
+    /// removed after it. `false`: the index could not be read.
+    async fn catch_up(&mut self, acked: u64, target: u64) -> anyhow::Result<bool> {
+        let Some(ix) = &self.ctx.index else {
+            return Ok(false);
+        };
+        let started = Instant::now();
+        let (changed, gone) = match tokio::task::block_in_place(|| ix.changed_after(acked)) {
+            Ok(x) => x,
+            Err(e) => {
+                self.ctx.shared.metrics.error("index");
+                tracing::error!(peer = self.peer, error = %e, "The file index cannot be read; resyncing by manifest.");
+                return Ok(false);
+            }
+        };
+        let rel = |k: Vec<u8>| RelPath::new(k).ok();
+        let mut gone: Vec<RelPath> = gone.into_iter().filter_map(rel).collect();
+        gone.sort_by(|a, b| a.walk_cmp(b));
+        let mut changed: Vec<RelPath> = changed.into_iter().filter_map(|(k, _)| rel(k)).collect();
+        changed.sort_by(|a, b| a.walk_cmp(b));
+        let total = (gone.len() + changed.len()) as u64;
+        tracing::info!(
+            peer = self.peer,
+            acked,
+            target,
+            changed = changed.len(),
+            gone = gone.len(),
+            "Catching the peer up from the file index (no manifest needed)."
+        );
+        self.ctx.shared.set_status(|s| {
+            s.resync = Some(super::ResyncProgress {
+                peer: self.peer.to_owned(),
+                done: 0,
+                total,
+            })
+        });
+        self.cur_seq = target;
+        self.st.catching_up = Some(target);
+        let sealed_at = Instant::now();
+        self.send
+            .send(&Message::BatchBegin(BatchHeader {
+                epoch: self.epoch,
+                seq: target,
+                sealed_at_ns: now_ns(),
+                exact: false,
+                resync: true,
+            }))
+            .await?;
+        let mut done = 0u64;
+        let mut last_deleted: Option<RelPath> = None;
+        for g in gone {
+            done += 1;
+            if last_deleted.as_ref().is_some_and(|d| g.starts_with(d))
+                || self.ctx.excludes.is_excluded(&g, false)
+            {
+                continue;
+            }
+            self.st.sent.retain(|k, _| !k.starts_with(&g));
+            self.send
+                .send(&Message::Op(Op::Delete { path: g.clone() }))
+                .await?;
+            last_deleted = Some(g);
+        }
+        let root = self.ctx.shared.cfg.root.clone();
+        for (i, p) in changed.into_iter().enumerate() {
+            let mut skipped = Vec::new();
+            let now = tokio::task::block_in_place(|| scan::lstat_entry(&root, &p, &mut skipped))
+                .with_context(|| format!("reading {p}"))?;
+            note_skips(&self.ctx.shared, &skipped);
+            match now {
+                Some(s)
+                    if !self
+                        .ctx
+                        .excludes
+                        .is_excluded(&p, s.entry.kind == EntryKind::Dir) =>
+                {
+                    self.st.sent.remove(&p);
+                    self.send_state(&s, true, false).await?
+                }
+                Some(_) => {}
+                None => {
+                    self.send
+                        .send(&Message::Op(Op::Delete { path: p.clone() }))
+                        .await?
+                }
+            }
+            if i % 200 == 199 {
+                self.ctx.shared.set_status(|s| {
+                    s.resync = Some(super::ResyncProgress {
+                        peer: self.peer.to_owned(),
+                        done: done + i as u64 + 1,
+                        total,
+                    })
+                });
+            }
+        }
+        self.send.send(&Message::BatchEnd { seq: target }).await?;
+        self.send.flush().await?;
+        self.track(target, sealed_at);
+        // the reads above reflect every rename sealed so far
+        self.st.missing.clear();
+        self.st.recently_deleted.clear();
+        self.st.degrade_until = self.ctx.log.lock().expect("log").last_seq;
+        self.ctx.shared.set_status(|s| s.resync = None);
+        tracing::info!(
+            peer = self.peer,
+            target,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "Catch-up from the file index sent."
+        );
+        Ok(true)
     }
 
     /// Verifies the moved directories still pending, by subtree manifest.
@@ -1470,6 +2057,23 @@ impl Sender<'_> {
                 None => full,
             };
             self.send.send(&Message::FileEnd { hash: end }).await?;
+            {
+                let mut h = self.ctx.hashes.lock().expect("hashes");
+                if h.len() < HASHES_CAP {
+                    let mut ident = file_index::record(s, 0);
+                    ident.mode = mode;
+                    ident.size = size;
+                    ident.mtime = (mtime.secs, mtime.nanos);
+                    ident.dev = before.dev();
+                    ident.ino = before.ino();
+                    ident.ctime = (before.ctime(), before.ctime_nsec());
+                    ident.hash = Some(full);
+                    h.push(ferry_store::IndexOp::Hash {
+                        path: s.entry.path.as_bytes().to_vec(),
+                        ident,
+                    });
+                }
+            }
             self.remember_sent(
                 &s.entry.path,
                 SentFile {
@@ -1537,4 +2141,59 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(seq: u64, items: usize) -> Arc<SealedBatch> {
+        Arc::new(SealedBatch {
+            epoch: 1,
+            seq,
+            sealed_at_ns: 0,
+            sealed_at: Instant::now(),
+            exact: true,
+            resync_all: false,
+            renames: Vec::new(),
+            items: (0..items)
+                .map(|i| Item {
+                    path: RelPath::new(format!("f{i}")).unwrap(),
+                    state: None,
+                    replace: false,
+                })
+                .collect(),
+            moved_dirs: Vec::new(),
+        })
+    }
+
+    /// The log is bounded by batches and by the items they hold in all; the
+    /// newest batch stays even when it alone is over the item bound.
+    #[test]
+    fn log_is_bounded_by_batches_and_items() {
+        let mut log = Log {
+            batches: VecDeque::new(),
+            cap: 10,
+            items: 0,
+            max_items: 100,
+            last_seq: 0,
+            closed: false,
+        };
+        for seq in 1..=30 {
+            log.push(batch(seq, 1));
+        }
+        assert_eq!((log.first_seq(), log.last_seq), (21, 30), "batch cap");
+        for seq in 31..=35 {
+            log.push(batch(seq, 30));
+        }
+        assert!(log.items <= 100, "{} items held", log.items);
+        assert_eq!(log.first_seq(), 33, "item cap: 3 batches of 31");
+        assert!(log.get(32).is_none() && log.get(33).is_some());
+        log.push(batch(36, 500));
+        assert_eq!(log.first_seq(), 36, "a huge batch alone is kept");
+        assert_eq!(log.items, 501);
+        log.push(batch(37, 1));
+        assert_eq!(log.first_seq(), 37);
+        assert_eq!(log.items, 2);
+    }
 }

@@ -5,7 +5,7 @@ use super::Shared;
 use crate::events::*;
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
-use ferry_apply::{Applier, ApplyError, ApplyStats};
+use ferry_apply::{Applier, ApplyError, ApplyStats, BatchInfo, Recovery};
 use ferry_core::fence::{admit, Admit, ReplicaView};
 use ferry_net::{Conn, MsgSend, Transport};
 use ferry_proto::{BatchHeader, Entry, FileHeader, Message, Op, Refuse, RefuseCode, Welcome};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 enum Cmd {
+    Begin(BatchInfo),
     Op(Op),
     FileBegin(FileHeader),
     Append(ferry_proto::AppendHeader),
@@ -24,6 +25,19 @@ enum Cmd {
     FileEnd([u8; 32]),
     FileAbort,
     Commit(oneshot::Sender<Result<ApplyStats, ApplyError>>),
+    /// The committed batch is saved as applied.
+    Finished,
+    /// A demoted primary's first resync is about to start: preserve what it
+    /// wrote after `cut_ns` (conflicts), returning the dir if any.
+    Preserve(
+        u64,
+        u64,
+        oneshot::Sender<std::io::Result<Option<std::path::PathBuf>>>,
+    ),
+    /// After that resync: keep only real conflicts; returns how many.
+    Settle(std::path::PathBuf, oneshot::Sender<std::io::Result<u64>>),
+    /// Finish what the redo journal holds beyond (epoch, seq).
+    Recover((u64, u64), oneshot::Sender<Result<Recovery, ApplyError>>),
     Reset,
     /// The root's manifest; `true`: with content hashes.
     Manifest(
@@ -42,10 +56,17 @@ struct Worker {
 
 fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
     let cfg = &shared.cfg;
-    let mut applier = Applier::open(&cfg.root, cfg.state_rel.clone())
-        .map_err(|e| anyhow!("cannot open root {} for writing: {e}", cfg.root.display()))?;
+    let mut applier =
+        Applier::open(&cfg.root, cfg.state_rel.clone(), &cfg.state_dir).map_err(|e| {
+            anyhow!(
+                "cannot open root {} and the redo journal in {} for writing: {e}",
+                cfg.root.display(),
+                cfg.state_dir.display()
+            )
+        })?;
     let excludes = Excludes::new(&cfg.excludes, cfg.state_rel.clone())?;
     let root = cfg.root.clone();
+    let state_dir = cfg.state_dir.clone();
     let (tx, mut rx) = mpsc::channel::<Cmd>(16);
     let failed = Arc::new(AtomicBool::new(false));
     let f2 = failed.clone();
@@ -65,6 +86,26 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
                         };
                         f2.store(false, Ordering::Relaxed);
                         let _ = reply.send(res);
+                        continue;
+                    }
+                    Cmd::Recover(applied, reply) => {
+                        err = None;
+                        f2.store(false, Ordering::Relaxed);
+                        let _ = reply.send(applier.recover(applied));
+                        continue;
+                    }
+                    Cmd::Finished => {
+                        applier.finished();
+                        continue;
+                    }
+                    Cmd::Preserve(epoch, cut, reply) => {
+                        let _ = reply.send(super::conflicts::preserve(
+                            &root, &excludes, &state_dir, epoch, cut,
+                        ));
+                        continue;
+                    }
+                    Cmd::Settle(dir, reply) => {
+                        let _ = reply.send(super::conflicts::settle(&root, &dir));
                         continue;
                     }
                     Cmd::Reset => {
@@ -96,6 +137,11 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
                         });
                         let _ = reply.send(r);
                         continue;
+                    }
+                    Cmd::Begin(info) => {
+                        err = None;
+                        f2.store(false, Ordering::Relaxed);
+                        applier.begin(info)
                     }
                     _ if err.is_some() => continue,
                     Cmd::Op(op) => applier.apply_op(&op),
@@ -129,6 +175,49 @@ impl Worker {
         self.send(Cmd::Commit(tx)).await?;
         rx.await.map_err(|_| anyhow!("apply thread stopped"))
     }
+    async fn recover(&self, applied: (u64, u64)) -> anyhow::Result<Result<Recovery, ApplyError>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Recover(applied, tx)).await?;
+        rx.await.map_err(|_| anyhow!("apply thread stopped"))
+    }
+}
+
+/// Finishes a batch the redo journal holds (after a crash, or an apply
+/// that failed on I/O) and saves it as applied. Returns whether the tree
+/// needs a resync to be at a batch boundary.
+async fn recover(shared: &Shared, worker: &Worker) -> anyhow::Result<Result<bool, ApplyError>> {
+    let st = shared.node_state();
+    let r = match worker.recover((st.applied_epoch, st.seq)).await? {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(Ok(match r {
+        Recovery::Clean => false,
+        Recovery::NeedsResync => true,
+        Recovery::Finished(info) => {
+            let mut ns = shared.node_state();
+            ns.seq = info.seq;
+            ns.applied_epoch = info.epoch;
+            ns.sealed_at_ns = info.sealed_at_ns;
+            shared.save_state(ns)?;
+            worker.send(Cmd::Finished).await?;
+            BatchRecovered {
+                seq: info.seq,
+                sealed_at_ns: info.sealed_at_ns,
+            }
+            .emit(&shared.metrics);
+            shared.metrics.applied_seq.set(info.seq as i64);
+            shared
+                .metrics
+                .consistent_as_of
+                .set(info.sealed_at_ns as f64 / 1e9);
+            shared.set_status(|s| {
+                s.applied_seq = info.seq;
+                s.consistent_as_of_ns = info.sealed_at_ns;
+            });
+            worker.recover((info.epoch, info.seq)).await?.ok() == Some(Recovery::NeedsResync)
+        }
+    }))
 }
 
 pub async fn start(
@@ -147,6 +236,19 @@ pub async fn start(
         );
     }
     let worker = spawn_worker(&shared)?;
+    // G2: a batch a crash interrupted is finished before anything else;
+    // the node reports ready only after this.
+    let dirty = match recover(&shared, &worker).await? {
+        Ok(d) => d,
+        Err(e) => {
+            // e.g. the disk is still full: sessions retry it
+            ApplyFailed { error: &e }.emit(&shared.metrics);
+            true
+        }
+    };
+    if dirty {
+        tracing::warn!("the replica's tree is between batches (an interrupted apply); it is not ready until the primary's resync completes");
+    }
     let st = shared.node_state();
     shared.metrics.applied_seq.set(st.seq as i64);
     shared
@@ -174,6 +276,7 @@ pub async fn start(
         });
     }
     let sessions = Arc::new(Sessions::default());
+    sessions.needs_resync.store(dirty, Ordering::Relaxed);
     tasks.spawn(async move {
         let mut shutdown = shutdown;
         loop {
@@ -221,6 +324,10 @@ struct Sessions {
     lock: tokio::sync::Mutex<()>,
     cancel: Mutex<Option<watch::Sender<bool>>>,
     in_batch: AtomicBool,
+    /// The tree is between batches (an abandoned apply, or a machine crash
+    /// mid-batch): only a resync batch is accepted, and the node is not
+    /// ready until one completes.
+    needs_resync: AtomicBool,
 }
 
 async fn refuse(send: &mut MsgSend, code: RefuseCode, epoch: u64, message: String) {
@@ -310,6 +417,31 @@ async fn session(
             return Ok(());
         }
         Admit::Accept { adopt_epoch } => {
+            // G7: one primary per epoch. The first primary this node accepts
+            // at an epoch owns it; another node claiming the same epoch (two
+            // replicas promoted at once) is refused.
+            let me = name_id(&hello.node);
+            let owner =
+                ferry_store::marker::load(&shared.cfg.state_dir, ferry_store::marker::EPOCH_OWNER);
+            match owner.as_deref() {
+                Some([e, who]) if *e == hello.epoch && *who != me => {
+                    m.error("fenced");
+                    let msg = format!("epoch {} already belongs to another primary; promote again to start a newer epoch", hello.epoch);
+                    tracing::error!(
+                        peer = conn.peer(),
+                        epoch = hello.epoch,
+                        "two primaries claim one epoch: refused the second"
+                    );
+                    refuse(&mut send, RefuseCode::StaleEpoch, hello.epoch, msg).await;
+                    return Ok(());
+                }
+                Some([e, _]) if *e == hello.epoch => {}
+                _ => ferry_store::marker::save(
+                    &shared.cfg.state_dir,
+                    ferry_store::marker::EPOCH_OWNER,
+                    &[hello.epoch, me],
+                )?,
+            }
             if let Some(e) = adopt_epoch {
                 let mut ns = shared.node_state();
                 ns.epoch = e;
@@ -330,6 +462,11 @@ async fn session(
         .map_err(|_| anyhow!("the previous primary session did not stop within 30 s"))?;
     worker.send(Cmd::Reset).await?;
     sessions.in_batch.store(false, Ordering::Relaxed);
+    // A batch whose apply failed on I/O (a full disk) is finished first.
+    match recover(shared, worker).await? {
+        Ok(dirty) => sessions.needs_resync.store(dirty, Ordering::Relaxed),
+        Err(e) => return Err(apply_failed(shared, &mut send, e).await),
+    }
     let st = shared.node_state();
     send.send(&Message::Welcome(Welcome {
         node: shared.cfg.name.clone(),
@@ -340,7 +477,10 @@ async fn session(
     .await?;
     send.flush().await?;
     let caught_up_at = hello.last_seq;
-    if st.applied_epoch == hello.epoch && st.seq >= caught_up_at {
+    if st.applied_epoch == hello.epoch
+        && st.seq >= caught_up_at
+        && !sessions.needs_resync.load(Ordering::Relaxed)
+    {
         shared.ready.store(true, Ordering::Relaxed);
     }
     tracing::info!(
@@ -360,6 +500,10 @@ async fn session(
     });
     m.peer_connected.with_label_values(&[conn.peer()]).set(1);
     let mut batch: Option<(BatchHeader, Instant)> = None;
+    // Where the primary's epoch began (sent by a promoted primary).
+    let mut epoch_base: Option<(u64, u64)> = None;
+    // A demoted primary's first resync: its conflicts dir, if any.
+    let mut demoted_resync: Option<Option<std::path::PathBuf>> = None;
     let res: anyhow::Result<()> = async {
         loop {
             if worker.failed.load(Ordering::Relaxed) {
@@ -401,6 +545,33 @@ async fn session(
                     if h.resync && st.applied_epoch == h.epoch && h.seq < st.seq {
                         return Err(protocol(m, &mut send, &format!("resync to {} would rewind applied batch {}", h.seq, st.seq)).await);
                     }
+                    if !h.resync && sessions.needs_resync.load(Ordering::Relaxed) {
+                        m.error("inconsistent");
+                        refuse(&mut send, RefuseCode::Inconsistent, st.epoch, "the replica's tree is between batches after an interrupted apply; a resync repairs it".into()).await;
+                        bail!("batch {} refused: a resync is needed first", h.seq);
+                    }
+                    let demoted = ferry_store::marker::load(&shared.cfg.state_dir, ferry_store::marker::DEMOTED);
+                    if let (true, Some(d)) = (h.resync, demoted) {
+                        // G7: this node was primary of an older epoch; what it
+                        // wrote that this primary never got is kept aside first.
+                        let old_epoch = d.first().copied().unwrap_or(0);
+                        let cut = match epoch_base {
+                            Some((base_epoch, sealed)) if base_epoch == old_epoch => sealed,
+                            _ => 0, // unknown: keep every file that ends up different
+                        };
+                        let (tx, rx) = oneshot::channel();
+                        worker.send(Cmd::Preserve(h.epoch, cut, tx)).await?;
+                        let dir = rx.await.map_err(|_| anyhow!("apply thread stopped"))??;
+                        demoted_resync = Some(dir);
+                    }
+                    worker.send(Cmd::Begin(BatchInfo {
+                        epoch: h.epoch,
+                        seq: h.seq,
+                        sealed_at_ns: h.sealed_at_ns,
+                        resync: h.resync,
+                        base_epoch: st.applied_epoch,
+                        base_seq: st.seq,
+                    })).await?;
                     sessions.in_batch.store(true, Ordering::Relaxed);
                     batch = Some((h, Instant::now()));
                 }
@@ -430,6 +601,28 @@ async fn session(
                         refuse(&mut send, RefuseCode::Apply, ns.epoch, e.to_string()).await;
                         return Err(anyhow!(e));
                     }
+                    worker.send(Cmd::Finished).await?;
+                    if h.resync {
+                        sessions.needs_resync.store(false, Ordering::Relaxed);
+                    }
+                    if let Some(dir) = demoted_resync.take() {
+                        let kept = match dir {
+                            Some(dir) => {
+                                let (tx, rx) = oneshot::channel();
+                                worker.send(Cmd::Settle(dir.clone(), tx)).await?;
+                                let kept = rx.await.map_err(|_| anyhow!("apply thread stopped"))??;
+                                if kept > 0 {
+                                    m.error("conflict");
+                                    tracing::error!(files = kept, dir = %dir.display(), "This node's writes as the old primary that the new primary never got are preserved in the conflicts dir (see its MANIFEST.tsv); the tree now follows the new primary.");
+                                }
+                                kept
+                            }
+                            None => 0,
+                        };
+                        ferry_store::marker::remove(&shared.cfg.state_dir, ferry_store::marker::DEMOTED)?;
+                        super::conflicts::report(shared);
+                        tracing::info!(conflicts = kept, "rejoined as a replica of the new primary");
+                    }
                     sessions.in_batch.store(false, Ordering::Relaxed);
                     BatchApplied {
                         seq: h.seq,
@@ -448,9 +641,31 @@ async fn session(
                     });
                     send.send(&Message::Ack { epoch: h.epoch, seq: h.seq }).await?;
                     send.flush().await?;
-                    if h.seq >= caught_up_at {
+                    if h.seq >= caught_up_at && !sessions.needs_resync.load(Ordering::Relaxed) {
                         shared.ready.store(true, Ordering::Relaxed);
                     }
+                }
+                Message::EpochBase { epoch, base_epoch, base_sealed_at_ns, .. } if batch.is_none() => {
+                    if epoch == shared.node_state().epoch {
+                        epoch_base = Some((base_epoch, base_sealed_at_ns));
+                    }
+                }
+                Message::Promote { epoch, seq } if batch.is_none() => {
+                    // planned switchover: the primary hands over to this node
+                    let st = shared.node_state();
+                    let dirty = sessions.needs_resync.load(Ordering::Relaxed);
+                    if epoch != st.epoch + 1 || st.applied_epoch != st.epoch || st.seq != seq || dirty {
+                        let why = format!("cannot take over epoch {epoch} after batch {seq}: this replica is at batch {} of epoch {} (epoch seen {}){}", st.seq, st.applied_epoch, st.epoch, if dirty { ", between batches" } else { "" });
+                        refuse(&mut send, RefuseCode::Inconsistent, st.epoch, why.clone()).await;
+                        bail!(why);
+                    }
+                    shared.become_primary(epoch)?;
+                    send.send(&Message::Ack { epoch, seq }).await?;
+                    send.flush().await?;
+                    tracing::warn!(epoch, after_seq = seq, from = %conn.peer(), "Promoted by a planned switchover: restarting as the primary.");
+                    let _ = shared.requests.try_send(super::NodeRequest::Restart("promoted by switchover".into()));
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                    return Ok(());
                 }
                 Message::ManifestRequest { verify, prefix } if batch.is_none() => {
                     let (tx, rx) = oneshot::channel();
@@ -484,6 +699,12 @@ async fn session(
     res
 }
 
+/// A node name as a number for the epoch-owner record.
+fn name_id(name: &str) -> u64 {
+    let h = blake3::hash(name.as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
 fn kind_name(m: &Message) -> &'static str {
     match m {
         Message::Hello(_) => "hello",
@@ -501,6 +722,8 @@ fn kind_name(m: &Message) -> &'static str {
         Message::FileAbort => "file abort outside a batch",
         Message::BatchEnd { .. } => "batch end",
         Message::Ack { .. } => "ack",
+        Message::Promote { .. } => "promote",
+        Message::EpochBase { .. } => "epoch base",
     }
 }
 
@@ -565,6 +788,12 @@ pub async fn refuse_as_primary(
                 if h.epoch > st.epoch {
                     shared.metrics.error("fenced");
                     tracing::error!(peer = %h.node, their_epoch = h.epoch, our_epoch = st.epoch, "a primary with a newer epoch exists: this node is stale");
+                    if let Err(e) = shared.demote(
+                        h.epoch,
+                        &format!("{} is primary at epoch {}", h.node, h.epoch),
+                    ) {
+                        tracing::error!(error = %format!("{e:#}"), "could not record the demotion");
+                    }
                 }
                 refuse(
                     &mut send,
