@@ -1205,6 +1205,104 @@ fn g2_g7_hostile_sequences_and_epochs_are_refused() {
         t.failures
             .push(format!("old primary after a newer epoch: {r:?}"));
     }
+
+    // Switchover messages (issue 8) out of turn: a promotion that skips
+    // epochs, one to an epoch already held, one inside a batch, and an
+    // epoch base at u64::MAX. The replica stays a replica.
+    let now = EPOCH + 1;
+    let promote = |epoch: u64, seq: u64| Message::Promote { epoch, seq };
+    let promote_case = |t: &mut Suite, what: &str, msgs: Vec<Message>, want: RefuseCode| {
+        t.cases += 1;
+        let good = t.good.clone();
+        let mut s = good.session(t.replica.port);
+        let a = s.start(now);
+        let msgs: Vec<Message> = msgs
+            .into_iter()
+            .map(|m| match m {
+                Message::Promote {
+                    epoch,
+                    seq: u64::MAX,
+                } => promote(epoch, a),
+                m => m,
+            })
+            .collect();
+        s.send(&msgs);
+        let r = s.reply(Duration::from_secs(10));
+        drop(s);
+        t.rows.push(format!("{what:<58} {r:?}"));
+        let still_replica =
+            metric_labeled(t.replica.metrics, "ferry_role", "role=\"replica\"") == 1.0;
+        if !matches!(&r, Reply::Refuse(x) if x.code == want) || !still_replica {
+            t.failures
+                .push(format!("{what}: {r:?}, still a replica: {still_replica}"));
+        }
+    };
+    promote_case(
+        &mut t,
+        "promote skipping an epoch",
+        vec![promote(now + 5, u64::MAX)],
+        RefuseCode::Inconsistent,
+    );
+    promote_case(
+        &mut t,
+        "promote to the epoch already held",
+        vec![promote(now, u64::MAX)],
+        RefuseCode::Inconsistent,
+    );
+    promote_case(
+        &mut t,
+        "promote after a batch it does not have",
+        vec![promote(now + 1, 1_000_000)],
+        RefuseCode::Inconsistent,
+    );
+    promote_case(
+        &mut t,
+        "promote inside a batch",
+        vec![begin(now, 1), promote(now + 1, u64::MAX)],
+        RefuseCode::Protocol,
+    );
+    promote_case(
+        &mut t,
+        "epoch base at u64::MAX, then a stale batch",
+        vec![
+            Message::EpochBase {
+                epoch: u64::MAX,
+                base_epoch: u64::MAX,
+                base_seq: u64::MAX,
+                base_sealed_at_ns: u64::MAX,
+            },
+            begin(EPOCH, 1),
+        ],
+        RefuseCode::Protocol,
+    );
+    // A primary claiming epoch u64::MAX: no epoch can follow it, so it is
+    // refused (adopting it made the next promotion overflow: a panic); the
+    // replica stays at its epoch and promotable.
+    t.cases += 1;
+    {
+        let before = t.errors(&["refused_primary"]);
+        let good = t.good.clone();
+        let mut s = good.session(t.replica.port);
+        let r = s.hello(u64::MAX);
+        if let Reply::Welcome(w) = &r {
+            s.send(&[promote(0, w.applied_seq)]);
+            let _ = s.reply(Duration::from_secs(5));
+        }
+        drop(s);
+        std::thread::sleep(Duration::from_millis(300));
+        let log = std::fs::read_to_string(&t.replica.log).unwrap_or_default();
+        t.rows
+            .push(format!("{:<58} {r:?}", "hello at epoch u64::MAX"));
+        if !matches!(&r, Reply::Refuse(x) if x.code == RefuseCode::Protocol)
+            || t.errors(&["refused_primary"]) <= before
+            || log.contains("panicked")
+        {
+            t.failures.push(format!(
+                "hello at epoch u64::MAX: {r:?}, panicked: {}",
+                log.contains("panicked")
+            ));
+        }
+    }
     t.finish("sequences and epochs");
 }
 
