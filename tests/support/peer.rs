@@ -38,6 +38,11 @@ impl Peer {
     /// A peer named `name` using the files in `tls_dir` as they are (they
     /// may be expired, for another name or from another CA).
     pub fn new(tls_dir: &Path, name: &str) -> Peer {
+        Self::with_allowed(tls_dir, name, &["replica"])
+    }
+
+    /// A peer that also accepts connections from the `allowed` names.
+    pub fn with_allowed(tls_dir: &Path, name: &str, allowed: &[&str]) -> Peer {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -47,8 +52,12 @@ impl Peer {
         let transport = {
             let _g = rt.enter();
             std::sync::Arc::new(
-                Transport::bind("127.0.0.1:0".parse().unwrap(), &tls, vec!["replica".into()])
-                    .unwrap(),
+                Transport::bind(
+                    "127.0.0.1:0".parse().unwrap(),
+                    &tls,
+                    allowed.iter().map(|a| a.to_string()).collect(),
+                )
+                .unwrap(),
             )
         };
         Peer {
@@ -67,6 +76,37 @@ impl Peer {
     pub fn dial(&self, port: u16, server: &str) -> Result<Conn, NetError> {
         self.rt
             .block_on(self.transport.connect(Self::addr(port), server))
+    }
+
+    /// Waits (up to `limit`) for a peer to connect and open its stream.
+    pub fn accept(&self, limit: Duration) -> Option<Session<'_>> {
+        let t = &self.transport;
+        let (conn, send, recv) = self.rt.block_on(async {
+            tokio::time::timeout(limit, async {
+                loop {
+                    let conn = match t.accept().await {
+                        Some(Ok(c)) => c,
+                        Some(Err(_)) => continue,
+                        None => std::future::pending().await,
+                    };
+                    if let Ok((s, r)) = conn.accept().await {
+                        return (conn, s, r);
+                    }
+                }
+            })
+            .await
+            .ok()
+        })?;
+        Some(Session {
+            peer: self,
+            conn,
+            send,
+            recv,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.transport.local_addr().unwrap().port()
     }
 
     /// Dials without presenting any client certificate.
@@ -152,6 +192,16 @@ impl Session<'_> {
             Ok(Ok(None)) => Reply::End("stream finished".into()),
             Ok(Err(e)) => Reply::End(e.to_string()),
         }
+    }
+
+    /// The next message as it is (`None`: ended, failed or silent).
+    pub fn next(&mut self, timeout: Duration) -> Option<Message> {
+        let recv = &mut self.recv;
+        self.peer
+            .rt
+            .block_on(async { tokio::time::timeout(timeout, recv.recv()).await })
+            .ok()?
+            .ok()?
     }
 
     /// Says hello as the primary of `epoch`; the replica's answer.

@@ -39,6 +39,14 @@ pub fn admit(view: ReplicaView, hello: &Hello) -> Admit {
             "this node is a primary and takes no batches".into(),
         );
     }
+    if hello.epoch == u64::MAX {
+        // no epoch can follow it: adopting it would make every later
+        // promotion overflow (and fence this replica from every primary)
+        return Admit::Refuse(
+            RefuseCode::Protocol,
+            "epoch u64::MAX leaves no room for a next epoch".into(),
+        );
+    }
     if hello.epoch < view.epoch {
         return Admit::Refuse(
             RefuseCode::StaleEpoch,
@@ -92,6 +100,24 @@ mod tests {
             epoch,
             last_seq: 0,
         }
+    }
+
+    #[test]
+    fn the_last_epoch_is_never_adopted() {
+        let view = ReplicaView {
+            is_primary: false,
+            epoch: 3,
+        };
+        assert!(matches!(
+            admit(view, &hello(u64::MAX)),
+            Admit::Refuse(RefuseCode::Protocol, _)
+        ));
+        assert_eq!(
+            admit(view, &hello(u64::MAX - 1)),
+            Admit::Accept {
+                adopt_epoch: Some(u64::MAX - 1)
+            }
+        );
     }
 
     #[test]

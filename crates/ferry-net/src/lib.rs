@@ -45,6 +45,12 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_CONN_AGE: Duration = Duration::from_secs(3600);
 /// Application close code of a connection closed by the age cap.
 pub const CLOSE_AGE_CAP: u32 = 3;
+/// Connections one peer may hold open to this node at once. A primary needs
+/// one (two briefly, while a dead one times out after a restart); more are
+/// closed at once, so a peer cannot multiply the per-connection windows.
+pub const MAX_CONNS_PER_PEER: usize = 4;
+/// Application close code of a connection over [`MAX_CONNS_PER_PEER`].
+pub const CLOSE_TOO_MANY: u32 = 4;
 
 /// Errors of the transport, each naming its cause.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +78,12 @@ pub enum NetError {
     /// dialer redials (and so picks up rotated certificates). Not a fault.
     #[error("connection age cap reached; redialling (picks up rotated certificates)")]
     AgeCap,
+    #[error("refused a connection from {peer} at {addr}: it already holds {limit} open connections (MAX_CONNS_PER_PEER)")]
+    TooManyConnections {
+        peer: String,
+        addr: SocketAddr,
+        limit: usize,
+    },
     #[error("peer sent a malformed message: {0}")]
     Proto(#[from] ProtoError),
     #[error("handshake timed out")]
@@ -88,6 +100,27 @@ pub struct Transport {
     transport: Arc<quinn::TransportConfig>,
     allowed: Arc<Vec<String>>,
     max_age: Duration,
+    /// Open accepted connections, by peer name.
+    live: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// One accepted connection's place in [`Transport`]'s per-peer count,
+/// given back when the last handle to the connection is dropped.
+struct Slot {
+    live: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    peer: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = live.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                live.remove(&self.peer);
+            }
+        }
+    }
 }
 
 fn server_quic_config(
@@ -229,6 +262,7 @@ impl Transport {
             transport,
             allowed: Arc::new(allowed),
             max_age: DEFAULT_MAX_CONN_AGE,
+            live: Arc::default(),
         })
     }
 
@@ -282,6 +316,7 @@ impl Transport {
             inner: conn,
             peer: name.to_owned(),
             _cap: Some(cap),
+            _slot: None,
         })
     }
 
@@ -312,11 +347,33 @@ impl Transport {
                     addr,
                     reason: "certificate names no allowed peer".into(),
                 })?;
+            let slot = {
+                let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+                let n = live.entry(peer.clone()).or_default();
+                if *n >= MAX_CONNS_PER_PEER {
+                    drop(live);
+                    conn.close(
+                        CLOSE_TOO_MANY.into(),
+                        b"too many open connections from this peer",
+                    );
+                    return Err(NetError::TooManyConnections {
+                        peer,
+                        addr,
+                        limit: MAX_CONNS_PER_PEER,
+                    });
+                }
+                *n += 1;
+                Arc::new(Slot {
+                    live: self.live.clone(),
+                    peer: peer.clone(),
+                })
+            };
             let cap = cap_age(&conn, self.max_age + self.max_age / 4);
             Ok(Conn {
                 inner: conn,
                 peer,
                 _cap: Some(cap),
+                _slot: Some(slot),
             })
         }
         .await;
@@ -340,6 +397,7 @@ pub struct Conn {
     inner: quinn::Connection,
     peer: String,
     _cap: Option<Arc<AgeCap>>,
+    _slot: Option<Arc<Slot>>,
 }
 
 impl Conn {

@@ -43,6 +43,7 @@ pub async fn connect_without_cert(
         inner: conn,
         peer: name.to_owned(),
         _cap: None,
+        _slot: None,
     })
 }
 

@@ -249,3 +249,15 @@ impl Event for TlsReloadFailed<'_> {
         tracing::error!(error = %self.error, "The rotated TLS files are not valid; still using the last good certificate. Fix the files (or the cert-manager Certificate) in the TLS dir.");
     }
 }
+
+/// A listed peer opened more connections than `MAX_CONNS_PER_PEER`; the
+/// extra one was closed.
+pub struct ConnectionLimit<'a> {
+    pub error: &'a str,
+}
+impl Event for ConnectionLimit<'_> {
+    fn emit(self, m: &Metrics) {
+        m.error("conn_limit");
+        tracing::warn!(error = %self.error, "Refused a connection: the peer already holds the most connections allowed (a stuck or hostile peer).");
+    }
+}

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The `kind` values of `ferry_errors_total` (see docs/OPERATIONS.md).
-pub const ERROR_KINDS: [&str; 19] = [
+pub const ERROR_KINDS: [&str; 21] = [
     "peer_session",
     "peer_refused",
     "refused_primary",
@@ -30,6 +30,8 @@ pub const ERROR_KINDS: [&str; 19] = [
     "seal",
     "tls_reload",
     "index",
+    "conn_limit",
+    "conflict",
 ];
 
 /// Per-peer series, created at 0 when the node starts.

@@ -764,6 +764,10 @@ fn refused_or_gone(shared: &Shared, e: &ferry_net::NetError) {
             error: &e.to_string(),
         }
         .emit(&shared.metrics),
+        ferry_net::NetError::TooManyConnections { .. } => ConnectionLimit {
+            error: &e.to_string(),
+        }
+        .emit(&shared.metrics),
         _ => {
             tracing::debug!(error = %e, "A connection attempt ended before its handshake completed.")
         }
