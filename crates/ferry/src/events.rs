@@ -53,6 +53,16 @@ impl Event for PeriodicRescan {
     }
 }
 
+/// Directories moved and writes settled: one full rescan (a manifest diff
+/// with every peer) catches a move whose event notify lost.
+pub struct SettleRescan;
+impl Event for SettleRescan {
+    fn emit(self, m: &Metrics) {
+        m.rescans.inc();
+        tracing::debug!("Directories moved and writes settled: every peer is compared with the root by manifest once.");
+    }
+}
+
 /// The second look at new directories found changes made before their
 /// inotify watch existed.
 pub struct NewDirRecheck {

@@ -399,6 +399,12 @@ impl BatchState {
     }
 }
 
+/// Quiet time after a directory move before the settle rescan.
+const SETTLE_QUIET: Duration = Duration::from_secs(2);
+/// At most one settle rescan per this interval (a workload that keeps moving
+/// directories gets one every 15 s, not one per pause).
+const SETTLE_GAP: Duration = Duration::from_secs(15);
+
 async fn batcher(
     ctx: &Ctx,
     mut rx: mpsc::Receiver<RawEvent>,
@@ -422,6 +428,19 @@ async fn batcher(
     let mut rescan_every = cfg.rescan_interval;
     let mut next_rescan = rescan_every.map(|d| Instant::now() + d);
     let mut rechecks: VecDeque<(Instant, u32, Arc<SealedBatch>)> = VecDeque::new();
+    // After directories moved, one full rescan once writes settle: notify
+    // can lose the event of a directory moved out of a tree it is still
+    // re-watching, which no targeted check sees (known G1 gap otherwise
+    // closed only by the periodic rescan).
+    let mut settle: Option<Instant> = None;
+    let mut last_settle: Option<Instant> = None;
+    let settle_at = |last: Option<Instant>| {
+        let quiet = Instant::now() + SETTLE_QUIET;
+        match last {
+            Some(l) => quiet.max(l + SETTLE_GAP),
+            None => quiet,
+        }
+    };
     for c in index_at_start(ctx).await? {
         b.push(c);
     }
@@ -438,6 +457,9 @@ async fn batcher(
         tokio::select! {
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
+                if settle.is_some() {
+                    settle = Some(settle_at(last_settle));
+                }
                 b.fold(m, ev);
                 // bounded, so a flood of events cannot hold off sealing
                 for _ in 0..4096 {
@@ -449,6 +471,9 @@ async fn batcher(
                 b.flush();
                 let periodic = std::mem::take(&mut b.periodic);
                 if let Some(sealed) = seal(ctx, &mut b.co, &mut b.verify, periodic, &rx).await? {
+                    if !sealed.moved_dirs.is_empty() && !sealed.resync_all {
+                        settle = Some(settle_at(last_settle));
+                    }
                     if sealed.items.iter().any(|i| i.replace && i.state.as_ref().is_some_and(|s| s.entry.kind == EntryKind::Dir)) {
                         rechecks.push_back((Instant::now() + RECHECK_DELAY, 0, sealed));
                         if rechecks.len() > RECHECK_CAP {
@@ -471,6 +496,13 @@ async fn batcher(
             _ = tokio::time::sleep_until(next_flush.into()) => {
                 flush_index(ctx);
                 next_flush = Instant::now() + INDEX_FLUSH;
+            }
+            _ = sleep_until(settle), if settle.is_some() => {
+                settle = None;
+                last_settle = Some(Instant::now());
+                SettleRescan.emit(m);
+                b.push(ferry_core::Change::RescanAll);
+                b.periodic = true;
             }
             _ = sleep_until(next_rescan), if next_rescan.is_some() => {
                 PeriodicRescan.emit(m);
@@ -1792,6 +1824,24 @@ impl Sender<'_> {
             }))
             .await?;
         for (from, to) in &b.renames {
+            // A file renamed and then changed (a temp file shipped while it
+            // was being written, then renamed over its name): the item sends
+            // `to` whole, so the rename would only show, between the two
+            // steps, content `to` never had on the primary (G3). Drop the
+            // source instead.
+            let rewritten = b.items.iter().any(|i| {
+                i.path == *to
+                    && i.state
+                        .as_ref()
+                        .is_some_and(|s| s.entry.kind == EntryKind::File)
+            }) && !b.moved_dirs.iter().any(|d| d == to);
+            if rewritten {
+                self.send
+                    .send(&Message::Op(Op::Delete { path: from.clone() }))
+                    .await?;
+                self.st.sent.remove(from);
+                continue;
+            }
             if self.is_missing(from) || self.recently_gone(from) || b.seq <= self.st.degrade_until {
                 // The peer never got what was moved: send it whole instead.
                 self.send
@@ -2073,7 +2123,6 @@ impl Sender<'_> {
             }
             let start = sent;
             let mut z = Squeeze::default();
-            let mut wire = 0u64;
             while sent < size {
                 let want = ((size - sent) as usize).min(MAX_DATA);
                 let mut buf = vec![0u8; want];
@@ -2088,8 +2137,7 @@ impl Sender<'_> {
                     t.update(&buf);
                 }
                 sent += n as u64;
-                let (msg, len) = tokio::task::block_in_place(|| squeeze(&mut z, buf));
-                wire += len;
+                let (msg, _wire) = tokio::task::block_in_place(|| squeeze(&mut z, buf));
                 self.send.send(&msg).await?;
             }
             let after = tokio::task::block_in_place(|| f.metadata())?;
@@ -2152,7 +2200,7 @@ impl Sender<'_> {
                     .with_label_values(&["compression"])
                     .inc_by(z.saved);
             }
-            return Ok(FileOutcome::Sent(wire));
+            return Ok(FileOutcome::Sent(size - start));
         }
         Ok(FileOutcome::Unstable)
     }
