@@ -133,6 +133,10 @@ impl Log {
 
 struct Ctx {
     shared: Arc<Shared>,
+    /// The root, held open: file content is opened beneath it (openat2
+    /// RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS), so a parent swapped for a
+    /// symlink can never make the primary read outside its root.
+    root_fd: std::fs::File,
     log: Mutex<Log>,
     seq_tx: watch::Sender<u64>,
     excludes: Excludes,
@@ -249,7 +253,10 @@ pub async fn start(
         .filter(|(_, e, _)| *e == st.epoch)
         .map(|(n, _, s)| (n, s))
         .collect();
+    let root_fd = std::fs::File::open(&cfg.root)
+        .map_err(|e| anyhow!("cannot open root {}: {e}", cfg.root.display()))?;
     let ctx = Arc::new(Ctx {
+        root_fd,
         shared: shared.clone(),
         log: Mutex::new(Log {
             batches: VecDeque::new(),
@@ -2034,10 +2041,7 @@ impl Sender<'_> {
         let path = scan::abs(&self.ctx.shared.cfg.root, &s.entry.path);
         'attempt: for _ in 0..4 {
             let f = tokio::task::block_in_place(|| {
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                    .open(&path)
+                open_beneath(&self.ctx.root_fd, &s.entry.path, &path)
             });
             let mut f = match f {
                 Ok(f) => f,
@@ -2214,6 +2218,30 @@ impl Sender<'_> {
 /// still copying data. ext4 and XFS take the inode lock shared for
 /// `lseek(SEEK_DATA)`, which waits for such a write to release it; on other
 /// filesystems this is a cheap no-op.
+/// Opens a file of the root for reading without following any symlink on
+/// the way and without leaving the root, whatever happens to its parents
+/// meanwhile (openat2). Kernels before 5.6 lack openat2: then the path is
+/// opened with `O_NOFOLLOW` on its last component only.
+fn open_beneath(root: &std::fs::File, rel: &RelPath, abs: &Path) -> std::io::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use std::os::unix::ffi::OsStrExt;
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    match rustix::fs::openat2(
+        root,
+        std::ffi::OsStr::from_bytes(rel.as_bytes()),
+        flags,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    ) {
+        Ok(fd) => Ok(std::fs::File::from(fd)),
+        Err(rustix::io::Errno::NOSYS) => std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(abs),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Per-file compression state. Each data frame is compressed with zstd
 /// (level 1: several hundred MB/s per core) and sent compressed when that
 /// saves at least 1/16 of it; a frame that does not compress turns
@@ -2342,5 +2370,34 @@ mod tests {
         log.push(batch(37, 1));
         assert_eq!(log.first_seq(), 37);
         assert_eq!(log.items, 2);
+    }
+}
+
+#[cfg(test)]
+mod beneath_tests {
+    use super::*;
+
+    #[test]
+    fn reads_never_leave_the_root_through_a_swapped_parent() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(root.join("d/f"), b"inside").unwrap();
+        std::fs::write(outside.join("f"), b"secret").unwrap();
+        let fd = std::fs::File::open(&root).unwrap();
+        let p = |s: &str| RelPath::new(s).unwrap();
+        let mut got = String::new();
+        open_beneath(&fd, &p("d/f"), &root.join("d/f"))
+            .unwrap()
+            .read_to_string(&mut got)
+            .unwrap();
+        assert_eq!(got, "inside");
+        // the parent swapped for a symlink to the outside
+        std::fs::rename(root.join("d"), root.join("d.real")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("d")).unwrap();
+        let e = open_beneath(&fd, &p("d/f"), &root.join("d/f")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
     }
 }
