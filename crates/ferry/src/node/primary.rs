@@ -1069,7 +1069,15 @@ async fn session(
     .await?;
     send.flush().await?;
     let welcome = match recv.recv().await? {
-        Some(Message::Welcome(w)) => w,
+        Some(Message::Welcome(w)) if w.node == peer.name => w,
+        Some(Message::Welcome(w)) => {
+            ctx.shared.metrics.error("protocol");
+            bail!(
+                "{} answered as {:?}: a welcome must name the certificate's node",
+                peer.name,
+                w.node
+            )
+        }
         Some(Message::Refuse(r)) => {
             if r.code == RefuseCode::StaleEpoch {
                 ctx.shared.metrics.error("fenced");

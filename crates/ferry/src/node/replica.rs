@@ -670,6 +670,7 @@ async fn session(
                     let st = shared.node_state();
                     let dirty = sessions.needs_resync.load(Ordering::Relaxed);
                     if epoch != st.epoch + 1 || st.applied_epoch != st.epoch || st.seq != seq || dirty {
+                        m.error("inconsistent");
                         let why = format!("cannot take over epoch {epoch} after batch {seq}: this replica is at batch {} of epoch {} (epoch seen {}){}", st.seq, st.applied_epoch, st.epoch, if dirty { ", between batches" } else { "" });
                         refuse(&mut send, RefuseCode::Inconsistent, st.epoch, why.clone()).await;
                         bail!(why);
