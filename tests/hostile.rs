@@ -701,6 +701,51 @@ fn g6_hostile_paths_links_and_modes_are_refused_and_nothing_outside_changes() {
         });
         batch(s, a + 1, v)
     });
+    // zstd frames: a bomb (announced small, inflating to 64 MiB), an
+    // announced size larger than the content, and garbage. The replica
+    // decompresses into a buffer of the announced size (at most MAX_DATA)
+    t.case(
+        "decompression bomb (64 MiB of zeros in 2 KiB)",
+        BAD_STREAM,
+        |s, a| {
+            let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).unwrap();
+            assert!(bomb.len() < 64 << 10, "{}", bomb.len());
+            let mut v = vec![fh("sub/bomb.txt", 0o644, 4096)];
+            v.push(Message::FileDataZ {
+                raw_len: 4096,
+                data: bytes::Bytes::from(bomb),
+            });
+            v.push(Message::FileEnd { hash: [0; 32] });
+            batch(s, a + 1, v)
+        },
+    );
+    t.case(
+        "compressed data shorter than announced",
+        BAD_STREAM,
+        |s, a| {
+            let z = zstd::bulk::compress(b"hello", 1).unwrap();
+            let mut v = vec![fh("sub/z.txt", 0o644, 10)];
+            v.push(Message::FileDataZ {
+                raw_len: 10,
+                data: bytes::Bytes::from(z),
+            });
+            v.push(Message::FileEnd {
+                hash: *blake3::hash(b"hello").as_bytes(),
+            });
+            batch(s, a + 1, v)
+        },
+    );
+    t.case("compressed data that is not zstd", BAD_STREAM, |s, a| {
+        let mut v = vec![fh("sub/g.txt", 0o644, 5)];
+        v.push(Message::FileDataZ {
+            raw_len: 5,
+            data: bytes::Bytes::from_static(b"\x28\xb5\x2f\xfd garbage"),
+        });
+        v.push(Message::FileEnd {
+            hash: *blake3::hash(b"hello").as_bytes(),
+        });
+        batch(s, a + 1, v)
+    });
     t.case("fewer bytes than announced", BAD_STREAM, |s, a| {
         let mut v = vec![fh("sub/short.txt", 0o644, 10)];
         v.push(Message::FileData(bytes::Bytes::from_static(b"hello")));
