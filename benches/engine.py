@@ -1,12 +1,16 @@
 """End-to-end engine benchmark: ferry primary -> replica on loopback vs cp -a.
 
-Workloads (issue 2):
-  big    1 GiB in 4 incompressible files
-  small  20,000 files of 4 KiB in 200 directories
-  lag    a 4 KiB append every 10 ms for 20 s: lag until visible on the replica
+Workloads (issue 2; issue 4's W1, W2, W3, W5):
+  big    1 GiB in 4 incompressible files                        (W1)
+  small  20,000 files of 4 KiB in 200 directories               (W2)
+  tree   a real third-party source tree: the cargo registry's
+         unpacked sources on this machine, if present           (W5)
+  lag    a 4 KiB append every 10 ms for 20 s: lag until visible on the replica (W3)
 
-For big and small, each round times, alternately (A B A B):
+For big, small and tree, each round times, alternately (A B C A B C):
   cp     `cp -a SRC DST` on the same filesystem (page cache warm)
+  rsync  one-shot `rsync -a SRC rsync://127.0.0.1:PORT/...` to an rsync daemon
+         on loopback (a fresh destination each round)
   ferry  the data appears in the primary's root at once (a rename from a staging
          copy on the same filesystem) until the primary has the replica's durable
          ack for it (every file fsynced on the replica), read from /metrics.
@@ -152,31 +156,80 @@ def make_small(path, files, dirs):
                 f.write(os.urandom(4096))
 
 
+class RsyncDaemon:
+    """An rsync daemon on loopback whose module `bench` is the stage dir."""
+
+    def __init__(self, base, stage):
+        self.port = free_port()
+        conf = f"{base}/rsyncd.conf"
+        with open(conf, "w") as f:
+            f.write(f"uid = root\ngid = root\nuse chroot = no\n[bench]\npath = {stage}\nread only = no\n")
+        self.p = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}", f"--port={self.port}",
+                                   "--address=127.0.0.1"], stderr=open(f"{base}/rsyncd.log", "w"))
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("rsync daemon did not start")
+
+    def url(self, name):
+        return f"rsync://127.0.0.1:{self.port}/bench/{name}"
+
+    def stop(self):
+        self.p.terminate()
+        self.p.wait()
+
+
+def copy_tree(src, dst, limit_bytes):
+    """Copies regular files and dirs of `src` (no links) up to `limit_bytes`."""
+    total = 0
+    for d, dirs, files in os.walk(src):
+        dirs.sort()
+        rel = os.path.relpath(d, src)
+        os.makedirs(os.path.join(dst, rel), exist_ok=True)
+        for f in sorted(files):
+            p = os.path.join(d, f)
+            if not os.path.isfile(p) or os.path.islink(p):
+                continue
+            shutil.copy2(p, os.path.join(dst, rel, f))
+            total += os.path.getsize(p)
+            if total >= limit_bytes:
+                return total
+    return total
+
+
 def timed(fn):
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
-def bench_copy(pair, src, stage, name, rounds):
-    """A B A B: cp -a vs ferry for the data set at src."""
-    cp_times, ferry_times = [], []
+def bench_copy(pair, src, stage, name, rounds, rsyncd=None):
+    """A B C A B C: cp -a, rsync (if a daemon is given) and ferry for the data set at src."""
+    cp_times, ferry_times, rs_times = [], [], []
     for r in range(rounds):
         # staging copies first (untimed), so both sides start from warm page cache
         subprocess.run(["cp", "-a", src, f"{stage}/{name}-{r}"], check=True)
         cp_times.append(timed(lambda: subprocess.run(["cp", "-a", src, f"{stage}/cp-{name}-{r}"], check=True)))
+        if rsyncd:
+            rs_times.append(timed(lambda: subprocess.run(["rsync", "-a", src + "/", rsyncd.url(f"rs-{name}-{r}/")],
+                                                         check=True)))
         seq = get(metrics(pair.pm), "ferry_sealed_seq")
         t0 = time.perf_counter()
         os.rename(f"{stage}/{name}-{r}", f"{pair.proot}/{name}-{r}")
         pair.wait_synced(seq)
         ferry_times.append(time.perf_counter() - t0)
-        print(f"  {name} round {r}: cp -a {cp_times[-1]:.3f} s, ferry {ferry_times[-1]:.3f} s", flush=True)
+        rs = f", rsync {rs_times[-1]:.3f} s" if rs_times else ""
+        print(f"  {name} round {r}: cp -a {cp_times[-1]:.3f} s{rs}, ferry {ferry_times[-1]:.3f} s", flush=True)
     # correctness of the last round (untimed)
     a = tree_digest(f"{pair.proot}/{name}-{rounds-1}")
     b = tree_digest(f"{pair.rroot}/{name}-{rounds-1}")
     if a != b:
         raise SystemExit(f"{name}: replica differs from primary")
-    return cp_times, ferry_times
+    return cp_times, ferry_times, rs_times
 
 
 def bench_lag(pair, seconds, interval, size):
@@ -246,36 +299,59 @@ def main():
     print("creating data sets", flush=True)
     make_big(f"{stage}/big-src", big_mib)
     make_small(f"{stage}/small-src", small_n, 200)
+    reg = os.path.expanduser("~/.cargo/registry/src")
+    tree_bytes = 0
+    if os.path.isdir(reg):
+        tree_bytes = copy_tree(reg, f"{stage}/tree-src", (400 if not a.quick else 20) << 20)
+        tree_files = sum(len(f) for _, _, f in os.walk(f"{stage}/tree-src"))
+    rsyncd = RsyncDaemon(base, stage) if shutil.which("rsync") else None
+    if not rsyncd:
+        print("rsync not found: no rsync baseline", flush=True)
     pair = Pair(os.path.abspath(a.ferry), base)
     res = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
     try:
         print(f"W: {big_mib} MiB in 4 files", flush=True)
-        cp_b, fe_b = bench_copy(pair, f"{stage}/big-src", stage, "big", a.rounds)
+        cp_b, fe_b, rs_b = bench_copy(pair, f"{stage}/big-src", stage, "big", a.rounds, rsyncd)
         rss_big = pair.peak_rss()
         print(f"W: {small_n} files of 4 KiB in 200 directories", flush=True)
-        cp_s, fe_s = bench_copy(pair, f"{stage}/small-src", stage, "small", a.rounds)
+        cp_s, fe_s, rs_s = bench_copy(pair, f"{stage}/small-src", stage, "small", a.rounds, rsyncd)
         rss_small = pair.peak_rss()
+        tree = None
+        if tree_bytes:
+            print(f"W: a real source tree (cargo registry sources): {tree_files} files, {tree_bytes >> 20} MiB", flush=True)
+            cp_t, fe_t, rs_t = bench_copy(pair, f"{stage}/tree-src", stage, "tree", a.rounds, rsyncd)
+            tree = {"files": tree_files, "mib": tree_bytes / (1 << 20), "cp_s": statistics.median(cp_t),
+                    "ferry_s": statistics.median(fe_t), "rsync_s": statistics.median(rs_t) if rs_t else None,
+                    "rounds": {"cp": cp_t, "ferry": fe_t, "rsync": rs_t}}
         print(f"W: a 4 KiB append every 10 ms for {lag_s:.0f} s", flush=True)
         lag = bench_lag(pair, lag_s, 0.010, 4096)
         med = statistics.median
+        mr = lambda v: med(v) if v else None
         res.update({
-            "big": {"mib": big_mib, "cp_s": med(cp_b), "ferry_s": med(fe_b), "ratio": med(fe_b) / med(cp_b),
-                    "ferry_mib_s": big_mib / med(fe_b), "rounds": {"cp": cp_b, "ferry": fe_b}},
-            "small": {"files": small_n, "cp_s": med(cp_s), "ferry_s": med(fe_s), "ratio": med(fe_s) / med(cp_s),
-                      "ferry_files_s": small_n / med(fe_s), "rounds": {"cp": cp_s, "ferry": fe_s}},
+            "big": {"mib": big_mib, "cp_s": med(cp_b), "ferry_s": med(fe_b), "rsync_s": mr(rs_b), "ratio": med(fe_b) / med(cp_b),
+                    "ferry_mib_s": big_mib / med(fe_b), "rounds": {"cp": cp_b, "ferry": fe_b, "rsync": rs_b}},
+            "small": {"files": small_n, "cp_s": med(cp_s), "ferry_s": med(fe_s), "rsync_s": mr(rs_s), "ratio": med(fe_s) / med(cp_s),
+                      "ferry_files_s": small_n / med(fe_s), "rounds": {"cp": cp_s, "ferry": fe_s, "rsync": rs_s}},
+            "tree": tree,
             "lag": lag,
             "peak_rss_mib": {"after_big": rss_big, "after_small": rss_small},
         })
     finally:
         pair.stop()
+        if rsyncd:
+            rsyncd.stop()
     os.makedirs("bench-out", exist_ok=True)
     json.dump(res, open("bench-out/engine.json", "w"), indent=2)
     b, s, l = res["big"], res["small"], res["lag"]
     print()
-    print("| workload | cp -a (median) | ferry (median) | ratio ferry / cp -a | throughput |")
-    print("|---|---|---|---|---|")
-    print(f"| {b['mib']} MiB in 4 files | {b['cp_s']:.3f} s | {b['ferry_s']:.3f} s | {b['ratio']:.2f} | {b['ferry_mib_s']:.0f} MiB/s |")
-    print(f"| {s['files']} × 4 KiB files | {s['cp_s']:.3f} s | {s['ferry_s']:.3f} s | {s['ratio']:.2f} | {s['ferry_files_s']:.0f} files/s |")
+    rsf = lambda w: f"{w['rsync_s']:.3f} s | {w['ferry_s'] / w['rsync_s']:.2f}" if w.get("rsync_s") else "- | -"
+    print("| workload | cp -a (median) | rsync to a daemon (median) | ferry (median) | ferry / cp -a | ferry / rsync | throughput |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {b['mib']} MiB in 4 files | {b['cp_s']:.3f} s | {rsf(b).split(' | ')[0]} | {b['ferry_s']:.3f} s | {b['ratio']:.2f} | {rsf(b).split(' | ')[1]} | {b['ferry_mib_s']:.0f} MiB/s |")
+    print(f"| {s['files']} × 4 KiB files | {s['cp_s']:.3f} s | {rsf(s).split(' | ')[0]} | {s['ferry_s']:.3f} s | {s['ratio']:.2f} | {rsf(s).split(' | ')[1]} | {s['ferry_files_s']:.0f} files/s |")
+    t = res.get("tree")
+    if t:
+        print(f"| source tree, {t['files']} files, {t['mib']:.0f} MiB | {t['cp_s']:.3f} s | {rsf(t).split(' | ')[0]} | {t['ferry_s']:.3f} s | {t['ferry_s'] / t['cp_s']:.2f} | {rsf(t).split(' | ')[1]} | {t['files'] / t['ferry_s']:.0f} files/s |")
     print(f"| 4 KiB append / 10 ms, {l['appends']} appends | | p50 {l['p50_ms']:.1f} ms, p99 {l['p99_ms']:.1f} ms, max {l['max_ms']:.1f} ms | | torn sizes seen: {l['torn_sizes_seen']} |")
     print(f"peak RSS (MiB): {res['peak_rss_mib']}")
     shutil.rmtree(base, ignore_errors=True)

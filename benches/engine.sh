@@ -6,5 +6,9 @@
 # Results: printed, and written to bench-out/engine.json.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if ! command -v rsync >/dev/null; then
+    echo "installing rsync (the baseline)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync >/dev/null || echo "rsync could not be installed: no rsync baseline"
+fi
 cargo build --release --quiet -p ferry
 exec python3 benches/engine.py --ferry target/release/ferry "$@"
