@@ -9,7 +9,6 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,47 +25,6 @@ fn wait_up(n: &mut Node) {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("{} never came up:\n{}", n.name, n.log_tail());
-}
-
-/// Every `.sv` file on `root` must verify; returns (reads, torn list).
-fn poller(
-    root: &Path,
-    stop: Arc<AtomicBool>,
-    reads: Arc<AtomicU64>,
-) -> std::thread::JoinHandle<Vec<String>> {
-    let root = root.to_path_buf();
-    std::thread::spawn(move || {
-        let mut bad = Vec::new();
-        let mut rng = fastrand::Rng::with_seed(11);
-        let mut files = Vec::new();
-        let mut refreshed = Instant::now() - Duration::from_secs(1);
-        while !stop.load(Ordering::Relaxed) {
-            if refreshed.elapsed() > Duration::from_millis(200) {
-                files = walkdir::WalkDir::new(&root)
-                    .into_iter()
-                    .flatten()
-                    .filter(|e| {
-                        e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "sv")
-                    })
-                    .map(|e| e.path().to_path_buf())
-                    .collect();
-                refreshed = Instant::now();
-            }
-            if files.is_empty() {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            }
-            std::thread::sleep(Duration::from_micros(300));
-            let f = &files[rng.usize(..files.len())];
-            if let Ok(data) = std::fs::read(f) {
-                reads.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = sv_check(&data) {
-                    bad.push(format!("{}: {e}", f.display()));
-                }
-            }
-        }
-        bad
-    })
 }
 
 #[test]
@@ -96,7 +54,12 @@ fn crash_loop_kill_9_primary_and_replica() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicU64::new(0));
-    let poll = poller(&replica.root, stop.clone(), reads.clone());
+    let poll = g3_poller(
+        &replica.root,
+        stop.clone(),
+        reads.clone(),
+        Arc::new(AtomicU64::new(0)),
+    );
     let writes_stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let root = primary.root.clone();

@@ -5,7 +5,6 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,54 +64,6 @@ fn set(n: usize, extra: &[&str]) -> Set {
     }
 }
 
-/// Reads replica files while writes run and counts torn `.sv` files (G3).
-fn poller(
-    root: &Path,
-    stop: Arc<AtomicBool>,
-    checked: Arc<AtomicU64>,
-    torn: Arc<AtomicU64>,
-) -> std::thread::JoinHandle<Vec<String>> {
-    let root = root.to_path_buf();
-    std::thread::spawn(move || {
-        let mut bad = Vec::new();
-        let mut rng = fastrand::Rng::with_seed(7);
-        let mut files = Vec::new();
-        let mut refreshed = Instant::now() - Duration::from_secs(1);
-        while !stop.load(Ordering::Relaxed) {
-            if refreshed.elapsed() > Duration::from_millis(200) {
-                files = walkdir::WalkDir::new(&root)
-                    .into_iter()
-                    .flatten()
-                    .filter(|e| {
-                        e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "sv")
-                    })
-                    .map(|e| e.path().to_path_buf())
-                    .collect();
-                refreshed = Instant::now();
-            }
-            if files.is_empty() {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            }
-            std::thread::sleep(Duration::from_micros(500));
-            let f = &files[rng.usize(..files.len())];
-            if let Ok(data) = std::fs::read(f) {
-                checked.fetch_add(1, Ordering::Relaxed);
-                let check = if f.extension().is_some_and(|x| x == "blk") {
-                    blk_check(&data)
-                } else {
-                    sv_check(&data)
-                };
-                if let Err(e) = check {
-                    torn.fetch_add(1, Ordering::Relaxed);
-                    bad.push(format!("{}: {e}", f.display()));
-                }
-            }
-        }
-        bad
-    })
-}
-
 #[test]
 fn g1_g3_random_workload_converges_on_two_replicas() {
     let seed = seed();
@@ -123,7 +74,7 @@ fn g1_g3_random_workload_converges_on_two_replicas() {
     s.primary.start().wait_ready(Duration::from_secs(20));
     let stop = Arc::new(AtomicBool::new(false));
     let (checked, torn) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let poll = poller(
+    let poll = g3_poller(
         &s.replicas[0].root,
         stop.clone(),
         checked.clone(),

@@ -490,3 +490,52 @@ pub fn wait_idle(primary: &Node, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Reads self-verifying files of a replica while writes run (G3): returns
+/// the torn ones; `checked` counts reads, `torn` failures.
+pub fn g3_poller(
+    root: &Path,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    checked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    torn: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<Vec<String>> {
+    let root = root.to_path_buf();
+    std::thread::spawn(move || {
+        let mut bad = Vec::new();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut files = Vec::new();
+        let mut refreshed = Instant::now() - Duration::from_secs(1);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if refreshed.elapsed() > Duration::from_millis(200) {
+                files = walkdir::WalkDir::new(&root)
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| {
+                        e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "sv")
+                    })
+                    .map(|e| e.path().to_path_buf())
+                    .collect();
+                refreshed = Instant::now();
+            }
+            if files.is_empty() {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+            let f = &files[rng.usize(..files.len())];
+            if let Ok(data) = std::fs::read(f) {
+                checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let check = if f.extension().is_some_and(|x| x == "blk") {
+                    blk_check(&data)
+                } else {
+                    sv_check(&data)
+                };
+                if let Err(e) = check {
+                    torn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    bad.push(format!("{}: {e}", f.display()));
+                }
+            }
+        }
+        bad
+    })
+}
