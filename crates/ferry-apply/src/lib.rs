@@ -166,6 +166,9 @@ pub struct Applier {
     /// A committed batch could not be applied (an I/O error, a full disk):
     /// it must be finished by [`Applier::recover`] before anything else.
     pending: bool,
+    /// The nonce of the batch `commit` or `recover` just completed, for
+    /// [`Applier::finished`] (no second read of the journal).
+    completed: Option<u64>,
     stats: ApplyStats,
 }
 
@@ -306,6 +309,7 @@ impl Applier {
             receiving: None,
             incoming: None,
             pending: false,
+            completed: None,
             stats: ApplyStats::default(),
         })
     }
@@ -318,7 +322,7 @@ impl Applier {
     /// True while the tree is not at a batch boundary (an abandoned batch
     /// or a machine crash mid-batch): only a resync batch clears it.
     pub fn needs_resync(&self) -> bool {
-        self.state_dir.join(NEEDS_RESYNC).exists()
+        needs_resync_at(&self.state_dir)
     }
 
     fn set_needs_resync(&self, on: bool) -> Result<(), ApplyError> {
@@ -389,6 +393,7 @@ impl Applier {
                 if !same_boot {
                     self.set_needs_resync(true)?;
                 }
+                self.completed = Some(c.nonce);
                 out = Recovery::Finished(c.info);
             }
         }
@@ -406,8 +411,8 @@ impl Applier {
     /// Records that the batch [`Applier::commit`] or [`Applier::recover`]
     /// returned is saved as applied.
     pub fn finished(&mut self) {
-        if let Ok(Some(c)) = self.journal.committed() {
-            let _ = self.journal.set_progress(c.nonce, journal::FINISHED);
+        if let Some(nonce) = self.completed.take() {
+            let _ = self.journal.set_progress(nonce, journal::FINISHED);
         }
     }
 
@@ -733,6 +738,7 @@ impl Applier {
             .set_progress(c.nonce, 0)
             .map_err(|e| Self::jerr("write progress", e))?;
         self.run(&c, 0, Tolerant::No)?;
+        self.completed = Some(c.nonce);
         self.pending = false;
         self.wipe_staging();
         Ok(stats)
