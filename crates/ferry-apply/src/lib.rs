@@ -122,6 +122,8 @@ pub struct ApplyStats {
     pub files: u64,
     pub bytes: u64,
     pub ops: u64,
+    /// Of `bytes`, those copied from chunks the replica already held.
+    pub copied: u64,
 }
 
 /// What [`Applier::recover`] found.
@@ -520,6 +522,7 @@ impl Applier {
         let mtime = match &step {
             Message::FileBegin(h) => h.mtime,
             Message::FileAppend(a) => a.mtime,
+            Message::FilePatch(h) => h.mtime,
             _ => Mtime::default(),
         };
         self.incoming = Some(Incoming {
@@ -554,6 +557,85 @@ impl Applier {
             });
         };
         self.stage(&a.path, a.mode, Message::FileAppend(a.clone()), tail)
+    }
+
+    /// Starts receiving an in-place patch of a file the replica holds (a
+    /// small edit of a large file): the new bytes of its ranges are staged
+    /// and written into the file at apply, through the redo journal; see
+    /// `docs/ARCHITECTURE.md` ("Small edits in large files").
+    pub fn patch_begin(&mut self, h: &ferry_proto::PatchHeader) -> Result<(), ApplyError> {
+        let n = h.patched();
+        self.stage(&h.path, h.mode, Message::FilePatch(h.clone()), n)
+    }
+
+    /// Copies `len` bytes at `offset` of the replica's own file `src` (as
+    /// the tree holds it before this batch) into the file being received:
+    /// a chunk the primary knows this replica has. A source that is gone,
+    /// shorter, or not a regular file means the replica is not what the
+    /// primary believes: the batch is inconsistent. Wrong bytes fail the
+    /// file's hash at its end.
+    pub fn file_copy(&mut self, src: &RelPath, offset: u64, len: u64) -> Result<(), ApplyError> {
+        let Some(inc) = self.incoming.as_ref() else {
+            return Err(ApplyError::BadStream {
+                path: String::new(),
+                reason: "copied data without a file header".into(),
+            });
+        };
+        if inc.written.saturating_add(len) > inc.expected {
+            let path = inc.path.clone();
+            self.file_abort();
+            return Err(ApplyError::BadStream {
+                path: path.display(),
+                reason: "more data than the announced size".into(),
+            });
+        }
+        if let Err(e) = self.guard(src) {
+            self.file_abort();
+            return Err(e);
+        }
+        let mut oo = OpenOptions::new();
+        oo.read(true).follow(FollowSymlinks::No);
+        cap_std::fs::OpenOptionsExt::custom_flags(&mut oo, libc::O_NONBLOCK);
+        let file = match self.root.open_with(os(src.as_bytes()), &oo) {
+            Ok(f) => f.into_std(),
+            Err(e) => {
+                self.file_abort();
+                return Err(inconsistent(
+                    src,
+                    format!("the chunk source the primary expects here cannot be opened ({e})"),
+                ));
+            }
+        };
+        match file.metadata() {
+            Ok(md) if md.is_file() && offset.checked_add(len).is_some_and(|e| e <= md.len()) => {}
+            _ => {
+                self.file_abort();
+                return Err(inconsistent(
+                    src,
+                    "the chunk source the primary expects here is not a regular file that long",
+                ));
+            }
+        }
+        let mut buf = vec![0u8; (len as usize).min(256 << 10)];
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let want = ((end - at) as usize).min(buf.len());
+            match std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf[..want], at) {
+                Ok(()) => {}
+                Err(e) => {
+                    self.file_abort();
+                    return Err(inconsistent(
+                        src,
+                        format!("the chunk source is shorter than the primary expects ({e})"),
+                    ));
+                }
+            }
+            self.file_data(&buf[..want])?;
+            at += want as u64;
+        }
+        self.stats.copied += len;
+        Ok(())
     }
 
     /// Writes data of the file being received.
@@ -758,7 +840,7 @@ impl Applier {
         let res = (|| {
             while let Some(step) = steps.next_step().map_err(|e| Self::jerr("read", e))? {
                 let file_no = match step {
-                    Message::FileBegin(_) | Message::FileAppend(_) => {
+                    Message::FileBegin(_) | Message::FileAppend(_) | Message::FilePatch(_) => {
                         files += 1;
                         files - 1
                     }
@@ -965,6 +1047,7 @@ impl Applier {
             Message::Op(op) => self.apply_metadata(op, tolerant),
             Message::FileBegin(h) => self.place(h, file_no, tolerant),
             Message::FileAppend(a) => self.append(a, file_no, tolerant),
+            Message::FilePatch(h) => self.patch(h, file_no, tolerant),
             _ => Err(ApplyError::BadStream {
                 path: String::new(),
                 reason: "journal holds a message that is not a step".into(),
@@ -1211,6 +1294,75 @@ impl Applier {
         file.set_modified(systime(a.mtime))
             .map_err(|e| io_err("set mtime", &a.path, e))?;
         self.appended.push((a.path.clone(), file));
+        Ok(())
+    }
+}
+
+impl Applier {
+    /// Rewrites ranges of a file in place from a staged file holding their
+    /// new bytes back to back, then sets its size, mode and mtime. Every
+    /// write is of final bytes at a fixed offset, so running it again after
+    /// a crash (tolerant) gives the same file.
+    fn patch(
+        &mut self,
+        h: &ferry_proto::PatchHeader,
+        n: u32,
+        tolerant: bool,
+    ) -> Result<(), ApplyError> {
+        let dir = self
+            .parent(&h.path, false)?
+            .ok_or_else(|| inconsistent(&h.path, "patch of a file whose directory is missing"))?;
+        let mut oo = OpenOptions::new();
+        oo.write(true).follow(FollowSymlinks::No);
+        let file = dir
+            .open_with(os(h.path.file_name()), &oo)
+            .map_err(|e| {
+                inconsistent(
+                    &h.path,
+                    format!("patch of a file that cannot be opened ({e})"),
+                )
+            })?
+            .into_std();
+        let md = file.metadata().map_err(|e| io_err("stat", &h.path, e))?;
+        let mtime = (
+            std::os::unix::fs::MetadataExt::mtime(&md),
+            std::os::unix::fs::MetadataExt::mtime_nsec(&md),
+        );
+        let base_ok =
+            md.len() == h.prev_size && mtime == (h.prev_mtime.secs, h.prev_mtime.nanos as i64);
+        if !md.is_file() || !(base_ok || tolerant) {
+            return Err(inconsistent(
+                &h.path,
+                "the replica's file is not the version the patch rewrites",
+            ));
+        }
+        let src = self
+            .staging
+            .open(staged_name(n))
+            .map_err(|e| io_err("open staged patch", &h.path, e))?
+            .into_std();
+        let mut buf = vec![0u8; 256 << 10];
+        let mut from = 0u64;
+        for &(off, len) in &h.ranges {
+            let mut done = 0u64;
+            while done < len {
+                let k = ((len - done) as usize).min(buf.len());
+                std::os::unix::fs::FileExt::read_exact_at(&src, &mut buf[..k], from + done)
+                    .map_err(|e| io_err("read staged patch", &h.path, e))?;
+                std::os::unix::fs::FileExt::write_all_at(&file, &buf[..k], off + done)
+                    .map_err(|e| io_err("write", &h.path, e))?;
+                done += k as u64;
+            }
+            from += len;
+            crash("mid-patch");
+        }
+        file.set_len(h.size)
+            .map_err(|e| io_err("truncate", &h.path, e))?;
+        file.set_permissions(std::fs::Permissions::from_mode(h.mode))
+            .map_err(|e| io_err("chmod", &h.path, e))?;
+        file.set_modified(systime(h.mtime))
+            .map_err(|e| io_err("set mtime", &h.path, e))?;
+        self.appended.push((h.path.clone(), file));
         Ok(())
     }
 }

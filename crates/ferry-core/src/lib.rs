@@ -8,6 +8,7 @@
 //! [`coalesce::Coalescer`], then [`timer::BatchTimer`] and [`diff`].
 #![forbid(unsafe_code)]
 
+pub mod chunk;
 pub mod coalesce;
 pub mod diff;
 pub mod fence;

@@ -54,6 +54,8 @@ mod kind {
     pub const PROMOTE: u8 = 20;
     pub const EPOCH_BASE: u8 = 21;
     pub const FILE_DATA_Z: u8 = 22;
+    pub const FILE_COPY: u8 = 23;
+    pub const FILE_PATCH: u8 = 24;
 }
 
 /// Appends one framed message to `out`.
@@ -177,6 +179,26 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
             out.put_u8(kind::FILE_DATA_Z);
             out.put_u32(*raw_len);
             out.put_slice(data);
+        }
+        Message::FileCopy { src, offset, len } => {
+            out.put_u8(kind::FILE_COPY);
+            put_path(out, src);
+            out.put_u64(*offset);
+            out.put_u64(*len);
+        }
+        Message::FilePatch(p) => {
+            out.put_u8(kind::FILE_PATCH);
+            put_path(out, &p.path);
+            out.put_u64(p.prev_size);
+            put_mtime(out, p.prev_mtime);
+            out.put_u64(p.size);
+            out.put_u32(p.mode);
+            put_mtime(out, p.mtime);
+            out.put_u32(p.ranges.len() as u32);
+            for (o, n) in &p.ranges {
+                out.put_u64(*o);
+                out.put_u64(*n);
+            }
         }
         Message::FileEnd { hash } => {
             out.put_u8(kind::FILE_END);
@@ -564,6 +586,65 @@ fn decode_message(frame: Bytes) -> Result<Message, ProtoError> {
             let data = r.b.split_to(len);
             Message::FileDataZ { raw_len, data }
         }
+        kind::FILE_COPY => {
+            let src = r.path("src")?;
+            let offset = r.u64("offset")?;
+            let len = r.u64("len")?;
+            if len == 0 || len > MAX_FILE_SIZE || offset > MAX_FILE_SIZE {
+                return Err(ProtoError::BadValue {
+                    field: "copy length",
+                    value: len,
+                });
+            }
+            Message::FileCopy { src, offset, len }
+        }
+        kind::FILE_PATCH => {
+            let path = r.path("path")?;
+            let prev_size = r.u64("prev_size")?;
+            let prev_mtime = r.mtime()?;
+            let size = r.u64("size")?;
+            let mode = r.u32("mode")?;
+            let mtime = r.mtime()?;
+            let n = r.u32("range count")? as usize;
+            if n > MAX_PATCH_RANGES {
+                return Err(ProtoError::FieldTooLong {
+                    field: "patch ranges",
+                    len: n,
+                    max: MAX_PATCH_RANGES,
+                });
+            }
+            if size > MAX_FILE_SIZE || prev_size > MAX_FILE_SIZE {
+                return Err(ProtoError::BadValue {
+                    field: "patch size",
+                    value: size.max(prev_size),
+                });
+            }
+            r.need(n * 16, "patch ranges")?;
+            let mut ranges = Vec::with_capacity(n);
+            let mut end = 0u64;
+            for _ in 0..n {
+                let o = r.u64("range offset")?;
+                let l = r.u64("range length")?;
+                // sorted, disjoint, non-empty, within the new size
+                if l == 0 || o < end || o.checked_add(l).is_none_or(|e| e > size) {
+                    return Err(ProtoError::BadValue {
+                        field: "patch range",
+                        value: o,
+                    });
+                }
+                end = o + l;
+                ranges.push((o, l));
+            }
+            Message::FilePatch(PatchHeader {
+                path,
+                prev_size,
+                prev_mtime,
+                size,
+                mode,
+                mtime,
+                ranges,
+            })
+        }
         kind::FILE_END => {
             r.need(32, "hash")?;
             let mut hash = [0u8; 32];
@@ -703,6 +784,20 @@ mod tests {
                 base_seq: 9,
                 base_sealed_at_ns: 77,
             },
+            Message::FileCopy {
+                src: p("a/b"),
+                offset: 65536,
+                len: 4096,
+            },
+            Message::FilePatch(PatchHeader {
+                path: p("db"),
+                prev_size: 100,
+                prev_mtime: Mtime { secs: 1, nanos: 2 },
+                size: 120,
+                mode: 0o600,
+                mtime: Mtime { secs: 3, nanos: 4 },
+                ranges: vec![(0, 10), (50, 5), (100, 20)],
+            }),
         ]
     }
 

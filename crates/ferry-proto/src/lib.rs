@@ -33,6 +33,8 @@ pub const MAX_NAME: usize = 253;
 pub const MAX_TEXT: usize = 4096;
 /// Largest file size a peer may announce (1 TiB).
 pub const MAX_FILE_SIZE: u64 = 1 << 40;
+/// Most ranges one [`PatchHeader`] may carry.
+pub const MAX_PATCH_RANGES: usize = 4096;
 
 /// Modification time: seconds and nanoseconds since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -189,6 +191,34 @@ pub struct AppendHeader {
     pub mtime: Mtime,
 }
 
+/// Rewrites parts of a file the replica already holds, in place: the
+/// replica's file must be exactly `prev_size` bytes with mtime `prev_mtime`
+/// (the version the primary diffed against). The new bytes of every range,
+/// in order and back to back, follow as [`Message::FileData`],
+/// [`Message::FileDataZ`] or [`Message::FileCopy`], then
+/// [`Message::FileEnd`] (BLAKE3 of those bytes) or [`Message::FileAbort`].
+/// At apply the ranges are written, the file is cut or extended to `size`,
+/// and mode and mtime are set. Ranges are sorted, disjoint, and end within
+/// `size`; a range past `prev_size` extends the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatchHeader {
+    pub path: RelPath,
+    pub prev_size: u64,
+    pub prev_mtime: Mtime,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime: Mtime,
+    /// (offset, length) of each rewritten range.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl PatchHeader {
+    /// Bytes the ranges rewrite in all.
+    pub fn patched(&self) -> u64 {
+        self.ranges.iter().map(|r| r.1).sum()
+    }
+}
+
 /// Every message of protocol version 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -219,6 +249,17 @@ pub enum Message {
         raw_len: u32,
         data: Bytes,
     },
+    /// The next `len` bytes of the file being received are the bytes at
+    /// `offset` of the replica's own file `src`, as it holds it at the start
+    /// of this batch (a chunk it already has: of the old version of the same
+    /// file, or of another file). Checked by the file's hash at the end.
+    FileCopy {
+        src: RelPath,
+        offset: u64,
+        len: u64,
+    },
+    /// Starts an in-place patch of a file the replica holds.
+    FilePatch(PatchHeader),
     /// End of a file; BLAKE3 of its content.
     FileEnd {
         hash: [u8; 32],

@@ -6,6 +6,7 @@ mod file_index;
 pub mod handover;
 pub mod primary;
 pub mod replica;
+mod transfer;
 
 use crate::config::NodeConfig;
 use crate::telemetry::Metrics;

@@ -8,10 +8,11 @@
 //! replica's older (real) version and is remembered, so a later rename of it
 //! is sent as content instead of a move.
 
-use super::{file_index, now_ns, Shared};
+use super::{file_index, now_ns, transfer, Shared};
 use crate::config::PeerSpec;
 use crate::events::*;
 use anyhow::{anyhow, bail, Context};
+use ferry_core::chunk::Chunk;
 use ferry_core::diff::{diff, Action};
 use ferry_core::fence::{resume_point, Resume};
 use ferry_core::{BatchTimer, Coalescer, EntryKind, RelPath};
@@ -21,7 +22,6 @@ use ferry_proto::{
 };
 use ferry_watch::{scan, Excludes, RawEvent, Scanned, Skip, Translator, Watcher};
 use std::collections::{HashSet, VecDeque};
-use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +35,15 @@ const APPEND_MIN: u64 = 64 << 10;
 /// Files remembered per peer for the append fast path.
 const SENT_CAP: usize = 4096;
 
+/// Changed files at least this large are diffed chunk by chunk against the
+/// version the peer holds, and patched in place on the replica when at
+/// least half of the file is unchanged (docs/ARCHITECTURE.md, "Small edits
+/// in large files"). Smaller files are rebuilt from reused chunks instead
+/// (atomic replace); pure appends are patched at any size.
+const PATCH_MIN: u64 = 4 << 20;
+/// Chunks remembered per peer for reuse across files (~56 bytes each).
+const CHUNK_DIR_CAP: usize = 256 << 10;
+
 /// What a peer holds of a file we sent it.
 #[derive(Clone)]
 struct SentFile {
@@ -43,7 +52,24 @@ struct SentFile {
     size: u64,
     mtime: ferry_proto::Mtime,
     ctime: (i64, i64),
-    hash: [u8; 32],
+    /// Its content-defined chunks.
+    chunks: Option<Arc<[Chunk]>>,
+    /// Names this version for [`ChunkLoc`].
+    version: u64,
+    /// The batch that sent it: the peer holds it from the next batch on.
+    batch: u64,
+}
+
+/// Where the peer holds a chunk: in version `version` of file `path`.
+struct ChunkLoc {
+    path: Arc<RelPath>,
+    version: u64,
+    offset: u64,
+    len: u32,
+}
+
+fn chunk_key(h: &[u8; 32]) -> u128 {
+    u128::from_le_bytes(h[..16].try_into().expect("16 bytes"))
 }
 
 /// Longest wait for the next manifest entry from a peer.
@@ -1003,6 +1029,11 @@ struct SenderState {
     /// Files of at least [`APPEND_MIN`] bytes last sent to the peer, for the
     /// append fast path (bounded to [`SENT_CAP`] entries).
     sent: std::collections::HashMap<RelPath, SentFile>,
+    /// Chunks the peer holds, by (the first half of) their hash. An entry is
+    /// good while `sent` still names its file version, sent in an earlier
+    /// batch: a copy reads the replica's tree as it is when the batch starts.
+    chunks: std::collections::HashMap<u128, ChunkLoc>,
+    next_version: u64,
     /// Undo log of `sent` updates, by batch: updates from batches the peer
     /// never acknowledged are rolled back when a new session starts (the
     /// peer may not hold those versions).
@@ -1898,8 +1929,26 @@ impl Sender<'_> {
                         to: to.clone(),
                     }))
                     .await?;
-                if let Some(f) = self.st.sent.remove(from) {
+                // a moved file is a copy source only from the next batch on
+                // (copies read the tree as the batch starts), also when this
+                // batch is sent again after a reconnect
+                if let Some(mut f) = self.st.sent.remove(from) {
+                    f.batch = self.cur_seq;
                     self.st.sent.insert(to.clone(), f);
+                }
+                // what was inside a moved directory now lives under `to`
+                let inside: Vec<RelPath> = self
+                    .st
+                    .sent
+                    .keys()
+                    .filter(|k| *k != from && k.starts_with(from))
+                    .cloned()
+                    .collect();
+                for k in inside {
+                    if let (Some(mut f), Some(n)) = (self.st.sent.remove(&k), k.rebase(from, to)) {
+                        f.batch = self.cur_seq;
+                        self.st.sent.insert(n, f);
+                    }
                 }
                 if !self.st.missing.is_empty() {
                     let moved: Vec<RelPath> = self
@@ -1945,7 +1994,7 @@ impl Sender<'_> {
             }
             match &item.state {
                 None => {
-                    self.st.sent.remove(&item.path);
+                    self.st.sent.retain(|k, _| !k.starts_with(&item.path));
                     if !item.replace {
                         self.send
                             .send(&Message::Op(Op::Delete {
@@ -2039,7 +2088,56 @@ impl Sender<'_> {
         Ok(())
     }
 
+    /// Where the peer holds a chunk, if it provably does (see
+    /// [`SenderState::chunks`]).
+    fn chunk_source(&self, c: &Chunk) -> Option<(RelPath, u64)> {
+        let loc = self.st.chunks.get(&chunk_key(&c.hash))?;
+        if loc.len != c.len {
+            return None;
+        }
+        let f = self.st.sent.get(&*loc.path)?;
+        (f.version == loc.version && f.batch < self.cur_seq)
+            .then(|| ((*loc.path).clone(), loc.offset))
+    }
+
+    /// Remembers where the peer will hold the chunks of a file just sent.
+    fn learn_chunks(&mut self, path: &RelPath, version: u64, chunks: &[Chunk]) {
+        if self.st.chunks.len() + chunks.len() > CHUNK_DIR_CAP {
+            let sent = &self.st.sent;
+            self.st
+                .chunks
+                .retain(|_, l| sent.get(&*l.path).is_some_and(|f| f.version == l.version));
+            if self.st.chunks.len() + chunks.len() > CHUNK_DIR_CAP {
+                self.st.chunks.clear();
+            }
+            if chunks.len() > CHUNK_DIR_CAP {
+                return;
+            }
+        }
+        let p = Arc::new(path.clone());
+        let mut at = 0u64;
+        for c in chunks {
+            self.st.chunks.insert(
+                chunk_key(&c.hash),
+                ChunkLoc {
+                    path: p.clone(),
+                    version,
+                    offset: at,
+                    len: c.len,
+                },
+            );
+            at += u64::from(c.len);
+        }
+    }
+
     /// Sends one file's content, never torn (G3).
+    ///
+    /// Small files go whole. A larger one is cut into content-defined
+    /// chunks; a chunk the peer already holds (of the old version of this
+    /// file or of any other file it got from us) is sent as a copy
+    /// instruction instead of bytes. A change to a file whose chunks the
+    /// peer holds is diffed first: a pure append, or a small edit of a
+    /// large file, is patched in place on the replica.
     async fn send_file(
         &mut self,
         s: &Scanned,
@@ -2047,11 +2145,11 @@ impl Sender<'_> {
         may_skip: bool,
     ) -> anyhow::Result<FileOutcome> {
         let path = scan::abs(&self.ctx.shared.cfg.root, &s.entry.path);
-        'attempt: for _ in 0..4 {
+        for attempt in 0..4 {
             let f = tokio::task::block_in_place(|| {
                 open_beneath(&self.ctx.root_fd, &s.entry.path, &path)
             });
-            let mut f = match f {
+            let f = match f {
                 Ok(f) => f,
                 Err(e) if scan::gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => {
                     return Ok(FileOutcome::Vanished)
@@ -2070,23 +2168,24 @@ impl Sender<'_> {
                 return Ok(FileOutcome::Vanished);
             }
             let size = before.len();
-            let mode = before.mode() & ferry_proto::MODE_ALLOWED;
-            let mtime = ferry_proto::Mtime {
-                secs: before.mtime(),
-                nanos: before.mtime_nsec().clamp(0, 999_999_999) as u32,
+            let meta = FileMeta {
+                size,
+                mode: before.mode() & ferry_proto::MODE_ALLOWED,
+                mtime: ferry_proto::Mtime {
+                    secs: before.mtime(),
+                    nanos: before.mtime_nsec().clamp(0, 999_999_999) as u32,
+                },
             };
-            // The append fast path: the peer holds what we last sent (same
-            // inode, acked or not: the replica checks the base), the file only
-            // grew, and its prefix still hashes the same: send only the tail.
+            let prev = self.st.sent.get(&s.entry.path).cloned();
             // Unchanged since we sent it (its change was read by an earlier
             // batch already): nothing to send, unless a delete just went.
             if may_skip {
-                if let Some(prev) = self.st.sent.get(&s.entry.path) {
+                if let Some(prev) = &prev {
                     let now = (
                         before.dev(),
                         before.ino(),
                         size,
-                        mtime,
+                        meta.mtime,
                         (before.ctime(), before.ctime_nsec()),
                     );
                     if now == (prev.dev, prev.ino, prev.size, prev.mtime, prev.ctime) {
@@ -2094,138 +2193,384 @@ impl Sender<'_> {
                     }
                 }
             }
-            let mut hasher = blake3::Hasher::new();
-            let mut sent = 0u64;
-            let mut tail: Option<blake3::Hasher> = None;
-            if let Some(prev) = self.st.sent.get(&s.entry.path).cloned() {
-                if (prev.dev, prev.ino) == (before.dev(), before.ino()) && size > prev.size {
-                    let prefix = tokio::task::block_in_place(|| hash_prefix(&mut f, prev.size))?;
-                    match prefix {
-                        Some(h) if *h.clone().finalize().as_bytes() == prev.hash => {
-                            hasher = h;
-                            sent = prev.size;
-                            tail = Some(blake3::Hasher::new());
-                            self.send
-                                .send(&Message::FileAppend(ferry_proto::AppendHeader {
-                                    path: s.entry.path.clone(),
-                                    offset: prev.size,
-                                    prev_mtime: prev.mtime,
-                                    size,
-                                    mode,
-                                    mtime,
-                                }))
-                                .await?;
-                        }
-                        _ => {
-                            use std::io::Seek;
-                            tokio::task::block_in_place(|| f.seek(std::io::SeekFrom::Start(0)))?;
-                        }
-                    }
+            let mut sent = None;
+            if let (Some(prev), true) = (&prev, may_skip && attempt < 2) {
+                if prev.chunks.is_some() && size >= APPEND_MIN {
+                    sent = self
+                        .send_patch(&s.entry.path, &f, &before, prev, meta)
+                        .await?;
                 }
             }
-            if tail.is_none() {
-                self.send
-                    .send(&Message::FileBegin(FileHeader {
-                        path: s.entry.path.clone(),
-                        mode,
-                        mtime,
-                        size,
-                    }))
-                    .await?;
-            }
-            let start = sent;
-            let mut z = Squeeze::default();
-            while sent < size {
-                let want = ((size - sent) as usize).min(MAX_DATA);
-                let mut buf = vec![0u8; want];
-                let n = tokio::task::block_in_place(|| read_full(&mut f, &mut buf))?;
-                if n < want {
-                    // shrank while reading
-                    self.send.send(&Message::FileAbort).await?;
-                    continue 'attempt;
+            let sent = match sent {
+                Some(x) => x,
+                None if size < APPEND_MIN => {
+                    self.send_small(&s.entry.path, f, &before, meta).await?
                 }
-                hasher.update(&buf);
-                if let Some(t) = tail.as_mut() {
-                    t.update(&buf);
-                }
-                sent += n as u64;
-                let (msg, _wire) = tokio::task::block_in_place(|| squeeze(&mut z, buf));
-                self.send.send(&msg).await?;
-            }
-            let after = tokio::task::block_in_place(|| f.metadata())?;
-            let same = after.len() == size
-                && after.mtime() == before.mtime()
-                && after.mtime_nsec() == before.mtime_nsec()
-                && after.ctime() == before.ctime()
-                && after.ctime_nsec() == before.ctime_nsec();
-            if !same {
-                self.send.send(&Message::FileAbort).await?;
-                continue;
-            }
-            let full = *hasher.finalize().as_bytes();
-            let end = match &tail {
-                Some(t) => *t.finalize().as_bytes(),
-                None => full,
+                None => self.send_chunked(&s.entry.path, f, &before, meta).await?,
             };
-            self.send.send(&Message::FileEnd { hash: end }).await?;
+            let Some(sent) = sent else {
+                continue; // changed while read: FileAbort went, read again
+            };
             {
                 let mut h = self.ctx.hashes.lock().expect("hashes");
                 if h.len() < HASHES_CAP {
                     let mut ident = file_index::record(s, 0);
-                    ident.mode = mode;
+                    ident.mode = meta.mode;
                     ident.size = size;
-                    ident.mtime = (mtime.secs, mtime.nanos);
+                    ident.mtime = (meta.mtime.secs, meta.mtime.nanos);
                     ident.dev = before.dev();
                     ident.ino = before.ino();
                     ident.ctime = (before.ctime(), before.ctime_nsec());
-                    ident.hash = Some(full);
+                    ident.hash = sent.full;
                     h.push(ferry_store::IndexOp::Hash {
                         path: s.entry.path.as_bytes().to_vec(),
                         ident,
                     });
                 }
             }
+            self.st.next_version += 1;
+            let version = self.st.next_version;
+            let chunks: Option<Arc<[Chunk]>> = sent.chunks.map(Arc::from);
             self.remember_sent(
                 &s.entry.path,
                 SentFile {
                     dev: before.dev(),
                     ino: before.ino(),
                     size,
-                    mtime,
+                    mtime: meta.mtime,
                     ctime: (before.ctime(), before.ctime_nsec()),
-                    hash: full,
+                    chunks: chunks.clone(),
+                    version,
+                    batch: self.cur_seq,
                 },
             );
-            if start > 0 {
-                self.ctx
-                    .shared
-                    .metrics
-                    .bytes_saved
+            if let Some(c) = &chunks {
+                if size >= APPEND_MIN {
+                    self.learn_chunks(&s.entry.path, version, c);
+                }
+            }
+            let m = &self.ctx.shared.metrics;
+            if sent.reused > 0 {
+                m.bytes_saved
+                    .with_label_values(&["dedup"])
+                    .inc_by(sent.reused);
+            }
+            if sent.appended_from > 0 {
+                m.bytes_saved
                     .with_label_values(&["append"])
-                    .inc_by(start);
+                    .inc_by(sent.appended_from);
             }
-            if z.saved > 0 {
-                self.ctx
-                    .shared
-                    .metrics
-                    .bytes_saved
+            if sent.compressed > 0 {
+                m.bytes_saved
                     .with_label_values(&["compression"])
-                    .inc_by(z.saved);
+                    .inc_by(sent.compressed);
             }
-            return Ok(FileOutcome::Sent(size - start));
+            return Ok(FileOutcome::Sent(sent.literal));
         }
         Ok(FileOutcome::Unstable)
     }
+
+    /// Ends a file: `FileEnd` if it did not change while read (G3), else
+    /// `FileAbort` and false.
+    async fn end_file(
+        &mut self,
+        f: &std::fs::File,
+        before: &std::fs::Metadata,
+        hash: [u8; 32],
+    ) -> anyhow::Result<bool> {
+        let after = tokio::task::block_in_place(|| f.metadata())?;
+        let same = after.len() == before.len()
+            && after.mtime() == before.mtime()
+            && after.mtime_nsec() == before.mtime_nsec()
+            && after.ctime() == before.ctime()
+            && after.ctime_nsec() == before.ctime_nsec();
+        if same {
+            self.send.send(&Message::FileEnd { hash }).await?;
+        } else {
+            self.send.send(&Message::FileAbort).await?;
+        }
+        Ok(same)
+    }
+
+    /// A small file: read whole, sent whole.
+    async fn send_small(
+        &mut self,
+        p: &RelPath,
+        mut f: std::fs::File,
+        before: &std::fs::Metadata,
+        meta: FileMeta,
+    ) -> anyhow::Result<Option<Shipped>> {
+        let mut buf = vec![0u8; meta.size as usize];
+        let n = tokio::task::block_in_place(|| transfer::read_full(&mut f, &mut buf))?;
+        self.send
+            .send(&Message::FileBegin(FileHeader {
+                path: p.clone(),
+                mode: meta.mode,
+                mtime: meta.mtime,
+                size: meta.size,
+            }))
+            .await?;
+        if n < buf.len() {
+            self.send.send(&Message::FileAbort).await?;
+            return Ok(None);
+        }
+        let full = *blake3::hash(&buf).as_bytes();
+        let mut z = transfer::Squeeze::default();
+        if !buf.is_empty() {
+            let (msg, _) = tokio::task::block_in_place(|| transfer::squeeze(&mut z, buf));
+            self.send.send(&msg).await?;
+        }
+        if !self.end_file(&f, before, full).await? {
+            return Ok(None);
+        }
+        Ok(Some(Shipped {
+            full: Some(full),
+            chunks: None,
+            literal: meta.size,
+            reused: 0,
+            appended_from: 0,
+            compressed: z.saved,
+        }))
+    }
+
+    /// A larger file, whole: a reader thread cuts, hashes and compresses
+    /// while this task ships; chunks the peer holds go as copies.
+    async fn send_chunked(
+        &mut self,
+        p: &RelPath,
+        f: std::fs::File,
+        before: &std::fs::Metadata,
+        meta: FileMeta,
+    ) -> anyhow::Result<Option<Shipped>> {
+        self.send
+            .send(&Message::FileBegin(FileHeader {
+                path: p.clone(),
+                mode: meta.mode,
+                mtime: meta.mtime,
+                size: meta.size,
+            }))
+            .await?;
+        let (tx, mut rx) = mpsc::channel(transfer::READ_AHEAD);
+        let reader = f.try_clone()?;
+        let size = meta.size;
+        let worker = tokio::task::spawn_blocking(move || transfer::produce(reader, size, tx));
+        let mut literal = 0u64;
+        let mut reused = 0u64;
+        // a run of copies from one source, merged until it breaks
+        let mut run: Option<(RelPath, u64, u64)> = None;
+        let mut result = None;
+        while let Some(feed) = rx.recv().await {
+            match feed {
+                transfer::Feed::Chunk { chunk, msg, .. } => {
+                    let src = if self.st.chunks.is_empty() {
+                        None
+                    } else {
+                        self.chunk_source(&chunk)
+                    };
+                    match src {
+                        Some((src, off)) => {
+                            reused += u64::from(chunk.len);
+                            match &mut run {
+                                Some((rs, ro, rl)) if *rs == src && *ro + *rl == off => {
+                                    *rl += u64::from(chunk.len)
+                                }
+                                _ => {
+                                    if let Some((src, offset, len)) = run.take() {
+                                        self.send
+                                            .send(&Message::FileCopy { src, offset, len })
+                                            .await?;
+                                    }
+                                    run = Some((src, off, u64::from(chunk.len)));
+                                }
+                            }
+                        }
+                        None => {
+                            if let Some((src, offset, len)) = run.take() {
+                                self.send
+                                    .send(&Message::FileCopy { src, offset, len })
+                                    .await?;
+                            }
+                            literal += u64::from(chunk.len);
+                            self.send.send(&msg).await?;
+                        }
+                    }
+                }
+                transfer::Feed::Short => break,
+                transfer::Feed::Failed(e) => {
+                    drop(rx);
+                    let _ = worker.await;
+                    return Err(anyhow!("reading {p}: {e}"));
+                }
+                transfer::Feed::Done {
+                    full,
+                    chunks,
+                    saved,
+                } => result = Some((full, chunks, saved)),
+            }
+        }
+        let _ = worker.await;
+        if let Some((src, offset, len)) = run.take() {
+            self.send
+                .send(&Message::FileCopy { src, offset, len })
+                .await?;
+        }
+        let Some((full, chunks, saved)) = result else {
+            self.send.send(&Message::FileAbort).await?;
+            return Ok(None);
+        };
+        if !self.end_file(&f, before, full).await? {
+            return Ok(None);
+        }
+        Ok(Some(Shipped {
+            full: Some(full),
+            chunks: Some(chunks),
+            literal,
+            reused,
+            appended_from: 0,
+            // what compression saved on chunks that went as copies is not a saving
+            compressed: saved.min(literal),
+        }))
+    }
+
+    /// A changed file whose chunks the peer holds: diffed against them.
+    /// Patched in place when it only grew, or when it is large and mostly
+    /// unchanged; `None` (nothing sent) when it is better sent whole.
+    async fn send_patch(
+        &mut self,
+        p: &RelPath,
+        f: &std::fs::File,
+        before: &std::fs::Metadata,
+        prev: &SentFile,
+        meta: FileMeta,
+    ) -> anyhow::Result<Option<Option<Shipped>>> {
+        let old = prev.chunks.clone().expect("chunks");
+        let d = match tokio::task::block_in_place(|| transfer::diff(f, &old, prev.size, meta.size))
+        {
+            Ok(d) => d,
+            // shrank while read: whole, next attempt
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(anyhow!("reading {p}: {e}")),
+        };
+        let in_place: u64 = d
+            .pieces
+            .iter()
+            .filter(|x| x.in_place)
+            .map(|x| u64::from(x.chunk.len))
+            .sum();
+        // A pure append ships only the bytes past the old end (the last old
+        // chunk may be re-cut, but its bytes stand).
+        let ranges = if d.append {
+            if meta.size > prev.size {
+                vec![(prev.size, meta.size - prev.size)]
+            } else {
+                Vec::new()
+            }
+        } else {
+            transfer::fresh_ranges(&d.pieces)
+        };
+        let worth = d.append || (meta.size >= PATCH_MIN && in_place * 2 >= meta.size);
+        if !worth || ranges.len() > ferry_proto::MAX_PATCH_RANGES {
+            return Ok(None);
+        }
+        self.send
+            .send(&Message::FilePatch(ferry_proto::PatchHeader {
+                path: p.clone(),
+                prev_size: prev.size,
+                prev_mtime: prev.mtime,
+                size: meta.size,
+                mode: meta.mode,
+                mtime: meta.mtime,
+                ranges: ranges.clone(),
+            }))
+            .await?;
+        let mut hasher = blake3::Hasher::new();
+        let mut z = transfer::Squeeze::default();
+        let (mut literal, mut reused) = (0u64, 0u64);
+        for &(off, len) in &ranges {
+            // the range's bytes, chunk by chunk where they are whole chunks
+            let mut at = off;
+            while at < off + len {
+                let piece = d
+                    .pieces
+                    .iter()
+                    .find(|x| x.offset == at && x.offset + u64::from(x.chunk.len) <= off + len);
+                let n = match piece {
+                    Some(x) => u64::from(x.chunk.len),
+                    None => (off + len - at).min(MAX_DATA as u64),
+                };
+                let mut buf = vec![0u8; n as usize];
+                if let Err(e) = tokio::task::block_in_place(|| {
+                    std::os::unix::fs::FileExt::read_exact_at(f, &mut buf, at)
+                }) {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        self.send.send(&Message::FileAbort).await?;
+                        return Ok(Some(None));
+                    }
+                    return Err(anyhow!("reading {p}: {e}"));
+                }
+                hasher.update(&buf);
+                match piece.and_then(|x| self.chunk_source(&x.chunk)) {
+                    Some((src, offset)) => {
+                        reused += n;
+                        self.send
+                            .send(&Message::FileCopy {
+                                src,
+                                offset,
+                                len: n,
+                            })
+                            .await?;
+                    }
+                    None => {
+                        literal += n;
+                        let (msg, _) =
+                            tokio::task::block_in_place(|| transfer::squeeze(&mut z, buf));
+                        self.send.send(&msg).await?;
+                    }
+                }
+                at += n;
+            }
+        }
+        if !self
+            .end_file(f, before, *hasher.finalize().as_bytes())
+            .await?
+        {
+            return Ok(Some(None));
+        }
+        let unsent = meta.size - literal - reused;
+        Ok(Some(Some(Shipped {
+            full: None,
+            chunks: Some(d.pieces.iter().map(|x| x.chunk).collect()),
+            literal,
+            reused: reused + if d.append { 0 } else { unsent },
+            appended_from: if d.append { unsent } else { 0 },
+            compressed: z.saved,
+        })))
+    }
 }
 
-/// Waits for a buffered write already in progress on `f` to finish.
-///
-/// The G3 check compares size, mtime and ctime before and after a read; with
-/// multigrain timestamps (Linux 6.13+) every write after our `fstat` changes
-/// mtime. What it cannot see is a write that began before the `fstat` and is
-/// still copying data. ext4 and XFS take the inode lock shared for
-/// `lseek(SEEK_DATA)`, which waits for such a write to release it; on other
-/// filesystems this is a cheap no-op.
+/// Size, mode and mtime of a file as read for sending.
+#[derive(Clone, Copy)]
+struct FileMeta {
+    size: u64,
+    mode: u32,
+    mtime: ferry_proto::Mtime,
+}
+
+/// What sending one file took.
+struct Shipped {
+    /// BLAKE3 of the whole file, when it was read whole.
+    full: Option<[u8; 32]>,
+    chunks: Option<Vec<Chunk>>,
+    /// Content bytes shipped as data (before compression).
+    literal: u64,
+    /// Bytes the peer took from chunks it held.
+    reused: u64,
+    /// Bytes an append did not resend.
+    appended_from: u64,
+    /// What compression saved on the literal bytes.
+    compressed: u64,
+}
+
 /// Opens a file of the root for reading without following any symlink on
 /// the way and without leaving the root, whatever happens to its parents
 /// meanwhile (openat2). Kernels before 5.6 lack openat2: then the path is
@@ -2250,79 +2595,18 @@ fn open_beneath(root: &std::fs::File, rel: &RelPath, abs: &Path) -> std::io::Res
     }
 }
 
-/// Per-file compression state. Each data frame is compressed with zstd
-/// (level 1: several hundred MB/s per core) and sent compressed when that
-/// saves at least 1/16 of it; a frame that does not compress turns
-/// compression off for the next [`COMPRESS_SKIP`] frames of the file, so
-/// incompressible data (media, archives, encrypted files) costs one trial
-/// per 16 MiB.
-#[derive(Default)]
-struct Squeeze {
-    skip: u32,
-    saved: u64,
-}
-
-const COMPRESS_SKIP: u32 = 16;
-const ZSTD_LEVEL: i32 = 1;
-
-/// The message for one data frame, and its payload size on the wire.
-fn squeeze(z: &mut Squeeze, buf: Vec<u8>) -> (Message, u64) {
-    if z.skip > 0 {
-        z.skip -= 1;
-    } else if buf.len() >= 512 {
-        match zstd::bulk::compress(&buf, ZSTD_LEVEL) {
-            Ok(c) if c.len() + c.len() / 16 < buf.len() => {
-                z.saved += (buf.len() - c.len()) as u64;
-                let n = c.len() as u64;
-                return (
-                    Message::FileDataZ {
-                        raw_len: buf.len() as u32,
-                        data: bytes::Bytes::from(c),
-                    },
-                    n,
-                );
-            }
-            _ => z.skip = COMPRESS_SKIP,
-        }
-    }
-    let n = buf.len() as u64;
-    (Message::FileData(bytes::Bytes::from(buf)), n)
-}
-
+/// Waits for a buffered write already in progress on `f` to finish.
+///
+/// The G3 check compares size, mtime and ctime before and after a read; with
+/// multigrain timestamps (Linux 6.13+) every write after our `fstat` changes
+/// mtime. What it cannot see is a write that began before the `fstat` and is
+/// still copying data. ext4 and XFS take the inode lock shared for
+/// `lseek(SEEK_DATA)`, which waits for such a write to release it; on other
+/// filesystems this is a cheap no-op.
 fn write_barrier(f: &std::fs::File) {
     let _ = rustix::fs::seek(f, rustix::fs::SeekFrom::Data(0));
     // The offset moved: the reads below start at 0.
     let _ = rustix::fs::seek(f, rustix::fs::SeekFrom::Start(0));
-}
-
-/// BLAKE3 state after the first `len` bytes of `f` (`None`: shorter).
-fn hash_prefix(f: &mut std::fs::File, len: u64) -> std::io::Result<Option<blake3::Hasher>> {
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; MAX_DATA];
-    let mut left = len;
-    while left > 0 {
-        let want = (left as usize).min(MAX_DATA);
-        let n = read_full(f, &mut buf[..want])?;
-        if n < want {
-            return Ok(None);
-        }
-        h.update(&buf[..n]);
-        left -= n as u64;
-    }
-    Ok(Some(h))
-}
-
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]
@@ -2384,6 +2668,7 @@ mod tests {
 #[cfg(test)]
 mod beneath_tests {
     use super::*;
+    use std::io::Read;
 
     #[test]
     fn reads_never_leave_the_root_through_a_swapped_parent() {

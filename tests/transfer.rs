@@ -1,0 +1,143 @@
+//! Process tests of efficient transfer (issue 4): only what changed crosses
+//! the wire. A small edit of a large file is patched in place on the
+//! replica; a copied file, or data shifted by an insert, is rebuilt from
+//! chunks the replica already holds.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::time::{Duration, Instant};
+use support::faults::pair;
+use support::*;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn random(n: usize, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut v = vec![0u8; n];
+    rng.fill(&mut v);
+    v
+}
+
+fn sent(n: &Node) -> f64 {
+    metric_labeled(n.metrics, "ferry_bytes_sent_total", "peer=")
+}
+
+fn saved(n: &Node, reason: &str) -> f64 {
+    metric_labeled(
+        n.metrics,
+        "ferry_bytes_saved_total",
+        &format!("reason=\"{reason}\""),
+    )
+}
+
+fn started() -> support::faults::Pair {
+    let mut p = pair(&[], &[]);
+    p.replica.start();
+    p.primary.start().wait_ready(Duration::from_secs(20));
+    p
+}
+
+#[test]
+fn w4_a_small_edit_of_a_large_file_ships_the_edit_and_patches_in_place() {
+    let p = started();
+    let size = 96 << 20;
+    let data = random(size, 1);
+    let pf = p.primary.root.join("db.img");
+    let rf = p.replica.root.join("db.img");
+    std::fs::write(&pf, &data).unwrap();
+    wait_converged(&p.primary.root, &p.replica.root, CONVERGE);
+    wait_idle(&p.primary, CONVERGE);
+    let ino = std::fs::metadata(&rf).unwrap().ino();
+    let before = sent(&p.primary);
+    // 1 MiB overwritten in the middle, in place (as a database writes)
+    let edit = random(1 << 20, 2);
+    let f = std::fs::OpenOptions::new().write(true).open(&pf).unwrap();
+    let t0 = Instant::now();
+    f.write_all_at(&edit, (size / 2) as u64).unwrap();
+    drop(f);
+    let took = wait_converged(&p.primary.root, &p.replica.root, CONVERGE);
+    wait_idle(&p.primary, CONVERGE);
+    let wire = sent(&p.primary) - before;
+    eprintln!(
+        "1 MiB edit of a 96 MiB file: {wire} bytes sent, converged {:?} after the write ({:?} in the poll)",
+        t0.elapsed(),
+        took
+    );
+    assert!(
+        wire <= 1.5 * (1 << 20) as f64,
+        "a 1 MiB edit cost {wire} bytes"
+    );
+    assert!(
+        wire >= (1 << 20) as f64,
+        "the edit itself must be sent: {wire}"
+    );
+    assert_eq!(
+        std::fs::metadata(&rf).unwrap().ino(),
+        ino,
+        "the replica's file was replaced, not patched in place"
+    );
+    assert!(saved(&p.primary, "dedup") >= (90 << 20) as f64);
+    // an edit near the end plus growth: still a patch, still small
+    let before = sent(&p.primary);
+    let f = std::fs::OpenOptions::new().write(true).open(&pf).unwrap();
+    f.write_all_at(&random(300 << 10, 3), (size - 1000) as u64)
+        .unwrap();
+    drop(f);
+    wait_converged(&p.primary.root, &p.replica.root, CONVERGE);
+    wait_idle(&p.primary, CONVERGE);
+    let wire = sent(&p.primary) - before;
+    assert!(wire < (1 << 20) as f64, "a 300 KiB edit cost {wire} bytes");
+    assert_eq!(std::fs::metadata(&rf).unwrap().ino(), ino);
+    assert_eq!(
+        p.replica.metric("ferry_errors_total"),
+        0.0,
+        "{}",
+        p.replica.log_tail()
+    );
+}
+
+#[test]
+fn a_copied_file_and_shifted_data_cost_almost_no_data() {
+    let p = started();
+    let data = random(12 << 20, 4);
+    std::fs::write(p.primary.root.join("a.bin"), &data).unwrap();
+    wait_converged(&p.primary.root, &p.replica.root, CONVERGE);
+    wait_idle(&p.primary, CONVERGE);
+    // a copy under another name: rebuilt on the replica from its own chunks
+    let before = sent(&p.primary);
+    std::fs::copy(p.primary.root.join("a.bin"), p.primary.root.join("b.bin")).unwrap();
+    wait_converged(&p.primary.root, &p.replica.root, CONVERGE);
+    wait_idle(&p.primary, CONVERGE);
+    let wire = sent(&p.primary) - before;
+    eprintln!("12 MiB copy: {wire} bytes sent");
+    assert!(
+        wire < (64 << 10) as f64,
+        "a copied 12 MiB file cost {wire} bytes"
+    );
+    // 100 bytes inserted near the start shift everything after them
+    let before = sent(&p.primary);
+    let mut shifted = data[..1 << 20].to_vec();
+    shifted.extend_from_slice(&random(100, 5));
+    shifted.extend_from_slice(&data[1 << 20..]);
+    std::fs::write(p.primary.root.join("a.bin"), &shifted).unwrap();
+    wait_converged(&p.primary.root, &p.replica.root, CONVERGE);
+    wait_idle(&p.primary, CONVERGE);
+    let wire = sent(&p.primary) - before;
+    eprintln!("100-byte insert into 12 MiB: {wire} bytes sent");
+    assert!(
+        wire < (768 << 10) as f64,
+        "an insert of 100 bytes cost {wire} bytes"
+    );
+    assert_eq!(
+        std::fs::read(p.replica.root.join("a.bin")).unwrap(),
+        shifted
+    );
+    assert_eq!(
+        p.replica.metric("ferry_errors_total"),
+        0.0,
+        "{}",
+        p.replica.log_tail()
+    );
+}
