@@ -443,6 +443,158 @@ fn append(a: &mut Applier, h: ferry_proto::AppendHeader, tail: &[u8]) -> Result<
     a.file_end(blake3::hash(tail).as_bytes())
 }
 
+/// Bytes for a patch or a copy-built file.
+enum Part<'a> {
+    Data(&'a [u8]),
+    Copy(&'a str, u64, u64),
+}
+
+/// Feeds parts and ends with the hash of `expect` (what they add up to).
+fn parts(a: &mut Applier, ps: &[Part], expect: &[u8]) -> Result<(), ApplyError> {
+    for part in ps {
+        match part {
+            Part::Data(d) => a.file_data(d)?,
+            Part::Copy(src, off, len) => a.file_copy(&p(src), *off, *len)?,
+        }
+    }
+    a.file_end(blake3::hash(expect).as_bytes())
+}
+
+fn patch_hdr(prev: (u64, Mtime), size: u64, ranges: Vec<(u64, u64)>) -> ferry_proto::PatchHeader {
+    ferry_proto::PatchHeader {
+        path: p("big"),
+        prev_size: prev.0,
+        prev_mtime: prev.1,
+        size,
+        mode: 0o640,
+        mtime: mt(1_700_000_000),
+        ranges,
+    }
+}
+
+/// The content of "big" in the crash batches: patterned, 20,000 bytes.
+fn big0() -> Vec<u8> {
+    (0..20_000u32).map(|x| (x * 7 % 253) as u8).collect()
+}
+
+/// "big" after the patch of crash batch 2.
+fn big1() -> Vec<u8> {
+    let mut b = big0();
+    b[10..14].copy_from_slice(b"b-v1");
+    b[9_000..9_006].copy_from_slice(b"PATCH!");
+    b.truncate(19_990);
+    b.extend_from_slice(&[b'z'; 20]);
+    b
+}
+
+#[test]
+fn patch_rewrites_ranges_in_place_and_copies_read_the_tree_before_the_batch() {
+    let mut f = fixture();
+    let big = big0();
+    f.one(|a| {
+        file(a, "big", &big, 0o644)?;
+        file(a, "src", b"0123456789", 0o644)
+    })
+    .unwrap();
+    let ino = std::fs::metadata(f.root.join("big")).unwrap().ino();
+    let prev = (big.len() as u64, mt(1_600_000_000));
+    // rewrite 100..110 from "src", 5000..5003 with data, grow by 7 bytes;
+    // "src" is deleted in the same batch, after the copy was received
+    let mut want = big.clone();
+    want[100..110].copy_from_slice(b"0123456789");
+    want[5000..5003].copy_from_slice(b"XYZ");
+    want.extend_from_slice(b"-grown-");
+    f.one(|a| {
+        a.patch_begin(&patch_hdr(
+            prev,
+            20_007,
+            vec![(100, 10), (5000, 3), (20_000, 7)],
+        ))?;
+        parts(
+            a,
+            &[
+                Part::Copy("src", 0, 10),
+                Part::Data(b"XYZ"),
+                Part::Data(b"-grown-"),
+            ],
+            b"0123456789XYZ-grown-",
+        )?;
+        op(a, Op::Delete { path: p("src") })
+    })
+    .unwrap();
+    assert_eq!(std::fs::read(f.root.join("big")).unwrap(), want);
+    let md = std::fs::metadata(f.root.join("big")).unwrap();
+    assert_eq!(md.ino(), ino, "patched in place");
+    assert_eq!(md.mode() & 0o7777, 0o640);
+    assert!(!f.root.join("src").exists());
+    // a patch that shrinks the file
+    let prev = (20_007, mt(1_700_000_000));
+    f.one(|a| {
+        a.patch_begin(&patch_hdr(prev, 50, vec![(40, 10)]))?;
+        parts(
+            a,
+            &[Part::Copy("big", 5000, 3), Part::Data(b"1234567")],
+            b"XYZ1234567",
+        )
+    })
+    .unwrap();
+    let mut short = want[..40].to_vec();
+    short.extend_from_slice(b"XYZ1234567");
+    assert_eq!(std::fs::read(f.root.join("big")).unwrap(), short);
+    // a base that is not the one the primary diffed against is refused
+    let r = f.one(|a| {
+        a.patch_begin(&patch_hdr((51, mt(1_700_000_000)), 50, vec![(0, 1)]))?;
+        parts(a, &[Part::Data(b"q")], b"q")
+    });
+    assert!(matches!(r, Err(ApplyError::Inconsistent { .. })), "{r:?}");
+    assert_eq!(std::fs::read(f.root.join("big")).unwrap(), short);
+    no_temp_files(&f.a, &f.root);
+}
+
+#[test]
+fn a_copy_from_a_missing_short_or_outside_source_is_refused() {
+    let mut f = fixture();
+    f.one(|a| file(a, "s", b"short", 0o644)).unwrap();
+    std::fs::write(f.outside.join("secret"), b"secret!").unwrap();
+    std::os::unix::fs::symlink(f.outside.join("secret"), f.root.join("link")).unwrap();
+    let hdr = |n| FileHeader {
+        path: p("t"),
+        mode: 0o644,
+        mtime: mt(1),
+        size: n,
+    };
+    for (src, off, len, what) in [
+        ("nope", 0, 3, "missing"),
+        ("s", 3, 5, "past its end"),
+        ("link", 0, 7, "a symlink to outside"),
+    ] {
+        f.begin();
+        f.a.file_begin(&hdr(len)).unwrap();
+        let r = f.a.file_copy(&p(src), off, len);
+        assert!(
+            matches!(r, Err(ApplyError::Inconsistent { .. })),
+            "{what}: {r:?}"
+        );
+        f.a.reset();
+    }
+    assert!(!f.root.join("t").exists());
+    // a copy must fit the announced size, and stay out of the state dir
+    f.begin();
+    f.a.file_begin(&hdr(2)).unwrap();
+    assert!(matches!(
+        f.a.file_copy(&p("s"), 0, 5),
+        Err(ApplyError::BadStream { .. })
+    ));
+    f.a.reset();
+    // wrong bytes fail the file's hash at its end
+    f.begin();
+    f.a.file_begin(&hdr(5)).unwrap();
+    f.a.file_copy(&p("s"), 0, 5).unwrap();
+    assert!(f.a.file_end(blake3::hash(b"other").as_bytes()).is_err());
+    f.a.reset();
+    assert!(!f.root.join("t").exists());
+}
+
 #[test]
 fn append_extends_in_place_or_refuses_a_different_base() {
     let mut f = fixture();
@@ -536,6 +688,7 @@ fn crash_batch(a: &mut Applier, i: u64) -> Result<(), ApplyError> {
             file(a, "d/a", b"a-v1", 0o644)?;
             file(a, "d/b", b"b-v1", 0o644)?;
             file(a, "log", &log0, 0o644)?;
+            file(a, "big", &big0(), 0o644)?;
             op(
                 a,
                 Op::Symlink {
@@ -571,6 +724,25 @@ fn crash_batch(a: &mut Applier, i: u64) -> Result<(), ApplyError> {
                     mtime: mt(1_650_000_000),
                 },
                 b"0123456789",
+            )?;
+            // an in-place patch: a copy from a file deleted later in the
+            // batch (copies read the tree before it), data, growth
+            a.patch_begin(&patch_hdr(
+                (20_000, mt(1_600_000_000)),
+                20_010,
+                vec![(10, 4), (9_000, 6), (19_990, 20)],
+            ))?;
+            let mut tail = b"b-v1".to_vec();
+            tail.extend_from_slice(b"PATCH!");
+            tail.extend_from_slice(&[b'z'; 20]);
+            parts(
+                a,
+                &[
+                    Part::Copy("d/b", 0, 4),
+                    Part::Data(b"PATCH!"),
+                    Part::Data(&[b'z'; 20]),
+                ],
+                &tail,
             )?;
             op(
                 a,
@@ -610,7 +782,34 @@ fn crash_batch(a: &mut Applier, i: u64) -> Result<(), ApplyError> {
                     mtime: mt(1_660_000_000),
                 },
                 b"abc",
-            )
+            )?;
+            // a file built from chunks the replica holds, and a patch that
+            // shrinks the file it copies from
+            let big = big1();
+            let mut built = big[..5_000].to_vec();
+            built.extend_from_slice(b"mid");
+            built.extend_from_slice(&big[15_000..19_990]);
+            a.file_begin(&FileHeader {
+                path: p("built"),
+                mode: 0o644,
+                mtime: mt(1_600_000_000),
+                size: built.len() as u64,
+            })?;
+            parts(
+                a,
+                &[
+                    Part::Copy("big", 0, 5_000),
+                    Part::Data(b"mid"),
+                    Part::Copy("big", 15_000, 4_990),
+                ],
+                &built,
+            )?;
+            a.patch_begin(&patch_hdr(
+                (20_010, mt(1_700_000_000)),
+                12_000,
+                vec![(11_000, 1_000)],
+            ))?;
+            parts(a, &[Part::Data(&[b'q'; 1_000])], &[b'q'; 1_000])
         }
         _ => {
             op(
