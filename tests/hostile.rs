@@ -13,7 +13,8 @@ mod peer;
 mod support;
 
 use ferry_proto::{
-    AppendHeader, BatchHeader, FileHeader, Message, Mtime, Op, RefuseCode, MAX_DATA, MAX_FRAME,
+    AppendHeader, BatchHeader, FileHeader, Message, Mtime, Op, PatchHeader, RefuseCode, MAX_DATA,
+    MAX_FRAME,
 };
 use peer::*;
 use std::path::{Path, PathBuf};
@@ -541,6 +542,53 @@ fn g6_hostile_paths_links_and_modes_are_refused_and_nothing_outside_changes() {
             });
             batch(s, a + 1, v)
         });
+        t.case(&format!("patch of {via}/victim.txt"), CONFINED, |s, a| {
+            let v = vec![
+                Message::FilePatch(PatchHeader {
+                    path: rel(&format!("{via}/victim.txt")),
+                    prev_size: 17,
+                    prev_mtime: mtime(),
+                    size: 17,
+                    mode: 0o644,
+                    mtime: mtime(),
+                    ranges: vec![(0, 5)],
+                }),
+                Message::FileData(bytes::Bytes::from_static(b"pwned")),
+                Message::FileEnd {
+                    hash: *blake3::hash(b"pwned").as_bytes(),
+                },
+            ];
+            batch(s, a + 1, v)
+        });
+        // reading outside the root through a link: the copy would carry
+        // the outside file's bytes into the root
+        let secret = b"must never change";
+        let stolen = format!("copied-via-{via}.txt");
+        t.case(&format!("copy from {via}/victim.txt"), CONFINED, |s, a| {
+            let v = vec![
+                Message::FileBegin(FileHeader {
+                    path: rel(&stolen),
+                    mode: 0o644,
+                    mtime: mtime(),
+                    size: secret.len() as u64,
+                }),
+                Message::FileCopy {
+                    src: rel(&format!("{via}/victim.txt")),
+                    offset: 0,
+                    len: secret.len() as u64,
+                },
+                Message::FileEnd {
+                    hash: *blake3::hash(secret).as_bytes(),
+                },
+            ];
+            batch(s, a + 1, v)
+        });
+        let leaked = t.replica.root.join(&stolen);
+        assert!(
+            !leaked.exists(),
+            "a copy read {} from outside the root",
+            leaked.display()
+        );
     }
     // a link the peer makes itself, then a write through it in the same batch
     t.case(
@@ -764,6 +812,118 @@ fn g6_hostile_paths_links_and_modes_are_refused_and_nothing_outside_changes() {
             s,
             a + 1,
             vec![Message::FileData(bytes::Bytes::from_static(b"x"))],
+        )
+    });
+    t.case("patch whose base does not match", CONFINED, |s, a| {
+        batch(
+            s,
+            a + 1,
+            vec![
+                Message::FilePatch(PatchHeader {
+                    path: rel("seed.txt"),
+                    prev_size: 99,
+                    prev_mtime: Mtime::default(),
+                    size: 4,
+                    mode: 0o644,
+                    mtime: mtime(),
+                    ranges: vec![(0, 4)],
+                }),
+                Message::FileData(bytes::Bytes::from_static(b"evil")),
+                Message::FileEnd {
+                    hash: *blake3::hash(b"evil").as_bytes(),
+                },
+            ],
+        )
+    });
+    t.case("patch with overlapping ranges", PROTO, |s, a| {
+        batch(
+            s,
+            a + 1,
+            vec![Message::FilePatch(PatchHeader {
+                path: rel("seed.txt"),
+                prev_size: 4,
+                prev_mtime: Mtime::default(),
+                size: 4,
+                mode: 0o644,
+                mtime: mtime(),
+                ranges: vec![(0, 3), (2, 2)],
+            })],
+        )
+    });
+    t.case("patch range past the new size", PROTO, |s, a| {
+        batch(
+            s,
+            a + 1,
+            vec![Message::FilePatch(PatchHeader {
+                path: rel("seed.txt"),
+                prev_size: 4,
+                prev_mtime: Mtime::default(),
+                size: 4,
+                mode: 0o644,
+                mtime: mtime(),
+                ranges: vec![(2, 3)],
+            })],
+        )
+    });
+    t.case(
+        "copy from the replica's state dir",
+        APPLY_REFUSED,
+        |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![
+                    Message::FileBegin(FileHeader {
+                        path: rel("state-copy"),
+                        mode: 0o644,
+                        mtime: mtime(),
+                        size: 8,
+                    }),
+                    Message::FileCopy {
+                        src: rel(".ferry/node.state"),
+                        offset: 0,
+                        len: 8,
+                    },
+                ],
+            )
+        },
+    );
+    t.case("copy longer than the file announced", BAD_STREAM, |s, a| {
+        batch(
+            s,
+            a + 1,
+            vec![
+                Message::FileBegin(FileHeader {
+                    path: rel("c"),
+                    mode: 0o644,
+                    mtime: mtime(),
+                    size: 2,
+                }),
+                Message::FileCopy {
+                    src: rel("seed.txt"),
+                    offset: 0,
+                    len: 4,
+                },
+            ],
+        )
+    });
+    t.case("copy of a huge range", CONFINED, |s, a| {
+        batch(
+            s,
+            a + 1,
+            vec![
+                Message::FileBegin(FileHeader {
+                    path: rel("c"),
+                    mode: 0o644,
+                    mtime: mtime(),
+                    size: 1 << 40,
+                }),
+                Message::FileCopy {
+                    src: rel("seed.txt"),
+                    offset: 0,
+                    len: 1 << 40,
+                },
+            ],
         )
     });
     t.case("append whose base does not match", CONFINED, |s, a| {
