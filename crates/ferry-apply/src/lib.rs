@@ -202,6 +202,8 @@ struct Incoming {
     mtime: Mtime,
     expected: u64,
     written: u64,
+    /// Written back up to here (early writeback, see [`WRITEBACK_EVERY`]).
+    kicked: u64,
     hasher: blake3::Hasher,
     step: Message,
 }
@@ -217,6 +219,9 @@ fn check_mode(path: &RelPath, mode: u32) -> Result<(), ApplyError> {
         ))
     }
 }
+
+/// A staged file's data is handed to writeback every this many bytes.
+const WRITEBACK_EVERY: u64 = 8 << 20;
 
 /// From this many staged files on, one `syncfs` replaces per-file fsyncs.
 const SYNCFS_FROM: usize = 8;
@@ -533,6 +538,7 @@ impl Applier {
             mtime,
             expected,
             written: 0,
+            kicked: 0,
             hasher: blake3::Hasher::new(),
             step,
         });
@@ -661,6 +667,18 @@ impl Applier {
         }
         inc.hasher.update(data);
         inc.written += data.len() as u64;
+        if inc.written - inc.kicked >= WRITEBACK_EVERY {
+            // start writing back what arrived so far (no wait): the fsync
+            // at commit then finds most of a large file on disk already,
+            // instead of writing all of it after the last byte arrived
+            let _ = rustix::fs::fadvise(
+                &inc.file,
+                inc.kicked,
+                std::num::NonZeroU64::new(inc.written - inc.kicked),
+                rustix::fs::Advice::DontNeed,
+            );
+            inc.kicked = inc.written;
+        }
         Ok(())
     }
 

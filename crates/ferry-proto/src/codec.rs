@@ -58,6 +58,28 @@ mod kind {
     pub const FILE_PATCH: u8 = 24;
 }
 
+/// For a file-data message with a large payload: appends the frame's head
+/// (length, kind and fixed fields) to `out` and returns the payload, to be
+/// sent right after it without copying. Other messages: `None`, nothing
+/// written (use [`encode`]).
+pub fn encode_head(msg: &Message, out: &mut BytesMut) -> Option<Bytes> {
+    const MIN: usize = 16 << 10;
+    match msg {
+        Message::FileData(d) if d.len() >= MIN => {
+            out.put_u32((1 + d.len()) as u32);
+            out.put_u8(kind::FILE_DATA);
+            Some(d.clone())
+        }
+        Message::FileDataZ { raw_len, data } if data.len() >= MIN => {
+            out.put_u32((1 + 4 + data.len()) as u32);
+            out.put_u8(kind::FILE_DATA_Z);
+            out.put_u32(*raw_len);
+            Some(data.clone())
+        }
+        _ => None,
+    }
+}
+
 /// Appends one framed message to `out`.
 pub fn encode(msg: &Message, out: &mut BytesMut) {
     let start = out.len();
@@ -799,6 +821,26 @@ mod tests {
                 ranges: vec![(0, 10), (50, 5), (100, 20)],
             }),
         ]
+    }
+
+    #[test]
+    fn a_head_and_its_payload_make_the_same_frame() {
+        for m in [
+            Message::FileData(Bytes::from(vec![7u8; 100_000])),
+            Message::FileDataZ {
+                raw_len: 200_000,
+                data: Bytes::from(vec![9u8; 50_000]),
+            },
+        ] {
+            let mut whole = BytesMut::new();
+            encode(&m, &mut whole);
+            let mut split = BytesMut::new();
+            let payload = encode_head(&m, &mut split).unwrap();
+            split.extend_from_slice(&payload);
+            assert_eq!(whole, split);
+            assert_eq!(decode_frame(&mut split).unwrap(), Some(m));
+        }
+        assert!(encode_head(&Message::FileAbort, &mut BytesMut::new()).is_none());
     }
 
     #[test]

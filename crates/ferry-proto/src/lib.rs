@@ -14,7 +14,7 @@
 pub mod codec;
 pub mod path;
 
-pub use codec::{decode_frame, encode, FrameDecoder, ProtoError};
+pub use codec::{decode_frame, encode, encode_head, FrameDecoder, ProtoError};
 pub use path::{check_link_target, mode_ok, PathError, RelPath, MODE_ALLOWED};
 
 use bytes::Bytes;

@@ -207,11 +207,19 @@ fn below(p: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (lo, hi)
 }
 
+/// Page cache of the index database.
+const INDEX_CACHE: usize = 8 << 20;
+
 impl Index {
     /// Opens (or creates) `dir/index.redb`.
     pub fn open(dir: &Path) -> Result<Index, StoreError> {
         let path = dir.join("index.redb");
-        let db = Database::create(&path)
+        // redb caches up to 1 GiB by default; the index is read mostly at
+        // start and written in batches, so a small cache keeps the
+        // primary's memory bounded (issue 4's M: ≤ 64 MiB) at little cost.
+        let db = redb::Builder::new()
+            .set_cache_size(INDEX_CACHE)
+            .create(&path)
             .map_err(redb::Error::from)
             .map_err(err(&path))?;
         Ok(Index { db, path })

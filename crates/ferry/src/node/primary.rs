@@ -1034,6 +1034,8 @@ struct SenderState {
     /// batch: a copy reads the replica's tree as it is when the batch starts.
     chunks: std::collections::HashMap<u128, ChunkLoc>,
     next_version: u64,
+    /// Compression state across small files.
+    squeeze: transfer::Squeeze,
     /// Undo log of `sent` updates, by batch: updates from batches the peer
     /// never acknowledged are rolled back when a new session starts (the
     /// peer may not hold those versions).
@@ -2315,11 +2317,15 @@ impl Sender<'_> {
             return Ok(None);
         }
         let full = *blake3::hash(&buf).as_bytes();
-        let mut z = transfer::Squeeze::default();
+        // small files share one compression state: a run of files that do
+        // not compress skips the trial, as within a large file
+        let z = &mut self.st.squeeze;
+        let saved = z.saved;
         if !buf.is_empty() {
-            let (msg, _) = tokio::task::block_in_place(|| transfer::squeeze(&mut z, buf));
+            let (msg, _) = tokio::task::block_in_place(|| transfer::squeeze(z, buf.into()));
             self.send.send(&msg).await?;
         }
+        let saved = self.st.squeeze.saved - saved;
         if !self.end_file(&f, before, full).await? {
             return Ok(None);
         }
@@ -2329,7 +2335,7 @@ impl Sender<'_> {
             literal: meta.size,
             reused: 0,
             appended_from: 0,
-            compressed: z.saved,
+            compressed: saved,
         }))
     }
 
@@ -2523,7 +2529,7 @@ impl Sender<'_> {
                     None => {
                         literal += n;
                         let (msg, _) =
-                            tokio::task::block_in_place(|| transfer::squeeze(&mut z, buf));
+                            tokio::task::block_in_place(|| transfer::squeeze(&mut z, buf.into()));
                         self.send.send(&msg).await?;
                     }
                 }

@@ -3,6 +3,7 @@
 //! these run on threads of their own while the async half ships frames, so
 //! reading, hashing and compressing overlap with sending (two cores).
 
+use bytes::{Bytes, BytesMut};
 use ferry_core::chunk::{self, Chunk, Delta, Need, Piece, MAX_CHUNK};
 use ferry_proto::Message;
 use std::fs::File;
@@ -25,12 +26,29 @@ pub(crate) struct Squeeze {
 const COMPRESS_SKIP: u32 = 16;
 const ZSTD_LEVEL: i32 = 1;
 
+thread_local! {
+    /// One zstd context per thread: creating one per frame costs more than
+    /// compressing a small file.
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    ZSTD.with(|z| {
+        let mut z = z.borrow_mut();
+        if z.is_none() {
+            *z = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?);
+        }
+        z.as_mut().expect("just set").compress(data)
+    })
+}
+
 /// The message for one data frame, and its payload size on the wire.
-pub(crate) fn squeeze(z: &mut Squeeze, buf: Vec<u8>) -> (Message, u64) {
+pub(crate) fn squeeze(z: &mut Squeeze, buf: Bytes) -> (Message, u64) {
     if z.skip > 0 {
         z.skip -= 1;
     } else if buf.len() >= 512 {
-        match zstd::bulk::compress(&buf, ZSTD_LEVEL) {
+        match compress(&buf) {
             Ok(c) if c.len() + c.len() / 16 < buf.len() => {
                 z.saved += (buf.len() - c.len()) as u64;
                 let n = c.len() as u64;
@@ -46,7 +64,7 @@ pub(crate) fn squeeze(z: &mut Squeeze, buf: Vec<u8>) -> (Message, u64) {
         }
     }
     let n = buf.len() as u64;
-    (Message::FileData(bytes::Bytes::from(buf)), n)
+    (Message::FileData(buf), n)
 }
 
 /// What the reader thread hands the sender.
@@ -76,49 +94,51 @@ pub(crate) const READ_AHEAD: usize = 16;
 /// thread; stops early if the receiver goes away.
 pub(crate) fn produce(mut f: File, size: u64, tx: mpsc::Sender<Feed>) {
     let step = 1usize << 20;
-    let mut buf: Vec<u8> = Vec::with_capacity(step + MAX_CHUNK);
+    // the uncut end of the last read, carried into the next buffer
+    let mut rest = Bytes::new();
     let mut full = blake3::Hasher::new();
     let mut chunks = Vec::new();
     let mut z = Squeeze::default();
     let mut read = 0u64;
     let mut lens = Vec::new();
     loop {
-        // read the next step (the uncut rest of the last one stays in front)
         let want = step.min((size - read) as usize);
-        if want > 0 {
-            let at = buf.len();
-            buf.resize(at + want, 0);
-            let n = match read_full(&mut f, &mut buf[at..]) {
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = tx.blocking_send(Feed::Failed(e));
-                    return;
-                }
-            };
-            buf.truncate(at + n);
-            read += n as u64;
-            if n < want {
-                let _ = tx.blocking_send(Feed::Short);
+        let mut buf = BytesMut::with_capacity(rest.len() + want);
+        buf.extend_from_slice(&rest);
+        let at = buf.len();
+        buf.resize(at + want, 0);
+        let n = match read_full(&mut f, &mut buf[at..]) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = tx.blocking_send(Feed::Failed(e));
                 return;
             }
+        };
+        buf.truncate(at + n);
+        read += n as u64;
+        if n < want {
+            let _ = tx.blocking_send(Feed::Short);
+            return;
         }
+        // chunks are slices of one buffer: no copy on the way to the wire
+        let buf = buf.freeze();
         let eof = read == size;
         lens.clear();
         let used = chunk::cuts(&buf, eof, &mut lens);
         let mut at = 0usize;
         for &n in &lens {
-            let data = &buf[at..at + n];
-            let c = Chunk::of(data);
-            full.update(data);
-            let (msg, _) = squeeze(&mut z, data.to_vec());
+            let data = buf.slice(at..at + n);
+            let c = Chunk::of(&data);
+            full.update(&data);
+            let (msg, _) = squeeze(&mut z, data);
             chunks.push(c);
             if tx.blocking_send(Feed::Chunk { chunk: c, msg }).is_err() {
                 return;
             }
             at += n;
         }
-        buf.drain(..used);
-        if eof && buf.is_empty() {
+        rest = buf.slice(used..);
+        if eof && rest.is_empty() {
             break;
         }
     }
