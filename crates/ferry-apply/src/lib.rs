@@ -28,6 +28,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Temp-file prefix (shared with the scanner's exclusion rule).
@@ -157,10 +158,10 @@ pub struct Applier {
     journal: Journal,
     state_dir: PathBuf,
     /// Open handles of directories touched in this batch, by path ("" = root).
-    cache: HashMap<Vec<u8>, Dir>,
+    cache: HashMap<Vec<u8>, Cached>,
     /// Directories whose entries changed, fsynced before a batch completes.
     /// Keyed by (dev, inode): a path may name two directories in one batch.
-    to_sync: HashMap<(u64, u64), (Vec<u8>, Dir)>,
+    to_sync: HashMap<(u64, u64), (Vec<u8>, Arc<Dir>)>,
     /// Files extended in place by this batch, fsynced with the directories.
     appended: Vec<(RelPath, std::fs::File)>,
     receiving: Option<Receiving>,
@@ -172,6 +173,13 @@ pub struct Applier {
     /// [`Applier::finished`] (no second read of the journal).
     completed: Option<u64>,
     stats: ApplyStats,
+}
+
+/// A directory handle walked in this batch, shared (no `dup` per use), with
+/// its identity (no `fstat` per use).
+struct Cached {
+    dir: Arc<Dir>,
+    id: (u64, u64),
 }
 
 /// Which steps of a redo may find their own effect already done.
@@ -911,7 +919,7 @@ impl Applier {
                 source,
             })?;
         }
-        let dirs: Vec<(Vec<u8>, Dir)> = self.to_sync.drain().map(|(_, v)| v).collect();
+        let dirs: Vec<(Vec<u8>, Arc<Dir>)> = self.to_sync.drain().map(|(_, v)| v).collect();
         self.cache.clear();
         for (k, d) in dirs {
             open_readable(&d, OsStr::new("."))
@@ -956,17 +964,14 @@ impl Applier {
     /// The directory holding `p`, walked without following symlinks.
     /// `create`: make missing directories (mode 0755, fixed later by their
     /// own Mkdir). Returns `None` when a parent is missing and `!create`.
-    fn parent(&mut self, p: &RelPath, create: bool) -> Result<Option<Dir>, ApplyError> {
+    fn parent(&mut self, p: &RelPath, create: bool) -> Result<Option<Arc<Dir>>, ApplyError> {
         let parent = p.parent();
         let key = parent
             .as_ref()
             .map(|x| x.as_bytes().to_vec())
             .unwrap_or_default();
         if let Some(d) = self.cache.get(&key) {
-            return d
-                .try_clone()
-                .map(Some)
-                .map_err(|e| io_err("open directory", p, e));
+            return Ok(Some(d.dir.clone()));
         }
         let mut cur = self
             .root
@@ -1002,28 +1007,42 @@ impl Applier {
                 cur = next;
             }
         }
-        if let Ok(c) = cur.try_clone() {
-            self.cache.insert(key, c);
+        let cur = Arc::new(cur);
+        if let Ok(md) = cur.dir_metadata() {
+            use cap_std::fs::MetadataExt;
+            self.cache.insert(
+                key,
+                Cached {
+                    dir: cur.clone(),
+                    id: (md.dev(), md.ino()),
+                },
+            );
         }
         Ok(Some(cur))
     }
 
-    fn mark_changed(&mut self, p: &RelPath, dir: &Dir) {
+    fn mark_changed(&mut self, p: &RelPath, dir: &Arc<Dir>) {
         use cap_std::fs::MetadataExt;
-        let key = match dir.dir_metadata() {
-            Ok(md) => (md.dev(), md.ino()),
-            // unknown identity: keep it under a key of its own
-            Err(_) => (u64::MAX, self.to_sync.len() as u64),
+        let name = p
+            .parent()
+            .map(|x| x.as_bytes().to_vec())
+            .unwrap_or_default();
+        let known = self
+            .cache
+            .get(&name)
+            .filter(|c| Arc::ptr_eq(&c.dir, dir))
+            .map(|c| c.id);
+        let key = match known {
+            Some(id) => id,
+            None => match dir.dir_metadata() {
+                Ok(md) => (md.dev(), md.ino()),
+                // unknown identity: keep it under a key of its own
+                Err(_) => (u64::MAX, self.to_sync.len() as u64),
+            },
         };
-        if let std::collections::hash_map::Entry::Vacant(v) = self.to_sync.entry(key) {
-            if let Ok(c) = dir.try_clone() {
-                let name = p
-                    .parent()
-                    .map(|x| x.as_bytes().to_vec())
-                    .unwrap_or_default();
-                v.insert((name, c));
-            }
-        }
+        self.to_sync
+            .entry(key)
+            .or_insert_with(|| (name, dir.clone()));
     }
 
     /// Drops cached handles at or below `p` (moved or removed).
@@ -1131,7 +1150,7 @@ impl Applier {
             }
             Op::Rename { from, to } => {
                 let from_dir = self.parent(from, false)?;
-                let exists = |d: &Option<Dir>, p: &RelPath| -> bool {
+                let exists = |d: &Option<Arc<Dir>>, p: &RelPath| -> bool {
                     d.as_ref()
                         .is_some_and(|d| d.symlink_metadata(os(p.file_name())).is_ok())
                 };
@@ -1238,11 +1257,34 @@ impl Applier {
         let dir = self
             .parent(&h.path, true)?
             .ok_or_else(|| inconsistent(&h.path, "no parent"))?;
-        let staging = self
+        // rename first: it replaces a file or a link at once, and fails
+        // only where a directory stands in the way (no stat per file)
+        match self
             .staging
-            .try_clone()
-            .map_err(|e| io_err("open staging dir", &h.path, e))?;
-        self.replace(&staging, &dir, name.as_bytes(), &h.path)?;
+            .rename(os(name.as_bytes()), &dir, os(h.path.file_name()))
+        {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EISDIR) | Some(libc::ENOTEMPTY) | Some(libc::EEXIST)
+                ) =>
+            {
+                let staging = self
+                    .staging
+                    .try_clone()
+                    .map_err(|e| io_err("open staging dir", &h.path, e))?;
+                self.replace(&staging, &dir, name.as_bytes(), &h.path)?;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                let staging = self
+                    .staging
+                    .try_clone()
+                    .map_err(|e| io_err("open staging dir", &h.path, e))?;
+                self.replace(&staging, &dir, name.as_bytes(), &h.path)?;
+            }
+            Err(e) => return Err(io_err("rename", &h.path, e)),
+        }
         self.mark_changed(&h.path, &dir);
         Ok(())
     }

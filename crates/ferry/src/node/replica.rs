@@ -53,9 +53,18 @@ enum Cmd {
 /// Handle to the apply thread.
 #[derive(Clone)]
 struct Worker {
-    tx: mpsc::Sender<Cmd>,
+    tx: mpsc::Sender<(Cmd, tokio::sync::OwnedSemaphorePermit)>,
+    /// What commands queued for the apply thread may hold, in KiB: the
+    /// queue is long (small files do not wake the session for every
+    /// message) but its memory stays bounded by [`QUEUE_KIB`].
+    budget: Arc<tokio::sync::Semaphore>,
     failed: Arc<AtomicBool>,
 }
+
+/// Commands queued for the apply thread at most.
+const QUEUE_CMDS: usize = 1024;
+/// Bytes those commands may hold (file data), in KiB: 16 MiB.
+const QUEUE_KIB: u32 = 16 << 10;
 
 fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
     let cfg = &shared.cfg;
@@ -70,14 +79,16 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
     let excludes = Excludes::new(&cfg.excludes, cfg.state_rel.clone())?;
     let root = cfg.root.clone();
     let state_dir = cfg.state_dir.clone();
-    let (tx, mut rx) = mpsc::channel::<Cmd>(16);
+    let (tx, mut rx) = mpsc::channel::<(Cmd, tokio::sync::OwnedSemaphorePermit)>(QUEUE_CMDS);
     let failed = Arc::new(AtomicBool::new(false));
     let f2 = failed.clone();
     std::thread::Builder::new()
         .name("ferry-apply".into())
         .spawn(move || {
             let mut err: Option<ApplyError> = None;
-            while let Some(cmd) = rx.blocking_recv() {
+            while let Some((cmd, permit)) = rx.blocking_recv() {
+                // the data is in the applier's hands (written) once it returns
+                let _permit = permit;
                 let r = match cmd {
                     Cmd::Commit(reply) => {
                         let res = match err.take() {
@@ -166,13 +177,28 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
                 }
             }
         })?;
-    Ok(Worker { tx, failed })
+    Ok(Worker {
+        tx,
+        budget: Arc::new(tokio::sync::Semaphore::new(QUEUE_KIB as usize)),
+        failed,
+    })
 }
 
 impl Worker {
     async fn send(&self, c: Cmd) -> anyhow::Result<()> {
+        let bytes = match &c {
+            Cmd::Data(d) | Cmd::DataZ(_, d) => d.len(),
+            _ => 0,
+        };
+        let kib = (bytes / 1024 + 1).min(QUEUE_KIB as usize) as u32;
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .map_err(|_| anyhow!("apply thread stopped"))?;
         self.tx
-            .send(c)
+            .send((c, permit))
             .await
             .map_err(|_| anyhow!("apply thread stopped"))
     }
