@@ -1287,6 +1287,7 @@ fn g2_g7_hostile_sequences_and_epochs_are_refused() {
             epoch: EPOCH,
             applied_epoch: EPOCH,
             applied_seq: 0,
+            instance: 1,
         })])
     });
     t.case("batch of a future epoch", PROTO, |s, a| {
@@ -1678,6 +1679,7 @@ fn g6_hostile_replica_cannot_crash_or_stall_the_primary() {
             epoch,
             applied_epoch,
             applied_seq,
+            instance: 1,
         })
     };
     type Act = Box<dyn Fn(&mut Session<'_>, u64)>;
@@ -1694,6 +1696,7 @@ fn g6_hostile_replica_cannot_crash_or_stall_the_primary() {
                     epoch: e,
                     applied_epoch: e,
                     applied_seq: 1,
+                    instance: 1,
                 })])
             }),
         ),

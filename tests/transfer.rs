@@ -141,3 +141,31 @@ fn a_copied_file_and_shifted_data_cost_almost_no_data() {
         p.replica.log_tail()
     );
 }
+
+#[test]
+fn g5_the_first_sync_sends_the_data_once_despite_the_replicas_start_greeting() {
+    // The primary runs first with data; the replica starts and greets it.
+    // The primary's session with the new replica process must not be torn
+    // down by that greeting (it would restart the first resync).
+    let mut p = pair(&[], &[]);
+    let size = 64 << 20;
+    for i in 0..4 {
+        std::fs::write(
+            p.primary.root.join(format!("f{i}")),
+            random(size / 4, 10 + i as u64),
+        )
+        .unwrap();
+    }
+    p.primary.start().wait_ready(Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    p.replica.start();
+    wait_converged(&p.primary.root, &p.replica.root, CONVERGE);
+    wait_idle(&p.primary, CONVERGE);
+    let wire = sent(&p.primary);
+    eprintln!("first sync of {size} bytes: {wire} bytes sent");
+    assert!(
+        wire <= size as f64 * 1.05,
+        "the first sync sent {wire} bytes for {size}: it was restarted\n{}",
+        p.primary.log_tail()
+    );
+}

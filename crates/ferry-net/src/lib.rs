@@ -446,6 +446,17 @@ impl Conn {
         self.inner.close(code.into(), reason.as_bytes());
     }
 
+    /// Resolves when the connection is closed: the application's close code
+    /// and reason if the peer closed it, else `None`.
+    pub async fn closed_by_peer(&self) -> Option<(u64, Vec<u8>)> {
+        match self.inner.closed().await {
+            quinn::ConnectionError::ApplicationClosed(a) => {
+                Some((a.error_code.into_inner(), a.reason.to_vec()))
+            }
+            _ => None,
+        }
+    }
+
     /// Resolves when the connection is closed, with the reason.
     pub async fn closed(&self) -> String {
         self.inner.closed().await.to_string()

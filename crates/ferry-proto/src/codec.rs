@@ -98,6 +98,7 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
             out.put_u64(w.epoch);
             out.put_u64(w.applied_epoch);
             out.put_u64(w.applied_seq);
+            out.put_u64(w.instance);
         }
         Message::Refuse(r) => {
             out.put_u8(kind::REFUSE);
@@ -427,6 +428,7 @@ fn decode_message(frame: Bytes) -> Result<Message, ProtoError> {
             epoch: r.u64("epoch")?,
             applied_epoch: r.u64("applied_epoch")?,
             applied_seq: r.u64("applied_seq")?,
+            instance: r.u64("instance")?,
         }),
         kind::REFUSE => Message::Refuse(Refuse {
             code: RefuseCode::from_u16(r.u16("code")?),
@@ -717,6 +719,7 @@ mod tests {
                 epoch: 3,
                 applied_epoch: 2,
                 applied_seq: 7,
+                instance: 7,
             }),
             Message::Refuse(Refuse {
                 code: RefuseCode::StaleEpoch,

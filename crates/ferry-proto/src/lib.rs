@@ -86,6 +86,9 @@ pub struct Welcome {
     pub applied_epoch: u64,
     /// Last batch the replica applied (0: none).
     pub applied_seq: u64,
+    /// Random per replica process: a primary tells a greeting from the
+    /// process it already has a session with from one of a new process.
+    pub instance: u64,
 }
 
 /// Why a peer refused or aborted.

@@ -35,6 +35,19 @@ pub enum NodeRequest {
 }
 
 /// What `ferry status` shows; updated by the loops.
+/// A primary's link to one peer's sender: woken when that peer greets us
+/// (it restarted), unless the greeting comes from the very process the
+/// current session talks to (`instance`, from its welcome; 0: no session).
+#[derive(Default)]
+pub struct Wake {
+    pub notify: tokio::sync::Notify,
+    pub instance: std::sync::atomic::AtomicU64,
+}
+
+/// How a replica's start greeting closes its connection: this prefix, then
+/// the process's instance number in hex.
+pub const GREETING: &str = "replica started ";
+
 #[derive(Debug, Clone, Default)]
 pub struct Status {
     pub name: String,

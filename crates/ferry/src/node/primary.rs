@@ -323,12 +323,12 @@ pub async fn start(
     // primary refuses batches (a peer that thinks it is primary is told so).
     // A peer that connects to us restarted (a replica says hello when it
     // starts): its old session here is dead, so redial at once.
-    let wakers: Arc<std::collections::HashMap<String, Arc<tokio::sync::Notify>>> = Arc::new(
+    let wakers: Arc<std::collections::HashMap<String, Arc<super::Wake>>> = Arc::new(
         shared
             .cfg
             .peers
             .iter()
-            .map(|p| (p.name.clone(), Arc::new(tokio::sync::Notify::new())))
+            .map(|p| (p.name.clone(), Arc::new(super::Wake::default())))
             .collect(),
     );
     {
@@ -932,7 +932,7 @@ async fn peer_loop(
     transport: Arc<Transport>,
     peer: PeerSpec,
     mut shutdown: watch::Receiver<bool>,
-    wake: Arc<tokio::sync::Notify>,
+    wake: Arc<super::Wake>,
 ) {
     let m = &ctx.shared.metrics;
     let progress = Arc::new(PeerProgress {
@@ -958,6 +958,7 @@ async fn peer_loop(
             return;
         }
         *progress.connected_at.lock().expect("connected_at") = None;
+        wake.instance.store(0, Ordering::Relaxed);
         let mut redial = false;
         let res = {
             let sess = session(
@@ -968,10 +969,11 @@ async fn peer_loop(
                 &mut backoff,
                 &mut sender_state,
                 shutdown.clone(),
+                &wake,
             );
             tokio::select! {
                 r = sess => r,
-                _ = wake.notified() => {
+                _ = wake.notify.notified() => {
                     // A greeting from the peer: it (re)started, so a session
                     // from its previous life is dead. Redial; if the session
                     // was already with the new process, that costs one
@@ -1010,7 +1012,7 @@ async fn peer_loop(
         tokio::select! {
             _ = tokio::time::sleep(backoff + jitter) => {}
             _ = shutdown.changed() => {}
-            _ = wake.notified() => { backoff = Duration::from_millis(50); }
+            _ = wake.notify.notified() => { backoff = Duration::from_millis(50); }
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
@@ -1083,6 +1085,7 @@ async fn session(
     backoff: &mut Duration,
     sender_state: &mut SenderState,
     mut shutdown: watch::Receiver<bool>,
+    wake: &super::Wake,
 ) -> anyhow::Result<()> {
     let addr = tokio::net::lookup_host(&peer.addr)
         .await
@@ -1133,6 +1136,7 @@ async fn session(
         None => bail!("{} closed the stream during the handshake", peer.name),
     };
     *backoff = Duration::from_millis(100);
+    wake.instance.store(welcome.instance, Ordering::Relaxed);
     // Where this epoch began: a demoted old primary tells its own
     // unreplicated writes apart with it (conflicts).
     if let Some(b) =

@@ -303,7 +303,7 @@ pub async fn start(
             if let Ok(Ok(conn)) =
                 tokio::time::timeout(Duration::from_secs(3), transport.connect(addr, &p.name)).await
             {
-                conn.close(2, "replica started");
+                conn.close(2, &format!("{}{:016x}", super::GREETING, instance()));
             }
         });
     }
@@ -517,6 +517,7 @@ async fn session(
         epoch: st.epoch,
         applied_epoch: st.applied_epoch,
         applied_seq: st.seq,
+        instance: instance(),
     }))
     .await?;
     send.flush().await?;
@@ -809,12 +810,34 @@ fn refused_or_gone(shared: &Shared, e: &ferry_net::NetError) {
     }
 }
 
+/// Whether a primary redials a peer after a connection from it closed with
+/// `closed` (code and reason), while its session is with the peer's process
+/// `current` (0: none): always, unless it was the start greeting of that
+/// very process.
+pub(crate) fn redial_after(closed: Option<(u64, Vec<u8>)>, current: u64) -> bool {
+    let greeted = match closed {
+        Some((2, reason)) => std::str::from_utf8(&reason)
+            .ok()
+            .and_then(|r| r.strip_prefix(super::GREETING))
+            .and_then(|h| u64::from_str_radix(h, 16).ok()),
+        _ => None,
+    };
+    current == 0 || greeted != Some(current)
+}
+
+/// This process's instance number (random, fixed for its life): in the
+/// welcome and the start greeting, so a primary can tell them apart.
+pub fn instance() -> u64 {
+    static INSTANCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *INSTANCE.get_or_init(|| fastrand::u64(1..))
+}
+
 /// On a primary: tell any peer that tries to ship batches here that this
 /// node is primary (and notice a newer epoch: this node is then stale).
 pub async fn refuse_as_primary(
     shared: Arc<Shared>,
     transport: Arc<Transport>,
-    wakers: Arc<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>,
+    wakers: Arc<std::collections::HashMap<String, Arc<super::Wake>>>,
 ) {
     while let Some(res) = transport.accept().await {
         let conn = match res {
@@ -824,8 +847,20 @@ pub async fn refuse_as_primary(
                 continue;
             }
         };
-        if let Some(w) = wakers.get(conn.peer()) {
-            w.notify_waiters();
+        if let Some(w) = wakers.get(conn.peer()).cloned() {
+            // A peer's start greeting: redial it, unless our session is
+            // already with the process that greets (it started, we dialled
+            // it, and its greeting arrived after: nothing to redo).
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed_by_peer())
+                    .await
+                    .ok()
+                    .flatten();
+                if redial_after(closed, w.instance.load(Ordering::Relaxed)) {
+                    w.notify.notify_waiters();
+                }
+            });
         }
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -855,5 +890,35 @@ pub async fn refuse_as_primary(
                 .await;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod greeting_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_greeting_from_the_process_in_session_is_ignored() {
+        let g = |n: u64| {
+            Some((
+                2u64,
+                format!("{}{n:016x}", crate::node::GREETING).into_bytes(),
+            ))
+        };
+        // a new process greets: redial (the session is with the old one)
+        assert!(redial_after(g(7), 5));
+        // the process we already talk to greets late: nothing to redo
+        assert!(!redial_after(g(5), 5));
+        // no session yet, another close, or no close at all: redial
+        assert!(redial_after(g(5), 0));
+        assert!(redial_after(Some((3, b"age cap".to_vec())), 5));
+        assert!(redial_after(Some((2, b"replica started zz".to_vec())), 5));
+        assert!(redial_after(None, 5));
+        // what the replica sends is what the primary parses
+        assert_eq!(
+            g(instance()).unwrap().1.len(),
+            crate::node::GREETING.len() + 16
+        );
+        assert!(!redial_after(g(instance()), instance()));
     }
 }
