@@ -456,6 +456,10 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ferry")
+        // blocking work (file reads, the reader threads, the apply thread's
+        // helpers) needs a few threads, not tokio's default of up to 512:
+        // idle ones linger 10 s, each with its own stack and buffers
+        .max_blocking_threads(16)
         .build()
         .expect("tokio runtime")
 }

@@ -2152,10 +2152,14 @@ impl Sender<'_> {
     ) -> anyhow::Result<FileOutcome> {
         let path = scan::abs(&self.ctx.shared.cfg.root, &s.entry.path);
         for attempt in 0..4 {
-            let f = tokio::task::block_in_place(|| {
-                open_beneath(&self.ctx.root_fd, &s.entry.path, &path)
+            // open and stat in one blocking section
+            let opened = tokio::task::block_in_place(|| {
+                open_beneath(&self.ctx.root_fd, &s.entry.path, &path).map(|f| {
+                    let md = f.metadata().inspect(|_| write_barrier(&f));
+                    (f, md)
+                })
             });
-            let f = match f {
+            let (f, before) = match opened {
                 Ok(f) => f,
                 Err(e) if scan::gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => {
                     return Ok(FileOutcome::Vanished)
@@ -2165,11 +2169,7 @@ impl Sender<'_> {
                 }
                 Err(e) => return Err(anyhow!("cannot open {}: {e}", path.display())),
             };
-            let before = tokio::task::block_in_place(|| {
-                let md = f.metadata()?;
-                write_barrier(&f);
-                Ok::<_, std::io::Error>(md)
-            })?;
+            let before = before?;
             if !before.is_file() || (!any_inode && (before.dev(), before.ino()) != (s.dev, s.ino)) {
                 return Ok(FileOutcome::Vanished);
             }
@@ -2284,12 +2284,7 @@ impl Sender<'_> {
         before: &std::fs::Metadata,
         hash: [u8; 32],
     ) -> anyhow::Result<bool> {
-        let after = tokio::task::block_in_place(|| f.metadata())?;
-        let same = after.len() == before.len()
-            && after.mtime() == before.mtime()
-            && after.mtime_nsec() == before.mtime_nsec()
-            && after.ctime() == before.ctime()
-            && after.ctime_nsec() == before.ctime_nsec();
+        let same = tokio::task::block_in_place(|| unchanged_since(f, before))?;
         if same {
             self.send.send(&Message::FileEnd { hash }).await?;
         } else {
@@ -2306,8 +2301,23 @@ impl Sender<'_> {
         before: &std::fs::Metadata,
         meta: FileMeta,
     ) -> anyhow::Result<Option<Shipped>> {
-        let mut buf = vec![0u8; meta.size as usize];
-        let n = tokio::task::block_in_place(|| transfer::read_full(&mut f, &mut buf))?;
+        // Read, hash, compress and check in one blocking section (each
+        // hand-off of a runtime thread costs about as much as reading a
+        // small file). Small files share one compression state: a run of
+        // files that do not compress skips the trial, as within a large file.
+        let z = &mut self.st.squeeze;
+        let saved0 = z.saved;
+        let read = tokio::task::block_in_place(|| -> std::io::Result<_> {
+            let mut buf = vec![0u8; meta.size as usize];
+            let n = transfer::read_full(&mut f, &mut buf)?;
+            if n < buf.len() {
+                return Ok(None);
+            }
+            let full = *blake3::hash(&buf).as_bytes();
+            let msg = (!buf.is_empty()).then(|| transfer::squeeze(z, buf.into()).0);
+            Ok(Some((full, msg, unchanged_since(&f, before)?)))
+        })?;
+        let saved = self.st.squeeze.saved - saved0;
         self.send
             .send(&Message::FileBegin(FileHeader {
                 path: p.clone(),
@@ -2316,23 +2326,18 @@ impl Sender<'_> {
                 size: meta.size,
             }))
             .await?;
-        if n < buf.len() {
+        let Some((full, msg, same)) = read else {
+            self.send.send(&Message::FileAbort).await?;
+            return Ok(None);
+        };
+        if let Some(msg) = msg {
+            self.send.send(&msg).await?;
+        }
+        if !same {
             self.send.send(&Message::FileAbort).await?;
             return Ok(None);
         }
-        let full = *blake3::hash(&buf).as_bytes();
-        // small files share one compression state: a run of files that do
-        // not compress skips the trial, as within a large file
-        let z = &mut self.st.squeeze;
-        let saved = z.saved;
-        if !buf.is_empty() {
-            let (msg, _) = tokio::task::block_in_place(|| transfer::squeeze(z, buf.into()));
-            self.send.send(&msg).await?;
-        }
-        let saved = self.st.squeeze.saved - saved;
-        if !self.end_file(&f, before, full).await? {
-            return Ok(None);
-        }
+        self.send.send(&Message::FileEnd { hash: full }).await?;
         Ok(Some(Shipped {
             full: Some(full),
             chunks: None,
@@ -2556,6 +2561,16 @@ impl Sender<'_> {
             compressed: z.saved,
         })))
     }
+}
+
+/// G3: the file did not change since `before` (size, mtime, ctime).
+fn unchanged_since(f: &std::fs::File, before: &std::fs::Metadata) -> std::io::Result<bool> {
+    let after = f.metadata()?;
+    Ok(after.len() == before.len()
+        && after.mtime() == before.mtime()
+        && after.mtime_nsec() == before.mtime_nsec()
+        && after.ctime() == before.ctime()
+        && after.ctime_nsec() == before.ctime_nsec())
 }
 
 /// Size, mode and mtime of a file as read for sending.

@@ -21,26 +21,19 @@ use tokio::sync::mpsc;
 pub(crate) struct Squeeze {
     skip: u32,
     pub(crate) saved: u64,
+    /// A zstd context, made at the first trial and reused (making one per
+    /// frame costs more than compressing a small file).
+    zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
 const COMPRESS_SKIP: u32 = 16;
 const ZSTD_LEVEL: i32 = 1;
 
-thread_local! {
-    /// One zstd context per thread: creating one per frame costs more than
-    /// compressing a small file.
-    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
-    ZSTD.with(|z| {
-        let mut z = z.borrow_mut();
-        if z.is_none() {
-            *z = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?);
-        }
-        z.as_mut().expect("just set").compress(data)
-    })
+fn compress(z: &mut Squeeze, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    if z.zstd.is_none() {
+        z.zstd = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?);
+    }
+    z.zstd.as_mut().expect("just set").compress(data)
 }
 
 /// The message for one data frame, and its payload size on the wire.
@@ -48,7 +41,7 @@ pub(crate) fn squeeze(z: &mut Squeeze, buf: Bytes) -> (Message, u64) {
     if z.skip > 0 {
         z.skip -= 1;
     } else if buf.len() >= 512 {
-        match compress(&buf) {
+        match compress(z, &buf) {
             Ok(c) if c.len() + c.len() / 16 < buf.len() => {
                 z.saved += (buf.len() - c.len()) as u64;
                 let n = c.len() as u64;
