@@ -36,6 +36,19 @@ fuzz_target!(|payload: &[u8]| {
             assert!(a.offset < a.size);
         }
         Message::ManifestEntry(e) => check_path(&e.path),
+        Message::FileCopy { src, len, .. } => {
+            check_path(src);
+            assert!(*len > 0);
+        }
+        Message::FilePatch(h) => {
+            check_path(&h.path);
+            // sorted, disjoint, non-empty, within the new size
+            let mut end = 0u64;
+            for &(o, l) in &h.ranges {
+                assert!(l > 0 && o >= end && o + l <= h.size);
+                end = o + l;
+            }
+        }
         _ => {}
     }
     let mut buf = BytesMut::new();
