@@ -169,3 +169,45 @@ fn g5_the_first_sync_sends_the_data_once_despite_the_replicas_start_greeting() {
         p.primary.log_tail()
     );
 }
+
+#[test]
+fn g5_after_a_primary_restart_a_small_edit_is_still_a_patch() {
+    // What a peer holds of a large file survives a restart in the file
+    // index (its chunk list), so the first edit after it is not sent whole.
+    let mut p = started();
+    let size = 48 << 20;
+    let pf = p.primary.root.join("seg.db");
+    let rf = p.replica.root.join("seg.db");
+    std::fs::write(&pf, random(size, 21)).unwrap();
+    wait_converged(&p.primary.root, &p.replica.root, CONVERGE);
+    wait_idle(&p.primary, CONVERGE);
+    let ino = std::fs::metadata(&rf).unwrap().ino();
+    assert_eq!(p.primary.stop(), Some(0));
+    p.primary.start().wait_ready(Duration::from_secs(20));
+    wait_idle(&p.primary, CONVERGE);
+    let before = sent(&p.primary);
+    let f = std::fs::OpenOptions::new().write(true).open(&pf).unwrap();
+    f.write_all_at(&random(1 << 20, 22), (size / 3) as u64)
+        .unwrap();
+    drop(f);
+    wait_converged(&p.primary.root, &p.replica.root, CONVERGE);
+    wait_idle(&p.primary, CONVERGE);
+    let wire = sent(&p.primary) - before;
+    eprintln!("1 MiB edit after a restart: {wire} bytes sent");
+    assert!(
+        wire <= 1.5 * (1 << 20) as f64,
+        "the first edit after a restart cost {wire} bytes\n{}",
+        p.primary.log_tail()
+    );
+    assert_eq!(
+        std::fs::metadata(&rf).unwrap().ino(),
+        ino,
+        "not patched in place"
+    );
+    assert_eq!(
+        p.replica.metric("ferry_errors_total"),
+        0.0,
+        "{}",
+        p.replica.log_tail()
+    );
+}

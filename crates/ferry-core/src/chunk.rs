@@ -117,7 +117,7 @@ pub fn offsets(chunks: &[Chunk]) -> Vec<u64> {
 /// until a fresh cut lands on an old boundary whose old chunk matches again.
 /// The result is exactly what chunking the whole new file gives.
 ///
-/// Sans-IO: [`Delta::next`] says which bytes it needs next; the caller
+/// Sans-IO: [`Delta::want`] says which bytes it needs next; the caller
 /// reads them and calls back.
 pub struct Delta<'a> {
     old: &'a [Chunk],
@@ -201,7 +201,7 @@ impl<'a> Delta<'a> {
     }
 
     /// What to do next.
-    pub fn next(&mut self) -> Need {
+    pub fn want(&mut self) -> Need {
         self.take_same();
         if self.pos >= self.size {
             return Need::Done;
@@ -212,7 +212,7 @@ impl<'a> Delta<'a> {
         }
     }
 
-    /// The bytes [`Delta::next`] asked for: cuts one fresh chunk.
+    /// The bytes [`Delta::want`] asked for: cuts one fresh chunk.
     pub fn feed(&mut self, data: &[u8]) {
         let eof = self.pos + data.len() as u64 >= self.size;
         let n = cut(data, eof).unwrap_or(data.len()).min(data.len());
@@ -233,7 +233,7 @@ impl<'a> Delta<'a> {
         self.pos += n as u64;
     }
 
-    /// The new version's chunks, once [`Delta::next`] said done.
+    /// The new version's chunks, once [`Delta::want`] said done.
     pub fn finish(self) -> Vec<Piece> {
         self.out
     }
@@ -270,7 +270,7 @@ mod tests {
         };
         let mut d = Delta::new(old, same, new.len() as u64);
         loop {
-            match d.next() {
+            match d.want() {
                 Need::Done => return d.finish(),
                 Need::Bytes { offset, len } => {
                     let o = offset as usize;

@@ -27,6 +27,29 @@ const FILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("files");
 const GONE: TableDefinition<&[u8], u64> = TableDefinition::new("gone");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const PEERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("peers");
+/// A large file's chunk list as last sent: the version's seq, size, mtime,
+/// dev, inode and ctime (LE, [`CHUNKS_HEAD`] bytes), then `len u32 LE |
+/// BLAKE3` per chunk.
+const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
+const CHUNKS_HEAD: usize = 8 + 8 + 8 + 4 + 8 + 8 + 8 + 8;
+
+/// A file version a sender sent as chunks (see [`Index::chunks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentChunks {
+    /// The batch that sealed this version.
+    pub seq: u64,
+    pub size: u64,
+    pub mtime: (i64, u32),
+    pub dev: u64,
+    pub ino: u64,
+    pub ctime: (i64, i64),
+    /// `len u32 LE | BLAKE3` per chunk.
+    pub chunks: Vec<u8>,
+    /// The batch that last changed the path (the index's record), if any:
+    /// a peer that acknowledged it holds that version, not this one, unless
+    /// it is this one.
+    pub last_seq: Option<u64>,
+}
 
 /// Tombstones kept at most; past this they are all dropped and peers behind
 /// the drop point resync by manifest instead.
@@ -163,6 +186,14 @@ pub enum IndexOp {
     /// A sender read the whole content of `path` with this identity: the
     /// record learns its hash if it still has that identity.
     Hash { path: Vec<u8>, ident: FileRecord },
+    /// A sender sent `path` with this identity as these chunks (`len u32
+    /// LE | BLAKE3` each): kept if the record still has that identity, so
+    /// after a restart a change to the file is diffed, not sent whole.
+    Chunks {
+        path: Vec<u8>,
+        ident: FileRecord,
+        chunks: Vec<u8>,
+    },
 }
 
 /// What the index vouches for.
@@ -279,6 +310,10 @@ impl Index {
             tx.delete_table(GONE)
                 .map_err(redb::Error::from)
                 .map_err(&e)?;
+            // seqs start over: a chunk list of before could pass for one of now
+            tx.delete_table(CHUNKS)
+                .map_err(redb::Error::from)
+                .map_err(&e)?;
             let mut f = tx
                 .open_table(FILES)
                 .map_err(redb::Error::from)
@@ -317,6 +352,9 @@ impl Index {
         tx.delete_table(META)
             .map_err(redb::Error::from)
             .map_err(&e)?;
+        tx.delete_table(CHUNKS)
+            .map_err(redb::Error::from)
+            .map_err(&e)?;
         tx.commit().map_err(redb::Error::from).map_err(&e)
     }
 
@@ -348,6 +386,20 @@ impl Index {
                 .map_err(redb::Error::from)
                 .map_err(&e)?;
             let mut g = tx.open_table(GONE).map_err(redb::Error::from).map_err(&e)?;
+            let mut c = tx
+                .open_table(CHUNKS)
+                .map_err(redb::Error::from)
+                .map_err(&e)?;
+            // chunk lists of what moved or went: no longer what a peer holds
+            let drop_chunks =
+                |c: &mut redb::Table<&[u8], &[u8]>, p: &[u8]| -> Result<(), StoreError> {
+                    c.remove(p).map_err(redb::Error::from).map_err(&e)?;
+                    let (lo, hi) = below(p);
+                    c.retain_in(lo.as_slice()..hi.as_slice(), |_, _| false)
+                        .map_err(redb::Error::from)
+                        .map_err(&e)?;
+                    Ok(())
+                };
             let take_below = |f: &mut redb::Table<&[u8], &[u8]>,
                               g: &mut redb::Table<&[u8], u64>,
                               p: &[u8],
@@ -383,6 +435,8 @@ impl Index {
             for op in ops {
                 match op {
                     IndexOp::Rename { from, to } => {
+                        drop_chunks(&mut c, from)?;
+                        drop_chunks(&mut c, to)?;
                         take_below(&mut f, &mut g, to, true)?;
                         let moved = take_below(&mut f, &mut g, from, true)?;
                         for (k, v) in moved {
@@ -398,10 +452,41 @@ impl Index {
                         }
                     }
                     IndexOp::Delete { path } => {
+                        drop_chunks(&mut c, path)?;
                         take_below(&mut f, &mut g, path, true)?;
                     }
                     IndexOp::DeleteBelow { path } => {
+                        let (lo, hi) = below(path);
+                        c.retain_in(lo.as_slice()..hi.as_slice(), |_, _| false)
+                            .map_err(redb::Error::from)
+                            .map_err(&e)?;
                         take_below(&mut f, &mut g, path, false)?;
+                    }
+                    IndexOp::Chunks {
+                        path,
+                        ident,
+                        chunks,
+                    } => {
+                        let cur = f
+                            .get(path.as_slice())
+                            .map_err(redb::Error::from)
+                            .map_err(&e)?
+                            .and_then(|v| FileRecord::decode(v.value()));
+                        if let Some(r) = cur.filter(|r| r.same_stat(ident)) {
+                            let mut v = Vec::with_capacity(CHUNKS_HEAD + chunks.len());
+                            v.extend_from_slice(&r.seq.to_le_bytes());
+                            v.extend_from_slice(&r.size.to_le_bytes());
+                            v.extend_from_slice(&r.mtime.0.to_le_bytes());
+                            v.extend_from_slice(&r.mtime.1.to_le_bytes());
+                            v.extend_from_slice(&r.dev.to_le_bytes());
+                            v.extend_from_slice(&r.ino.to_le_bytes());
+                            v.extend_from_slice(&r.ctime.0.to_le_bytes());
+                            v.extend_from_slice(&r.ctime.1.to_le_bytes());
+                            v.extend_from_slice(chunks);
+                            c.insert(path.as_slice(), v.as_slice())
+                                .map_err(redb::Error::from)
+                                .map_err(&e)?;
+                        }
                     }
                     IndexOp::Put { path, rec } => {
                         f.insert(path.as_slice(), rec.encode().as_slice())
@@ -475,6 +560,47 @@ impl Index {
     }
 
     /// Every record, in key (byte) order.
+    /// The version of `path` last sent as chunks, with its chunk list.
+    pub fn chunks(&self, path: &[u8]) -> Result<Option<SentChunks>, StoreError> {
+        let e = err(&self.path);
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(redb::Error::from)
+            .map_err(&e)?;
+        let (f, c) = match (tx.open_table(FILES), tx.open_table(CHUNKS)) {
+            (Ok(f), Ok(c)) => (f, c),
+            _ => return Ok(None),
+        };
+        let last_seq = f
+            .get(path)
+            .map_err(redb::Error::from)
+            .map_err(&e)?
+            .and_then(|v| FileRecord::decode(v.value()))
+            .map(|r| r.seq);
+        let Some(v) = c.get(path).map_err(redb::Error::from).map_err(&e)? else {
+            return Ok(None);
+        };
+        let v = v.value();
+        if v.len() < CHUNKS_HEAD {
+            return Ok(None);
+        }
+        let u = |i: usize| u64::from_le_bytes(v[i..i + 8].try_into().expect("8"));
+        Ok(Some(SentChunks {
+            seq: u(0),
+            size: u(8),
+            mtime: (
+                u(16) as i64,
+                u32::from_le_bytes(v[24..28].try_into().expect("4")),
+            ),
+            dev: u(28),
+            ino: u(36),
+            ctime: (u(44) as i64, u(52) as i64),
+            chunks: v[CHUNKS_HEAD..].to_vec(),
+            last_seq,
+        }))
+    }
+
     pub fn records(&self) -> Result<Vec<(Vec<u8>, FileRecord)>, StoreError> {
         self.collect(|_| true)
     }
@@ -692,5 +818,112 @@ mod tests {
                 panic!("a truncated record decoded: {x:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_chunk_list_holds_while_its_record_does() {
+        let d = tempfile::tempdir().unwrap();
+        let ix = Index::open(d.path()).unwrap();
+        let meta = IndexMeta {
+            epoch: 1,
+            base: 1,
+            floor: 0,
+            seq: 1,
+        };
+        ix.rebuild(meta, Vec::new()).unwrap();
+        let rec = FileRecord {
+            kind: KIND_FILE,
+            mode: 0o644,
+            size: 10,
+            mtime: (1, 2),
+            dev: 3,
+            ino: 4,
+            ctime: (5, 6),
+            target: Vec::new(),
+            hash: None,
+            seq: 2,
+        };
+        let p = b"dir/f".to_vec();
+        let put = |seq: u64, r: &FileRecord| {
+            ix.apply(
+                seq,
+                &[IndexOp::Put {
+                    path: p.clone(),
+                    rec: r.clone(),
+                }],
+                &[],
+                true,
+            )
+            .unwrap()
+        };
+        let chunks = |seq: u64, ident: &FileRecord| {
+            ix.apply(
+                seq,
+                &[IndexOp::Chunks {
+                    path: p.clone(),
+                    ident: ident.clone(),
+                    chunks: vec![7; 36],
+                }],
+                &[],
+                true,
+            )
+            .unwrap()
+        };
+        put(2, &rec);
+        // another identity than the record's: not kept
+        chunks(
+            2,
+            &FileRecord {
+                ino: 99,
+                ..rec.clone()
+            },
+        );
+        assert!(ix.chunks(&p).unwrap().is_none());
+        chunks(2, &rec);
+        let c = ix.chunks(&p).unwrap().unwrap();
+        assert_eq!(
+            (c.seq, c.size, c.mtime, c.ino, c.ctime),
+            (2, 10, (1, 2), 4, (5, 6))
+        );
+        assert_eq!((c.chunks, c.last_seq), (vec![7; 36], Some(2)));
+        // a newer version sealed: the list still describes version 2, and
+        // says which seq last changed the path
+        put(
+            3,
+            &FileRecord {
+                seq: 3,
+                size: 11,
+                ..rec.clone()
+            },
+        );
+        let c = ix.chunks(&p).unwrap().unwrap();
+        assert_eq!((c.seq, c.last_seq), (2, Some(3)));
+        // deleted with its directory, or moved: gone
+        let rec4 = FileRecord {
+            seq: 4,
+            ..rec.clone()
+        };
+        put(4, &rec4);
+        chunks(4, &rec4);
+        assert!(ix.chunks(&p).unwrap().is_some());
+        ix.apply(
+            5,
+            &[IndexOp::Delete {
+                path: b"dir".to_vec(),
+            }],
+            &[],
+            true,
+        )
+        .unwrap();
+        assert!(ix.chunks(&p).unwrap().is_none());
+        // a rebuilt index starts its seqs over: old lists are dropped
+        let rec6 = FileRecord {
+            seq: 6,
+            ..rec.clone()
+        };
+        put(6, &rec6);
+        chunks(6, &rec6);
+        ix.rebuild(meta, vec![(p.clone(), rec6.clone())]).unwrap();
+        assert!(ix.chunks(&p).unwrap().is_none());
     }
 }

@@ -10,7 +10,7 @@
 
 pub mod index;
 pub mod marker;
-pub use index::{FileRecord, Index, IndexMeta, IndexOp};
+pub use index::{FileRecord, Index, IndexMeta, IndexOp, SentChunks};
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};

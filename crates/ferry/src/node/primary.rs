@@ -1077,6 +1077,7 @@ struct Sender<'a> {
     periodic: bool,
 }
 
+#[allow(clippy::too_many_arguments)] // one peer's session: its context is its arguments
 async fn session(
     ctx: &Arc<Ctx>,
     transport: &Transport,
@@ -2106,6 +2107,101 @@ impl Sender<'_> {
             .then(|| ((*loc.path).clone(), loc.offset))
     }
 
+    /// Queues for the file index what was sent of a file: its hash, and the
+    /// chunk list of a large one (for diffs after a restart). Kept only if
+    /// the file's record still has this identity when the ops are written.
+    fn record_sent(
+        &self,
+        s: &Scanned,
+        before: &std::fs::Metadata,
+        meta: FileMeta,
+        full: Option<[u8; 32]>,
+        chunks: Option<&[Chunk]>,
+    ) {
+        let mut h = self.ctx.hashes.lock().expect("hashes");
+        if h.len() >= HASHES_CAP {
+            return;
+        }
+        let mut ident = file_index::record(s, 0);
+        ident.mode = meta.mode;
+        ident.size = meta.size;
+        ident.mtime = (meta.mtime.secs, meta.mtime.nanos);
+        ident.dev = before.dev();
+        ident.ino = before.ino();
+        ident.ctime = (before.ctime(), before.ctime_nsec());
+        ident.hash = full;
+        if let (Some(c), true) = (chunks, meta.size >= APPEND_MIN) {
+            let mut enc = Vec::with_capacity(c.len() * 36);
+            for x in c {
+                enc.extend_from_slice(&x.len.to_le_bytes());
+                enc.extend_from_slice(&x.hash);
+            }
+            h.push(ferry_store::IndexOp::Chunks {
+                path: s.entry.path.as_bytes().to_vec(),
+                ident: ident.clone(),
+                chunks: enc,
+            });
+        }
+        if full.is_some() {
+            h.push(ferry_store::IndexOp::Hash {
+                path: s.entry.path.as_bytes().to_vec(),
+                ident,
+            });
+        }
+    }
+
+    /// What the peer holds of `p` according to the file index, when this
+    /// process has not sent it yet (after a restart): the version the index
+    /// records, with the chunk list it was sent as, if the peer acknowledged
+    /// the batch that made it. A mistake costs a resync, never data: the
+    /// replica checks the base of a patch (size and mtime).
+    fn sent_before_restart(&mut self, p: &RelPath) -> Option<SentFile> {
+        let ix = self.ctx.index.as_ref()?;
+        self.ctx.index_meta.lock().expect("index meta").as_ref()?;
+        let acked = *self.progress.acked.borrow();
+        let c = tokio::task::block_in_place(|| ix.chunks(p.as_bytes()))
+            .ok()
+            .flatten()?;
+        // the peer applied the batch that carried this version, and no
+        // later version of the path that it applied too
+        let holds = c.seq > 0
+            && c.seq <= acked
+            && c.seq < self.cur_seq
+            && c.last_seq.is_some_and(|l| l == c.seq || l > acked);
+        if !holds || c.chunks.len() % 36 != 0 {
+            return None;
+        }
+        let chunks: Arc<[Chunk]> = c
+            .chunks
+            .chunks_exact(36)
+            .map(|x| Chunk {
+                len: u32::from_le_bytes(x[..4].try_into().expect("4")),
+                hash: x[4..].try_into().expect("32"),
+            })
+            .collect();
+        let total: u64 = chunks.iter().map(|x| u64::from(x.len)).sum();
+        if total != c.size {
+            return None;
+        }
+        self.st.next_version += 1;
+        let f = SentFile {
+            dev: c.dev,
+            ino: c.ino,
+            size: c.size,
+            mtime: ferry_proto::Mtime {
+                secs: c.mtime.0,
+                nanos: c.mtime.1,
+            },
+            ctime: c.ctime,
+            chunks: Some(chunks.clone()),
+            version: self.st.next_version,
+            batch: c.seq,
+        };
+        self.remember_sent(p, f.clone());
+        self.learn_chunks(p, f.version, &chunks);
+        Some(f)
+    }
+
     /// Remembers where the peer will hold the chunks of a file just sent.
     fn learn_chunks(&mut self, path: &RelPath, version: u64, chunks: &[Chunk]) {
         if self.st.chunks.len() + chunks.len() > CHUNK_DIR_CAP {
@@ -2182,7 +2278,10 @@ impl Sender<'_> {
                     nanos: before.mtime_nsec().clamp(0, 999_999_999) as u32,
                 },
             };
-            let prev = self.st.sent.get(&s.entry.path).cloned();
+            let mut prev = self.st.sent.get(&s.entry.path).cloned();
+            if prev.is_none() && may_skip && size >= APPEND_MIN {
+                prev = self.sent_before_restart(&s.entry.path);
+            }
             // Unchanged since we sent it (its change was read by an earlier
             // batch already): nothing to send, unless a delete just went.
             if may_skip {
@@ -2195,6 +2294,11 @@ impl Sender<'_> {
                         (before.ctime(), before.ctime_nsec()),
                     );
                     if now == (prev.dev, prev.ino, prev.size, prev.mtime, prev.ctime) {
+                        // the seal that brought it here may be newer than
+                        // the one the index tied its chunk list to
+                        if let Some(c) = &prev.chunks {
+                            self.record_sent(s, &before, meta, None, Some(c));
+                        }
                         return Ok(FileOutcome::Sent(0));
                     }
                 }
@@ -2217,23 +2321,7 @@ impl Sender<'_> {
             let Some(sent) = sent else {
                 continue; // changed while read: FileAbort went, read again
             };
-            {
-                let mut h = self.ctx.hashes.lock().expect("hashes");
-                if h.len() < HASHES_CAP {
-                    let mut ident = file_index::record(s, 0);
-                    ident.mode = meta.mode;
-                    ident.size = size;
-                    ident.mtime = (meta.mtime.secs, meta.mtime.nanos);
-                    ident.dev = before.dev();
-                    ident.ino = before.ino();
-                    ident.ctime = (before.ctime(), before.ctime_nsec());
-                    ident.hash = sent.full;
-                    h.push(ferry_store::IndexOp::Hash {
-                        path: s.entry.path.as_bytes().to_vec(),
-                        ident,
-                    });
-                }
-            }
+            self.record_sent(s, &before, meta, sent.full, sent.chunks.as_deref());
             self.st.next_version += 1;
             let version = self.st.next_version;
             let chunks: Option<Arc<[Chunk]>> = sent.chunks.map(Arc::from);

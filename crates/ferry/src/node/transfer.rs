@@ -204,7 +204,7 @@ pub(crate) fn diff(f: &File, old: &[Chunk], old_size: u64, size: u64) -> std::io
     let mut d = Delta::new(old, same, size);
     let mut buf = vec![0u8; MAX_CHUNK];
     loop {
-        match d.next() {
+        match d.want() {
             Need::Done => break,
             Need::Bytes { offset, len } => {
                 f.read_exact_at(&mut buf[..len], offset)?;
