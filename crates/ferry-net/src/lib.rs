@@ -181,8 +181,24 @@ fn cap_age(conn: &quinn::Connection, age: Duration) -> Arc<AgeCap> {
     })
 }
 
-fn transport_config() -> quinn::TransportConfig {
+/// The congestion controller of every connection (see docs/ARCHITECTURE.md,
+/// "QUIC").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// Model-based: keeps a long, lossy link full (random loss is not read
+    /// as congestion). The default: replication crosses regions.
+    #[default]
+    Bbr,
+    /// Loss-based (quinn's own default): less sender CPU at very high rates
+    /// on clean, short links (a LAN).
+    Cubic,
+}
+
+fn transport_config(cc: Congestion) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    if cc == Congestion::Bbr {
+        t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    }
     t.max_concurrent_bidi_streams(MAX_STREAMS.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window(STREAM_WINDOW.into())
@@ -233,7 +249,17 @@ impl Transport {
         tls: &TlsMaterial,
         allowed: Vec<String>,
     ) -> Result<Transport, NetError> {
-        let transport = Arc::new(transport_config());
+        Self::bind_with(listen, tls, allowed, Congestion::default())
+    }
+
+    /// [`Transport::bind`] with a chosen congestion controller.
+    pub fn bind_with(
+        listen: SocketAddr,
+        tls: &TlsMaterial,
+        allowed: Vec<String>,
+        congestion: Congestion,
+    ) -> Result<Transport, NetError> {
+        let transport = Arc::new(transport_config(congestion));
         let server = server_quic_config(tls, &allowed, transport.clone())?;
         let client = client_quic_config(tls, transport.clone())?;
         let socket = std::net::UdpSocket::bind(listen).map_err(|source| NetError::Bind {

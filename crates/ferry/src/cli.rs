@@ -146,6 +146,18 @@ pub struct RunArgs {
     /// Close and redial a connection this old, so rotated certificates reach it (s).
     #[arg(long, env = "FERRY_MAX_CONNECTION_AGE_SECS", default_value_t = DEFAULT_MAX_CONN_AGE.as_secs())]
     pub max_connection_age_secs: u64,
+    /// QUIC congestion control: `bbr` keeps long, lossy links (across
+    /// regions) full; `cubic` spends less CPU at very high rates on a LAN.
+    #[arg(long, env = "FERRY_CONGESTION_CONTROL", value_enum, default_value_t = CongestionArg::Bbr)]
+    pub congestion_control: CongestionArg,
+}
+
+/// `--congestion-control` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CongestionArg {
+    #[default]
+    Bbr,
+    Cubic,
 }
 
 #[derive(Args, Debug)]
@@ -374,6 +386,10 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
         log_max_items: a.log_max_items,
         rescan_interval,
         max_conn_age: Duration::from_secs(a.max_connection_age_secs),
+        congestion: match a.congestion_control {
+            CongestionArg::Bbr => ferry_net::Congestion::Bbr,
+            CongestionArg::Cubic => ferry_net::Congestion::Cubic,
+        },
     })
 }
 

@@ -68,6 +68,8 @@ pub struct NodeConfig {
     pub rescan_interval: Option<Duration>,
     /// Connection-age cap (certificate rotation reaches every connection).
     pub max_conn_age: Duration,
+    /// QUIC congestion controller.
+    pub congestion: ferry_net::Congestion,
 }
 
 /// Holds an exclusive lock on the root directory itself for the life of the

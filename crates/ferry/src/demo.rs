@@ -31,6 +31,7 @@ fn node_cfg(root: &Path, name: &str, tls: &Path, role: Role, peers: Vec<PeerSpec
         log_max_items: crate::config::DEFAULT_LOG_MAX_ITEMS,
         rescan_interval: Some(crate::config::DEFAULT_RESCAN_INTERVAL),
         max_conn_age: DEFAULT_MAX_CONN_AGE,
+        congestion: ferry_net::Congestion::default(),
     }
 }
 

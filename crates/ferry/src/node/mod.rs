@@ -352,7 +352,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     }
     let tls = ferry_net::load_tls(&cfg.tls_dir, &cfg.name)?;
     let allowed: Vec<String> = cfg.peers.iter().map(|p| p.name.clone()).collect();
-    let mut transport = ferry_net::Transport::bind(cfg.listen, &tls, allowed)?;
+    let mut transport = ferry_net::Transport::bind_with(cfg.listen, &tls, allowed, cfg.congestion)?;
     transport.set_max_conn_age(cfg.max_conn_age);
     let transport = Arc::new(transport);
     let listen = transport
