@@ -2593,13 +2593,25 @@ impl Sender<'_> {
             // the range's bytes, chunk by chunk where they are whole chunks
             let mut at = off;
             while at < off + len {
+                // pieces are sorted by offset: find the one at `at`, if any
+                // (an append's range starts inside the re-cut last chunk)
                 let piece = d
                     .pieces
-                    .iter()
-                    .find(|x| x.offset == at && x.offset + u64::from(x.chunk.len) <= off + len);
+                    .binary_search_by_key(&at, |x| x.offset)
+                    .ok()
+                    .map(|i| &d.pieces[i])
+                    .filter(|x| x.offset + u64::from(x.chunk.len) <= off + len);
                 let n = match piece {
                     Some(x) => u64::from(x.chunk.len),
-                    None => (off + len - at).min(MAX_DATA as u64),
+                    None => {
+                        // up to the next piece boundary, so later pieces align
+                        let next = d.pieces.partition_point(|x| x.offset <= at);
+                        let stop = d
+                            .pieces
+                            .get(next)
+                            .map_or(off + len, |x| x.offset.min(off + len));
+                        (stop - at).clamp(1, MAX_DATA as u64)
+                    }
                 };
                 let mut buf = vec![0u8; n as usize];
                 if let Err(e) = tokio::task::block_in_place(|| {
