@@ -185,19 +185,129 @@ fn cap_age(conn: &quinn::Connection, age: Duration) -> Arc<AgeCap> {
 /// "QUIC").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Congestion {
-    /// Model-based: keeps a long, lossy link full (random loss is not read
-    /// as congestion). The default: replication crosses regions.
+    /// BBR's window on long paths, CUBIC's on short ones (minimum RTT under
+    /// [`SHORT_PATH`]): both controllers see every event, the path's RTT
+    /// picks whose window counts. The default.
     #[default]
+    Auto,
+    /// Model-based: keeps a long, lossy link full (random loss is not read
+    /// as congestion).
     Bbr,
     /// Loss-based (quinn's own default): less sender CPU at very high rates
     /// on clean, short links (a LAN).
     Cubic,
 }
 
+/// A path whose minimum RTT is under this is short (a LAN, loopback).
+pub const SHORT_PATH: Duration = Duration::from_millis(5);
+
+/// [`Congestion::Auto`]: CUBIC and BBR side by side.
+struct AutoCc {
+    bbr: Box<dyn quinn::congestion::Controller>,
+    cubic: Box<dyn quinn::congestion::Controller>,
+    short: bool,
+}
+
+impl quinn::congestion::Controller for AutoCc {
+    fn on_sent(&mut self, now: std::time::Instant, bytes: u64, last_packet_number: u64) {
+        self.bbr.on_sent(now, bytes, last_packet_number);
+        self.cubic.on_sent(now, bytes, last_packet_number);
+    }
+    fn on_ack(
+        &mut self,
+        now: std::time::Instant,
+        sent: std::time::Instant,
+        bytes: u64,
+        app_limited: bool,
+        rtt: &quinn_proto::RttEstimator,
+    ) {
+        self.short = rtt.min() < SHORT_PATH;
+        self.bbr.on_ack(now, sent, bytes, app_limited, rtt);
+        self.cubic.on_ack(now, sent, bytes, app_limited, rtt);
+    }
+    fn on_end_acks(
+        &mut self,
+        now: std::time::Instant,
+        in_flight: u64,
+        app_limited: bool,
+        largest_packet_num_acked: Option<u64>,
+    ) {
+        self.bbr
+            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
+        self.cubic
+            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
+    }
+    fn on_congestion_event(
+        &mut self,
+        now: std::time::Instant,
+        sent: std::time::Instant,
+        is_persistent_congestion: bool,
+        lost_bytes: u64,
+    ) {
+        self.bbr
+            .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
+        self.cubic
+            .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
+    }
+    fn on_mtu_update(&mut self, new_mtu: u16) {
+        self.bbr.on_mtu_update(new_mtu);
+        self.cubic.on_mtu_update(new_mtu);
+    }
+    fn window(&self) -> u64 {
+        if self.short {
+            self.cubic.window()
+        } else {
+            self.bbr.window()
+        }
+    }
+    fn metrics(&self) -> quinn::congestion::ControllerMetrics {
+        if self.short {
+            self.cubic.metrics()
+        } else {
+            self.bbr.metrics()
+        }
+    }
+    fn clone_box(&self) -> Box<dyn quinn::congestion::Controller> {
+        Box::new(AutoCc {
+            bbr: self.bbr.clone_box(),
+            cubic: self.cubic.clone_box(),
+            short: self.short,
+        })
+    }
+    fn initial_window(&self) -> u64 {
+        self.bbr.initial_window()
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
+struct AutoCcFactory;
+
+impl quinn::congestion::ControllerFactory for AutoCcFactory {
+    fn build(
+        self: Arc<Self>,
+        now: std::time::Instant,
+        current_mtu: u16,
+    ) -> Box<dyn quinn::congestion::Controller> {
+        Box::new(AutoCc {
+            bbr: Arc::new(quinn::congestion::BbrConfig::default()).build(now, current_mtu),
+            cubic: Arc::new(quinn::congestion::CubicConfig::default()).build(now, current_mtu),
+            short: false,
+        })
+    }
+}
+
 fn transport_config(cc: Congestion) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    if cc == Congestion::Bbr {
-        t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    match cc {
+        Congestion::Auto => {
+            t.congestion_controller_factory(Arc::new(AutoCcFactory));
+        }
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
+        Congestion::Cubic => {}
     }
     t.max_concurrent_bidi_streams(MAX_STREAMS.into())
         .max_concurrent_uni_streams(0u32.into())

@@ -147,8 +147,9 @@ pub struct RunArgs {
     #[arg(long, env = "FERRY_MAX_CONNECTION_AGE_SECS", default_value_t = DEFAULT_MAX_CONN_AGE.as_secs())]
     pub max_connection_age_secs: u64,
     /// QUIC congestion control: `bbr` keeps long, lossy links (across
-    /// regions) full; `cubic` spends less CPU at very high rates on a LAN.
-    #[arg(long, env = "FERRY_CONGESTION_CONTROL", value_enum, default_value_t = CongestionArg::Bbr)]
+    /// regions) full; `cubic` spends less CPU at very high rates on a LAN;
+    /// `auto` is CUBIC while the path's RTT is under 5 ms, BBR beyond.
+    #[arg(long, env = "FERRY_CONGESTION_CONTROL", value_enum, default_value_t = CongestionArg::Auto)]
     pub congestion_control: CongestionArg,
 }
 
@@ -156,6 +157,7 @@ pub struct RunArgs {
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum CongestionArg {
     #[default]
+    Auto,
     Bbr,
     Cubic,
 }
@@ -387,6 +389,7 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
         rescan_interval,
         max_conn_age: Duration::from_secs(a.max_connection_age_secs),
         congestion: match a.congestion_control {
+            CongestionArg::Auto => ferry_net::Congestion::Auto,
             CongestionArg::Bbr => ferry_net::Congestion::Bbr,
             CongestionArg::Cubic => ferry_net::Congestion::Cubic,
         },
