@@ -43,6 +43,10 @@ const SENT_CAP: usize = 4096;
 const PATCH_MIN: u64 = 4 << 20;
 /// Chunks remembered per peer for reuse across files (~56 bytes each).
 const CHUNK_DIR_CAP: usize = 256 << 10;
+/// Chunks held in the chunk lists of what a peer holds (36 bytes each,
+/// 18 MiB): past it, the lists of other files are dropped (those files are
+/// then sent whole, or rebuilt from the chunk directory, at their next change).
+const SENT_CHUNKS_CAP: usize = 512 << 10;
 
 /// What a peer holds of a file we sent it.
 #[derive(Clone)]
@@ -1038,6 +1042,13 @@ struct SenderState {
     next_version: u64,
     /// Compression state across small files.
     squeeze: transfer::Squeeze,
+    /// Chunks held in `sent`'s lists, counted on insert (recounted at the cap).
+    sent_chunks: usize,
+    /// `sent` has lost an entry of a path that still exists (evicted, cut
+    /// below [`APPEND_MIN`], rolled back): no path's absence from `sent`
+    /// means "not sent by this process" any more, so the file index's chunk
+    /// lists (which lag the sends) are no longer consulted.
+    forgot: bool,
     /// Undo log of `sent` updates, by batch: updates from batches the peer
     /// never acknowledged are rolled back when a new session starts (the
     /// peer may not hold those versions).
@@ -1210,6 +1221,7 @@ async fn session(
         if seq <= applied {
             break;
         }
+        sender_state.forgot = true;
         match old {
             Some(f) => sender_state.sent.insert(path, f),
             None => sender_state.sent.remove(&path),
@@ -1820,15 +1832,38 @@ impl Sender<'_> {
         let old = self.st.sent.get(p).cloned();
         self.st.sent_undo.push_back((self.cur_seq, p.clone(), old));
         if f.size < APPEND_MIN {
-            self.st.sent.remove(p);
+            if self.st.sent.remove(p).is_some() {
+                self.st.forgot = true;
+            }
             return;
         }
         if self.st.sent.len() >= SENT_CAP && !self.st.sent.contains_key(p) {
             if let Some(k) = self.st.sent.keys().next().cloned() {
                 self.st.sent.remove(&k);
+                self.st.forgot = true;
             }
         }
+        self.st.sent_chunks += f.chunks.as_ref().map_or(0, |c| c.len());
         self.st.sent.insert(p.clone(), f);
+        if self.st.sent_chunks > SENT_CHUNKS_CAP {
+            let mut total: usize = self
+                .st
+                .sent
+                .values()
+                .map(|x| x.chunks.as_ref().map_or(0, |c| c.len()))
+                .sum();
+            for (k, x) in self.st.sent.iter_mut() {
+                if total <= SENT_CHUNKS_CAP / 2 {
+                    break;
+                }
+                if k != p {
+                    if let Some(c) = x.chunks.take() {
+                        total -= c.len();
+                    }
+                }
+            }
+            self.st.sent_chunks = total;
+        }
     }
 
     fn recently_gone(&self, p: &RelPath) -> bool {
@@ -2156,6 +2191,9 @@ impl Sender<'_> {
     /// the batch that made it. A mistake costs a resync, never data: the
     /// replica checks the base of a patch (size and mtime).
     fn sent_before_restart(&mut self, p: &RelPath) -> Option<SentFile> {
+        if self.st.forgot {
+            return None;
+        }
         let ix = self.ctx.index.as_ref()?;
         self.ctx.index_meta.lock().expect("index meta").as_ref()?;
         let acked = *self.progress.acked.borrow();
