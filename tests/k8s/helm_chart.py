@@ -18,7 +18,10 @@
    FERRY_SIDECAR_IMAGE and the image the test hook expects are all that value.
 5. values.schema.json rejects bad values (Helm refuses to install), and the chart's
    kubeVersion refuses a cluster older than 1.29.
-6. With --serve: the `helm test` Pod's script, verbatim, runs against the webhook as
+6. `helm package` makes an archive that holds manifests/monitoring's rules and
+   dashboard as plain files (files/ links to them), and installing from the
+   archive renders the same objects as from the directory.
+7. With --serve: the `helm test` Pod's script, verbatim, runs against the webhook as
    a process (the ferry-inject `serve` example) with a certificate for the Service's
    DNS name; it passes when the webhook injects the release's image, and fails when
    the webhook injects another image.
@@ -123,7 +126,7 @@ class Rendered:
         return self.docs + [d for _, ds in self.hooks for d in ds]
 
 
-def helm_install(values, kube_version="1.31.0", crds=("cert-manager", "prometheus-operator")):
+def helm_install(values, kube_version="1.31.0", crds=("cert-manager", "prometheus-operator"), chart=CHART):
     """Installs the chart with Helm's install action into a fake API server.
     Returns (Rendered, None) or (None, error text)."""
     with FakeApiServer(kube_version=kube_version, crds=crds) as api, tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +135,7 @@ def helm_install(values, kube_version="1.31.0", crds=("cert-manager", "prometheu
             f.write(api.kubeconfig)
         cfg = helm_sdkpy.Configuration(namespace=NAMESPACE, kubeconfig=kubeconfig)
         try:
-            asyncio.run(helm_sdkpy.Install(cfg).run(RELEASE, CHART, values=values, wait=False, timeout=60))
+            asyncio.run(helm_sdkpy.Install(cfg).run(RELEASE, chart, values=values, wait=False, timeout=60))
         except helm_sdkpy.HelmError as e:
             return None, str(e)
         release = api.store.release(RELEASE)
@@ -425,7 +428,40 @@ def main():
     report.check("helm install with monitoring on fails where the Prometheus Operator CRDs are absent",
                  ["Helm installed it"] if r else ([] if "PodMonitor" in (err or "") else [err]))
 
-    # 6. the helm test script against the webhook process
+    # 6. helm package: the archive carries the linked files' contents
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = helm_sdkpy.Configuration(namespace=NAMESPACE)
+        try:
+            archive = asyncio.run(helm_sdkpy.Package(cfg).run(CHART, dest_dir=tmp))
+        except helm_sdkpy.HelmError as e:
+            archive, err = None, str(e)
+        if archive is None:
+            report.check("helm package charts/ferry", [err])
+        else:
+            import tarfile
+            problems = []
+            with tarfile.open(archive) as tar:
+                for member, source in (("ferry/files/dashboard.json", "manifests/monitoring/dashboard.json"),
+                                       ("ferry/files/prometheusrule.yaml", "manifests/monitoring/prometheusrule.yaml")):
+                    try:
+                        info = tar.getmember(member)
+                    except KeyError:
+                        problems.append(f"{member} is not in the archive")
+                        continue
+                    with open(os.path.join(REPO, source), "rb") as f:
+                        if not info.isfile() or tar.extractfile(info).read() != f.read():
+                            problems.append(f"{member} in the archive is not {source}")
+            report.check(f"helm package: {os.path.basename(archive)} holds the rules and dashboard as files", problems)
+            values = {"monitoring": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
+                                     "dashboard": {"enabled": True}}}
+            r, err = helm_install(values, chart=archive)
+            if r is None:
+                report.check("helm install from the packaged archive", [err])
+            elif "monitoring on" in rendered:
+                report.check("helm install from the packaged archive renders what the directory renders",
+                             equivalence_problems(r.docs, rendered["monitoring on"].docs))
+
+    # 7. the helm test script against the webhook process
     if args.serve and "defaults" in rendered:
         hook = test_hook(rendered["defaults"])
         want = expected_image(None)
