@@ -46,6 +46,7 @@ class Store:
         self.kube_version = kube_version
         self.objects = {}  # (group, resource, namespace, name) -> object
         self.requests = []
+        self.patches = []
         self.lock = threading.Lock()
         self.rv = 1
 
@@ -240,6 +241,15 @@ def make_handler(store):
                     o["metadata"]["resourceVersion"] = str(store.rv)
                     store.objects[key] = o
                     return 200, o
+                if method == "PATCH":
+                    # Helm's upgrade patches objects that exist; the recorder keeps
+                    # what Helm sent and answers with the object as it stands (the
+                    # release record, not these objects, is what the test reads).
+                    self.body_raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                    if key not in store.objects:
+                        return status(404, "NotFound", f'{res} "{name}" not found')
+                    store.patches.append((key, self.headers.get("Content-Type"), self.body_raw))
+                    return 200, store.objects[key]
                 if method == "DELETE":
                     o = store.objects.pop(key, None)
                     return (200, o) if o else status(404, "NotFound", f'{res} "{name}" not found')

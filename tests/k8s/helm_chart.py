@@ -16,6 +16,8 @@
    from the differences listed in KNOWN_DIFFERENCES.
 4. The image is set in one place: with any image value, the webhook container,
    FERRY_SIDECAR_IMAGE and the image the test hook expects are all that value.
+   `helm upgrade --reuse-values` that turns monitoring on (as the docs show) keeps
+   the earlier values and adds the monitoring objects.
 5. values.schema.json rejects bad values (Helm refuses to install), and the chart's
    kubeVersion refuses a cluster older than 1.29.
 6. `helm package` makes an archive that holds manifests/monitoring's rules and
@@ -142,6 +144,26 @@ def helm_install(values, kube_version="1.31.0", crds=("cert-manager", "prometheu
         if release is None:
             return None, "Helm reported success but stored no release record"
         return Rendered(release, api.store.created()), None
+
+
+def helm_install_upgrade(install_values, upgrade_values):
+    """Installs, then upgrades with --reuse-values (as docs/KUBERNETES.md does to turn
+    monitoring on). Returns (revision 2 Rendered, revision 1 status) or (None, error)."""
+    with FakeApiServer() as api, tempfile.TemporaryDirectory() as tmp:
+        kubeconfig = os.path.join(tmp, "kubeconfig")
+        with open(kubeconfig, "w", encoding="utf-8") as f:
+            f.write(api.kubeconfig)
+        cfg = helm_sdkpy.Configuration(namespace=NAMESPACE, kubeconfig=kubeconfig)
+        try:
+            asyncio.run(helm_sdkpy.Install(cfg).run(RELEASE, CHART, values=install_values, wait=False, timeout=60))
+            asyncio.run(helm_sdkpy.Upgrade(cfg).run(RELEASE, CHART, values=upgrade_values, reuse_values=True,
+                                                    wait=False, timeout=60, server_side_apply=False))
+        except helm_sdkpy.HelmError as e:
+            return None, str(e)
+        second, first = api.store.release(RELEASE, 2), api.store.release(RELEASE, 1)
+        if second is None or first is None:
+            return None, "Helm reported success but did not store revisions 1 and 2"
+        return Rendered(second, api.store.created()), first["info"]["status"]
 
 
 def helm_lint(chart):
@@ -395,6 +417,20 @@ def main():
         report.check(f"chart ({name}) renders the objects of {kpath}{' + ' + ', '.join(plus) if plus else ''}"
                      " (kinds, names, namespaces, content)",
                      equivalence_problems(rendered[name].docs, expected, ignore))
+    # helm upgrade --reuse-values turning monitoring on, as docs/KUBERNETES.md shows
+    monitoring_on = {"monitoring": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
+                                    "dashboard": {"enabled": True}}}
+    r, first = helm_install_upgrade({"certManager": {"enabled": False}, "caBundle": ca_pem}, monitoring_on)
+    if r is None:
+        report.check("helm upgrade --reuse-values (own CA, then monitoring on)", [first])
+    else:
+        for d in r.all_docs():
+            report.check(f"chart (upgraded): {validate.object_name(d)} schema", validate.schema_problems(d))
+        report.check("helm upgrade --reuse-values keeps the own CA and adds the monitoring objects: "
+                     "the objects of manifests/without-cert-manager + manifests/monitoring",
+                     equivalence_problems(r.docs, kust["manifests/without-cert-manager"] + kust["manifests/monitoring"]) +
+                     ([] if first == "superseded" else [f"revision 1 is {first}, not superseded"]))
+
     if "defaults" in rendered:
         kinds = sorted({d["kind"] for d in rendered["defaults"].docs})
         report.check("defaults render no monitoring objects",
