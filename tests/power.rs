@@ -40,6 +40,35 @@ use std::time::{Duration, Instant};
 use support::*;
 use vm::{Boot, Image, Kit, Vm};
 
+/// The test's directory, kept when the test fails (its consoles and disk
+/// image are the evidence) and removed when it passes.
+struct TestDir(PathBuf);
+
+impl TestDir {
+    fn new() -> TestDir {
+        TestDir(
+            tempfile::Builder::new()
+                .prefix("ferry-power-")
+                .tempdir()
+                .unwrap()
+                .keep(),
+        )
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept for inspection: {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 fn cuts() -> usize {
     std::env::var("FERRY_POWER_CUTS")
         .ok()
@@ -252,7 +281,7 @@ fn power_cut_replica_in_vm() {
     let seed = seed();
     let mut rng = fastrand::Rng::with_seed(seed);
     let cuts = cuts();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TestDir::new();
     let base = tmp.path();
     eprintln!("test dir: {} (guest: {})", base.display(), vm::accel());
     let kit = Kit::build(&base.join("kit"));
@@ -386,6 +415,19 @@ fn power_cut_replica_in_vm() {
 // ---------------------------------------------------------------------------
 // The primary in the guest
 
+/// The largest value of a numeric field in the JSON log lines of `log`.
+fn json_field(log: &str, field: &str) -> u64 {
+    let key = format!("\"{field}\":");
+    log.lines()
+        .filter_map(|l| {
+            let rest = &l[l.find(&key)? + key.len()..];
+            let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+            digits.parse().ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// The content tests/power/writer.sh gives NAME at LEN: "PW NAME LEN\n" then
 /// "NAME\n" repeated, cut to LEN bytes.
 fn pw_content(name: &str, len: usize) -> Vec<u8> {
@@ -509,7 +551,7 @@ fn power_cut_primary_in_vm() {
     let seed = seed();
     let mut rng = fastrand::Rng::with_seed(seed);
     let cuts = cuts();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TestDir::new();
     let base = tmp.path();
     eprintln!("test dir: {} (guest: {})", base.display(), vm::accel());
     let kit = Kit::build(&base.join("kit"));
@@ -534,7 +576,7 @@ fn power_cut_primary_in_vm() {
     let mut want: BTreeMap<PathBuf, Ent> = BTreeMap::new();
     let mut converge = Vec::new();
     let mut applied_before = 0.0;
-    let (mut durable_files, mut repaired) = (0, 0);
+    let (mut durable_files, mut repaired, mut reboot_rule) = (0, 0, 0);
     for cut in 0..=cuts {
         let boot = Boot {
             kit: &kit,
@@ -560,6 +602,13 @@ fn power_cut_primary_in_vm() {
             repaired += 1;
         }
         converge.push(guest.started.elapsed());
+        // how often the reboot rule of the file index (or of the first
+        // resync without one) had to ship a file whose stat looked unchanged
+        let console =
+            String::from_utf8_lossy(&std::fs::read(&boot.console).unwrap_or_default()).into_owned();
+        if console.contains("whose bytes may differ") || json_field(&console, "suspects") > 0 {
+            reboot_rule += 1;
+        }
         let applied = replica.metric("ferry_applied_seq");
         if cut == cuts {
             break;
@@ -603,8 +652,9 @@ fn power_cut_primary_in_vm() {
     eprintln!(
         "power (primary in the guest): {cuts} cuts, 0 acknowledged batches lost, 0 torn, \
          {durable_files} fsynced files found after the cuts; the replica equalled the cut disk \
-         after every boot ({repaired} times the replica differed from it at first): boot to equal median {:.1}s, \
-         max {:.1}s ({} guest)",
+         after every boot ({repaired} times the replica differed from it at first; {reboot_rule} times \
+         the primary shipped files whose stat looked unchanged because the machine had \
+         restarted): boot to equal median {:.1}s, max {:.1}s ({} guest)",
         med.as_secs_f64(),
         max.as_secs_f64(),
         vm::accel()
