@@ -377,6 +377,19 @@ fn power_cut_replica_in_vm() {
         let now = app.lock().unwrap().w.clone();
         let m = image.mount(&mnt);
         let root = m.at.join("root");
+        // G4 on the disk itself, before the primary can resend anything:
+        // the replica's durable state names a batch no older than every
+        // batch it acknowledged
+        let durable = match ferry_store::StateDir::open(&root.join(".ferry")) {
+            Ok((_, Some(st))) => st.seq as f64,
+            Ok((_, None)) => 0.0,
+            Err(e) => panic!("cut {cut}: the replica's state dir after the cut: {e}"),
+        };
+        assert!(
+            durable >= acked_before,
+            "cut {cut}: the replica acknowledged batch {acked_before}, its disk records \
+             batch {durable} after the power cut (an acknowledged batch was not durable)"
+        );
         if quiet {
             let (a, b) = (snapshot(&primary.root), snapshot(&root));
             assert!(
