@@ -444,5 +444,12 @@ fn no_common_version_is_refused_with_both_ranges() {
         metric_labeled(p.replica.metrics, "ferry_errors_total", "kind=\"version\"") >= 1.0,
         "the replica did not count its refusal"
     );
+    // the primary learned the range from the replica's Versions, not by
+    // taking it for a 0.1 node (that path quotes what the peer said)
+    assert!(
+        !log_has(&p.primary, "replica said:"),
+        "the primary took a new replica for an old one:\n{}",
+        p.primary.log_tail()
+    );
     nothing_replicated(&p.replica, "one");
 }
