@@ -306,7 +306,10 @@ fn rolling_upgrade_and_rollback() {
     p.primary.start().wait_ready(LIMIT);
     converge(&p.primary, &p.replica);
 
-    // 1. the replica's cluster is upgraded: old primary, new replica
+    // 1. the replica's cluster is upgraded: old primary, new replica. The
+    // new binary resumes from the old one's state: no resync.
+    let resyncs = || metric_labeled(p.primary.metrics, "ferry_resyncs_total", "peer=\"replica\"");
+    let before = resyncs();
     p.replica.stop();
     p.replica.set_binary(None);
     p.replica.start();
@@ -314,6 +317,11 @@ fn rolling_upgrade_and_rollback() {
     edit_tree(&p.primary.root, "one");
     write_tree(&p.primary.root, "two");
     converge(&p.primary, &p.replica);
+    assert_eq!(
+        resyncs(),
+        before,
+        "the upgraded replica was resynced instead of resuming from its state"
+    );
 
     // 2. the primary's cluster is upgraded: both new, version 2
     p.primary.stop();
