@@ -27,6 +27,15 @@ pub const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
 /// The annotations in which the placeholder is replaced.
 pub const KEYS: [&str; 3] = [key::NAME, key::PEERS, key::TLS_SECRET];
 
+/// Whether any annotation that takes the placeholder uses it.
+pub(crate) fn uses_placeholder(annotations: &BTreeMap<String, String>) -> bool {
+    KEYS.iter().any(|k| {
+        annotations
+            .get(&format!("{PREFIX}{k}"))
+            .is_some_and(|v| v.contains(PLACEHOLDER))
+    })
+}
+
 /// Largest ordinal (StatefulSet replicas are an int32).
 const MAX_ORDINAL: u64 = i32::MAX as u64;
 

@@ -97,14 +97,17 @@ pub(crate) fn plan(pod: &Value, default_image: &str) -> Result<Outcome, serde_js
     let mut warnings = settings::unknown_key_warnings(&meta.annotations);
     // A StatefulSet pod's ordinal replaces `{ordinal}` in the name, the
     // peers and the TLS Secret (ordinal.rs).
+    let uses_ordinal = ordinal::uses_placeholder(&meta.annotations);
     let ordinal = match ordinal::ordinal(meta) {
         Ok(o) => o,
-        Err(problem) => {
+        // labels no controller would write matter only to a pod that needs them
+        Err(problem) if uses_ordinal => {
             return Ok(Outcome::Deny {
                 problems: vec![problem],
                 warnings,
             })
         }
+        Err(_) => None,
     };
     let pod_name = if meta.name.is_empty() {
         meta.labels
@@ -149,13 +152,7 @@ pub(crate) fn plan(pod: &Value, default_image: &str) -> Result<Outcome, serde_js
         image: settings.image.clone(),
         volume: settings.volume.clone(),
         tls_volume: TLS_VOLUME.to_owned(),
-        ordinal: ordinal.filter(|_| {
-            ordinal::KEYS.iter().any(|k| {
-                meta.annotations
-                    .get(&format!("{PREFIX}{k}"))
-                    .is_some_and(|v| v.contains(ordinal::PLACEHOLDER))
-            })
-        }),
+        ordinal: ordinal.filter(|_| uses_ordinal),
     };
     let patch = build_patch(pod, &view, &settings, &status, run_as)?;
     Ok(Outcome::Inject {
