@@ -465,3 +465,43 @@ pub fn now_ns() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    /// The negotiated wire version shows per connected peer, in text and JSON.
+    #[test]
+    fn status_shows_each_peers_wire_version() {
+        let s = Status {
+            name: "eu-west".into(),
+            role: "primary".into(),
+            peers: vec![
+                PeerStatus {
+                    name: "us-east".into(),
+                    connected: true,
+                    wire_version: 1,
+                    ..Default::default()
+                },
+                PeerStatus {
+                    name: "ap-south".into(),
+                    connected: false,
+                    wire_version: 2,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let text = s.to_text();
+        assert!(
+            text.contains("peer us-east: connected (wire version 1),"),
+            "{text}"
+        );
+        assert!(text.contains("peer ap-south: disconnected,"), "{text}");
+        let json = s.to_json();
+        assert!(
+            json.contains("{\"name\":\"us-east\",\"connected\":true,\"wire_version\":1,"),
+            "{json}"
+        );
+    }
+}
