@@ -1114,7 +1114,7 @@ fn g6_hostile_framing_floods_and_stalls_are_refused_with_bounded_memory() {
             let mut b = bytes::BytesMut::new();
             ferry_proto::encode(
                 &Message::Hello(ferry_proto::Hello {
-                    version: ferry_proto::VERSION,
+                    version: 1,
                     node: "primary".into(),
                     epoch: EPOCH,
                     last_seq: 0,
@@ -1160,7 +1160,7 @@ fn g6_hostile_framing_floods_and_stalls_are_refused_with_bounded_memory() {
                     };
                     let (mut s, _r) = conn.open().await.ok()?;
                     s.send(&Message::Hello(ferry_proto::Hello {
-                        version: ferry_proto::VERSION,
+                        version: 1,
                         node: "primary".into(),
                         epoch: EPOCH,
                         last_seq: 0,
@@ -1288,6 +1288,7 @@ fn g2_g7_hostile_sequences_and_epochs_are_refused() {
             applied_epoch: EPOCH,
             applied_seq: 0,
             instance: 1,
+            version: Some(ferry_proto::VERSION),
         })])
     });
     t.case("batch of a future epoch", PROTO, |s, a| {
@@ -1321,9 +1322,9 @@ fn g2_g7_hostile_sequences_and_epochs_are_refused() {
             "primary",
         ),
         (
-            "hello of another protocol version",
+            "hello of wire versions this node does not speak",
             RefuseCode::Version,
-            "refused_primary",
+            "version",
             EPOCH,
             99,
             "primary",
@@ -1342,12 +1343,18 @@ fn g2_g7_hostile_sequences_and_epochs_are_refused() {
         let before = t.errors(&kinds);
         let hostile = t.hostile.clone();
         let mut s = hostile.session(t.replica.port);
-        s.send(&[Message::Hello(ferry_proto::Hello {
-            version,
-            node: node.into(),
-            epoch,
-            last_seq: 0,
-        })]);
+        s.send(&[
+            Message::Hello(ferry_proto::Hello {
+                version,
+                node: node.into(),
+                epoch,
+                last_seq: 0,
+            }),
+            Message::Versions(ferry_proto::WireVersions {
+                min: version.min(3),
+                max: version,
+            }),
+        ]);
         let r = s.reply(Duration::from_secs(10));
         drop(s);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -1680,6 +1687,7 @@ fn g6_hostile_replica_cannot_crash_or_stall_the_primary() {
             applied_epoch,
             applied_seq,
             instance: 1,
+            version: Some(ferry_proto::VERSION),
         })
     };
     type Act = Box<dyn Fn(&mut Session<'_>, u64)>;
@@ -1697,6 +1705,7 @@ fn g6_hostile_replica_cannot_crash_or_stall_the_primary() {
                     applied_epoch: e,
                     applied_seq: 1,
                     instance: 1,
+                    version: Some(ferry_proto::VERSION),
                 })])
             }),
         ),

@@ -271,7 +271,7 @@ fn g8_expired_wrong_ca_wrong_name_and_no_client_certificate_are_refused_before_a
             let r = p.rt.block_on(async {
                 let (mut s, mut r) = conn.open().await?;
                 s.send(&ferry_proto::Message::Hello(ferry_proto::Hello {
-                    version: ferry_proto::VERSION,
+                    version: 1,
                     node: "primary".into(),
                     epoch: 1,
                     last_seq: 0,

@@ -80,6 +80,8 @@ pub struct Node {
     pub log: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
+    /// Another ferry binary than the one under test (an older release).
+    bin: Option<PathBuf>,
 }
 
 impl Node {
@@ -123,7 +125,18 @@ impl Node {
             log: base.join(format!("{name}.log")),
             args,
             child: None,
+            bin: None,
         }
+    }
+
+    /// Runs (and asks `status` of) another ferry binary, e.g. an older
+    /// release; `None`: the one under test.
+    pub fn set_binary(&mut self, bin: Option<&Path>) {
+        self.bin = bin.map(Path::to_path_buf);
+    }
+
+    fn binary(&self) -> PathBuf {
+        self.bin.clone().unwrap_or_else(|| PathBuf::from(ferry()))
     }
 
     /// Moves the node's root (before start), e.g. onto a test mount.
@@ -153,10 +166,10 @@ impl Node {
             .open(&self.log)
             .unwrap();
         let mut cmd = match wrapper.split_first() {
-            None => Command::new(ferry()),
+            None => Command::new(self.binary()),
             Some((w, rest)) => {
                 let mut c = Command::new(w);
-                c.args(rest).arg(ferry());
+                c.args(rest).arg(self.binary());
                 c
             }
         };
@@ -223,7 +236,7 @@ impl Node {
 
     /// `ferry status --json` of this node.
     pub fn status_json(&self) -> String {
-        let out = Command::new(ferry())
+        let out = Command::new(self.binary())
             .args(["status", "--json", "--root"])
             .arg(&self.root)
             .output()

@@ -176,14 +176,21 @@ impl Session<'_> {
         let _ = self.peer.rt.block_on(self.send.finish());
     }
 
-    /// The next message from the replica.
+    /// The next message from the replica (a version range before a
+    /// refusal is passed over: the refusal is the answer).
     pub fn reply(&mut self, timeout: Duration) -> Reply {
         let recv = &mut self.recv;
-        match self
-            .peer
-            .rt
-            .block_on(async { tokio::time::timeout(timeout, recv.recv()).await })
-        {
+        match self.peer.rt.block_on(async {
+            tokio::time::timeout(timeout, async {
+                loop {
+                    match recv.recv().await {
+                        Ok(Some(Message::Versions(_))) => continue,
+                        other => return other,
+                    }
+                }
+            })
+            .await
+        }) {
             Err(_) => Reply::Silent,
             Ok(Ok(Some(Message::Welcome(w)))) => Reply::Welcome(w),
             Ok(Ok(Some(Message::Refuse(r)))) => Reply::Refuse(r),
@@ -207,12 +214,15 @@ impl Session<'_> {
     /// Says hello as the primary of `epoch`; the replica's answer.
     pub fn hello(&mut self, epoch: u64) -> Reply {
         let name = self.peer.name.clone();
-        self.send(&[Message::Hello(Hello {
-            version: VERSION,
-            node: name,
-            epoch,
-            last_seq: 0,
-        })]);
+        self.send(&[
+            Message::Hello(Hello {
+                version: VERSION,
+                node: name,
+                epoch,
+                last_seq: 0,
+            }),
+            Message::Versions(ferry_proto::VERSIONS),
+        ]);
         self.reply(Duration::from_secs(10))
     }
 

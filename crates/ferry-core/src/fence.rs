@@ -1,6 +1,6 @@
 //! Which primary a replica accepts (G7), and where a stream resumes.
 
-use ferry_proto::{Hello, RefuseCode, VERSION};
+use ferry_proto::{Hello, RefuseCode, WireVersions};
 
 /// What a replica knows when a primary says hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,17 +22,67 @@ pub enum Admit {
     Refuse(RefuseCode, String),
 }
 
-/// Decides whether a replica accepts a primary.
-pub fn admit(view: ReplicaView, hello: &Hello) -> Admit {
-    if hello.version != VERSION {
-        return Admit::Refuse(
-            RefuseCode::Version,
-            format!(
-                "protocol version {} is not supported (this node speaks {VERSION}); run the same ferry version on every node",
-                hello.version
-            ),
-        );
+/// The ferry release whose newest wire version is `v` (for messages that
+/// say what to upgrade).
+pub fn release_of(v: u16) -> String {
+    match v {
+        1 => "0.1".into(),
+        2 => "0.2".into(),
+        v => format!("a release that speaks wire version {v}"),
     }
+}
+
+/// The wire version a session between `ours` and `theirs` (the peer
+/// `peer`'s range) runs at: the highest both speak. Without one, a sentence
+/// naming both ranges and which side to upgrade; `release` is this build's
+/// version.
+pub fn negotiate(
+    ours: WireVersions,
+    theirs: WireVersions,
+    peer: &str,
+    release: &str,
+) -> Result<u16, String> {
+    if let Some(v) = ours.common(theirs) {
+        return Ok(v);
+    }
+    let fix = if theirs.max < ours.min {
+        format!(
+            "upgrade {peer} to ferry {} or newer (a node works with peers one release apart)",
+            release_of(ours.min)
+        )
+    } else {
+        format!(
+            "upgrade this node to ferry {} or newer (a node works with peers one release apart)",
+            release_of(theirs.min)
+        )
+    };
+    Err(format!(
+        "no common wire version: {peer} speaks {theirs} (ferry {}), this node speaks {ours} (ferry {release}); {fix}",
+        release_of(theirs.max)
+    ))
+}
+
+/// The range a primary offered: a version-1 hello offers 1 only (ferry 0.1
+/// sends nothing more); a newer one is followed by its range, whose newest
+/// version must be the hello's.
+pub fn offered(hello_version: u16, range: Option<WireVersions>) -> Result<WireVersions, String> {
+    match (hello_version, range) {
+        (0, _) => Err("a hello of wire version 0".into()),
+        (1, None) => Ok(WireVersions { min: 1, max: 1 }),
+        (1, Some(_)) => Err("a version-1 hello carries no version range".into()),
+        (v, Some(r)) if r.max == v && r.min <= r.max && r.min > 0 => Ok(r),
+        (v, Some(r)) => Err(format!(
+            "a hello of wire version {v} offered the range {r}, which does not end at {v}"
+        )),
+        (v, None) => Err(format!(
+            "a hello of wire version {v} came without its version range"
+        )),
+    }
+}
+
+/// Decides whether a replica accepts a primary (its wire version already
+/// agreed, see [`negotiate`]).
+pub fn admit(view: ReplicaView, hello: &Hello) -> Admit {
     if view.is_primary {
         return Admit::Refuse(
             RefuseCode::NotReplica,
@@ -95,7 +145,7 @@ mod tests {
 
     fn hello(epoch: u64) -> Hello {
         Hello {
-            version: VERSION,
+            version: ferry_proto::VERSION,
             node: "p".into(),
             epoch,
             last_seq: 0,
@@ -145,12 +195,39 @@ mod tests {
             admit(p, &hello(9)),
             Admit::Refuse(RefuseCode::NotReplica, _)
         ));
-        let mut h = hello(5);
-        h.version = 99;
-        assert!(matches!(
-            admit(v, &h),
-            Admit::Refuse(RefuseCode::Version, _)
-        ));
+    }
+
+    #[test]
+    fn versions_negotiate_to_the_highest_common_one() {
+        let r = |min, max| WireVersions { min, max };
+        // N with N-1, either way round, and N with N
+        assert_eq!(negotiate(r(1, 2), r(1, 1), "b", "0.2.0"), Ok(1));
+        assert_eq!(negotiate(r(1, 1), r(1, 2), "b", "0.1.0"), Ok(1));
+        assert_eq!(negotiate(r(1, 2), r(1, 2), "b", "0.2.0"), Ok(2));
+        assert_eq!(negotiate(r(2, 3), r(1, 2), "b", "0.3.0"), Ok(2));
+        // two releases apart: the message names both ranges and who to upgrade
+        let e = negotiate(r(2, 3), r(1, 1), "us-east", "0.3.0").unwrap_err();
+        assert_eq!(
+            e,
+            "no common wire version: us-east speaks 1 (ferry 0.1), this node speaks 2..=3 (ferry 0.3.0); \
+             upgrade us-east to ferry 0.2 or newer (a node works with peers one release apart)"
+        );
+        let e = negotiate(r(1, 1), r(2, 3), "eu-west", "0.1.0").unwrap_err();
+        assert!(e.contains("eu-west speaks 2..=3"), "{e}");
+        assert!(e.contains("this node speaks 1 (ferry 0.1.0)"), "{e}");
+        assert!(e.contains("upgrade this node to ferry 0.2 or newer"), "{e}");
+    }
+
+    #[test]
+    fn what_a_hello_offers() {
+        let r = |min, max| WireVersions { min, max };
+        assert_eq!(offered(1, None), Ok(r(1, 1)));
+        assert_eq!(offered(2, Some(r(1, 2))), Ok(r(1, 2)));
+        assert_eq!(offered(3, Some(r(3, 3))), Ok(r(3, 3)));
+        assert!(offered(0, None).is_err());
+        assert!(offered(1, Some(r(1, 1))).is_err());
+        assert!(offered(2, None).is_err());
+        assert!(offered(3, Some(r(1, 2))).is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod ordinal;
 mod plan;
 mod pod;
 mod quantity;

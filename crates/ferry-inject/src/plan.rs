@@ -11,6 +11,7 @@ use json_patch::{AddOperation, Patch, PatchOperation};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::ordinal;
 use crate::pod::PodView;
 use crate::settings::{self, key, Problem, Settings, INJECT_LABEL, PREFIX, STATUS_ANNOTATION};
 use crate::sidecar::{self, RunAs, CONTAINER_NAME, DEFAULT_UID, TLS_VOLUME};
@@ -54,6 +55,9 @@ pub(crate) struct InjectStatus {
     pub volume: String,
     #[serde(rename = "tlsVolume")]
     pub tls_volume: String,
+    /// The StatefulSet ordinal whose `{ordinal}` placeholders were replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordinal: Option<u32>,
 }
 
 /// Plans the mutation of `pod` (the raw `request.object`). Fails only when the
@@ -91,7 +95,32 @@ pub(crate) fn plan(pod: &Value, default_image: &str) -> Result<Outcome, serde_js
     }
 
     let mut warnings = settings::unknown_key_warnings(&meta.annotations);
-    let settings = match settings::parse(&meta.annotations, default_image) {
+    // A StatefulSet pod's ordinal replaces `{ordinal}` in the name, the
+    // peers and the TLS Secret (ordinal.rs).
+    let uses_ordinal = ordinal::uses_placeholder(&meta.annotations);
+    let ordinal = match ordinal::ordinal(meta) {
+        Ok(o) => o,
+        // labels no controller would write matter only to a pod that needs them
+        Err(problem) if uses_ordinal => {
+            return Ok(Outcome::Deny {
+                problems: vec![problem],
+                warnings,
+            })
+        }
+        Err(_) => None,
+    };
+    let pod_name = if meta.name.is_empty() {
+        meta.labels
+            .get(ordinal::POD_NAME_LABEL)
+            .map_or("", String::as_str)
+    } else {
+        meta.name.as_str()
+    };
+    let annotations = match ordinal::substitute(&meta.annotations, ordinal, pod_name) {
+        Ok(a) => a,
+        Err(problems) => return Ok(Outcome::Deny { problems, warnings }),
+    };
+    let settings = match settings::parse(&annotations, default_image) {
         Ok(s) => s,
         Err(problems) => return Ok(Outcome::Deny { problems, warnings }),
     };
@@ -123,6 +152,7 @@ pub(crate) fn plan(pod: &Value, default_image: &str) -> Result<Outcome, serde_js
         image: settings.image.clone(),
         volume: settings.volume.clone(),
         tls_volume: TLS_VOLUME.to_owned(),
+        ordinal: ordinal.filter(|_| uses_ordinal),
     };
     let patch = build_patch(pod, &view, &settings, &status, run_as)?;
     Ok(Outcome::Inject {

@@ -21,6 +21,11 @@ pub(crate) struct PodView {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct MetaView {
+    /// Empty for a pod the API server will name from `generate_name`.
+    #[serde(default, deserialize_with = "null_default")]
+    pub name: String,
+    #[serde(default, deserialize_with = "null_default")]
+    pub generate_name: String,
     #[serde(default, deserialize_with = "null_default")]
     pub labels: BTreeMap<String, String>,
     #[serde(default, deserialize_with = "null_default")]

@@ -56,6 +56,7 @@ mod kind {
     pub const FILE_DATA_Z: u8 = 22;
     pub const FILE_COPY: u8 = 23;
     pub const FILE_PATCH: u8 = 24;
+    pub const VERSIONS: u8 = 25;
 }
 
 /// For a file-data message with a large payload: appends the frame's head
@@ -99,6 +100,16 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
             out.put_u64(w.applied_epoch);
             out.put_u64(w.applied_seq);
             out.put_u64(w.instance);
+            // version 1's layout ends here: a 0.1 primary refuses trailing
+            // bytes, and is only ever answered without a version
+            if let Some(v) = w.version {
+                out.put_u16(v);
+            }
+        }
+        Message::Versions(v) => {
+            out.put_u8(kind::VERSIONS);
+            out.put_u16(v.min);
+            out.put_u16(v.max);
         }
         Message::Refuse(r) => {
             out.put_u8(kind::REFUSE);
@@ -429,7 +440,23 @@ fn decode_message(frame: Bytes) -> Result<Message, ProtoError> {
             applied_epoch: r.u64("applied_epoch")?,
             applied_seq: r.u64("applied_seq")?,
             instance: r.u64("instance")?,
+            version: if r.b.has_remaining() {
+                Some(r.u16("version")?)
+            } else {
+                None
+            },
         }),
+        kind::VERSIONS => {
+            let min = r.u16("min version")?;
+            let max = r.u16("max version")?;
+            if min == 0 || min > max {
+                return Err(ProtoError::BadValue {
+                    field: "version range",
+                    value: u64::from(min) << 16 | u64::from(max),
+                });
+            }
+            Message::Versions(WireVersions { min, max })
+        }
         kind::REFUSE => Message::Refuse(Refuse {
             code: RefuseCode::from_u16(r.u16("code")?),
             epoch: r.u64("epoch")?,
@@ -720,7 +747,17 @@ mod tests {
                 applied_epoch: 2,
                 applied_seq: 7,
                 instance: 7,
+                version: None,
             }),
+            Message::Welcome(Welcome {
+                node: "us-east".into(),
+                epoch: 3,
+                applied_epoch: 2,
+                applied_seq: 7,
+                instance: 7,
+                version: Some(2),
+            }),
+            Message::Versions(WireVersions { min: 1, max: 2 }),
             Message::Refuse(Refuse {
                 code: RefuseCode::StaleEpoch,
                 epoch: 4,
@@ -846,6 +883,84 @@ mod tests {
         assert!(encode_head(&Message::FileAbort, &mut BytesMut::new()).is_none());
     }
 
+    /// What a 0.1 node (wire version 1) sends and expects, byte for byte:
+    /// a hello and a welcome without a version keep that layout, so a 0.1
+    /// peer (whose decoder refuses trailing bytes) still reads them.
+    #[test]
+    fn version_1_layouts_are_frozen() {
+        let mut buf = BytesMut::new();
+        encode(
+            &Message::Hello(Hello {
+                version: 1,
+                node: "ab".into(),
+                epoch: 3,
+                last_seq: 4,
+            }),
+            &mut buf,
+        );
+        let mut want = vec![0, 0, 0, 23, kind::HELLO, 0, 1, 0, 2, b'a', b'b'];
+        want.extend_from_slice(&3u64.to_be_bytes());
+        want.extend_from_slice(&4u64.to_be_bytes());
+        assert_eq!(&buf[..], &want[..]);
+        let mut buf = BytesMut::new();
+        let w = Welcome {
+            node: "ab".into(),
+            epoch: 1,
+            applied_epoch: 2,
+            applied_seq: 3,
+            instance: 4,
+            version: None,
+        };
+        encode(&Message::Welcome(w.clone()), &mut buf);
+        let mut want = vec![0, 0, 0, 37, kind::WELCOME, 0, 2, b'a', b'b'];
+        for v in [1u64, 2, 3, 4] {
+            want.extend_from_slice(&v.to_be_bytes());
+        }
+        assert_eq!(&buf[..], &want[..]);
+        // a welcome with a version is the same bytes plus the version
+        let mut buf2 = BytesMut::new();
+        encode(
+            &Message::Welcome(Welcome {
+                version: Some(2),
+                ..w
+            }),
+            &mut buf2,
+        );
+        assert_eq!(&buf2[4..buf.len()], &want[4..]);
+        assert_eq!(&buf2[buf.len()..], &[0, 2]);
+        // one odd trailing byte after a welcome is still refused
+        let mut f = BytesMut::from(&want[..]);
+        f[3] += 1;
+        f.put_u8(9);
+        assert_eq!(decode_frame(&mut f), Err(ProtoError::Truncated("version")));
+    }
+
+    #[test]
+    fn version_ranges() {
+        let r = |min, max| WireVersions { min, max };
+        assert_eq!(r(1, 2).common(r(1, 1)), Some(1));
+        assert_eq!(r(1, 1).common(r(1, 2)), Some(1));
+        assert_eq!(r(1, 2).common(r(1, 2)), Some(2));
+        assert_eq!(r(1, 2).common(r(2, 3)), Some(2));
+        assert_eq!(r(2, 3).common(r(1, 1)), None);
+        assert_eq!(r(1, 1).common(r(2, 3)), None);
+        assert_eq!(r(3, 2).common(r(1, 4)), None);
+        assert_eq!(r(1, 2).to_string(), "1..=2");
+        assert_eq!(r(2, 2).to_string(), "2");
+        // an empty or zero range from a peer is refused
+        for (min, max) in [(0u16, 1u16), (3, 2)] {
+            let mut f = BytesMut::new();
+            f.put_u32(5);
+            f.put_u8(kind::VERSIONS);
+            f.put_u16(min);
+            f.put_u16(max);
+            assert!(matches!(
+                decode_frame(&mut f),
+                Err(ProtoError::BadValue { .. })
+            ));
+        }
+    }
+
     #[test]
     fn round_trip_all_kinds() {
         let mut buf = BytesMut::new();
@@ -895,6 +1010,11 @@ mod tests {
                 {
                     continue; // any length of data is a valid data frame
                 }
+                if matches!(&m, Message::Welcome(w) if w.version.is_some())
+                    && cut == payload.len() - 2
+                {
+                    continue; // without its version: the version-1 welcome
+                }
                 let mut f = BytesMut::new();
                 f.put_u32(cut as u32);
                 f.put_slice(&payload[..cut]);
@@ -907,7 +1027,12 @@ mod tests {
                 f.put_u32(payload.len() as u32 + 1);
                 f.put_slice(&payload);
                 f.put_u8(0xAA);
-                assert_eq!(decode_frame(&mut f), Err(ProtoError::Trailing(1)));
+                let want = match &m {
+                    // one byte where a version may follow
+                    Message::Welcome(w) if w.version.is_none() => ProtoError::Truncated("version"),
+                    _ => ProtoError::Trailing(1),
+                };
+                assert_eq!(decode_frame(&mut f), Err(want));
             }
         }
         let mut f = BytesMut::from(&[0, 0, 0, 1, 200][..]);

@@ -19,8 +19,25 @@ pub use path::{check_link_target, mode_ok, PathError, RelPath, MODE_ALLOWED};
 
 use bytes::Bytes;
 
-/// Protocol version carried in [`Hello`]. Bumped on any incompatible change.
-pub const VERSION: u16 = 1;
+/// Oldest wire version this build speaks. A node of release N speaks the
+/// wire versions of releases N and N-1 (see `docs/UPGRADING.md`), so a
+/// cluster can be upgraded while its peers still run the previous release.
+pub const VERSION_MIN: u16 = 1;
+/// Newest wire version this build speaks; bumped on any incompatible change
+/// (and `VERSION_MIN` raised to the previous release's newest).
+///
+/// - 1: ferry 0.1 (one version per node; a hello of another version is
+///   refused).
+/// - 2: ferry 0.2: version ranges ([`Message::Versions`] after a hello of
+///   version 2 or more, and the chosen version in the [`Welcome`]).
+pub const VERSION_MAX: u16 = 2;
+/// The wire versions this build speaks.
+pub const VERSIONS: WireVersions = WireVersions {
+    min: VERSION_MIN,
+    max: VERSION_MAX,
+};
+/// The newest wire version this build speaks (what a hello carries).
+pub const VERSION: u16 = VERSION_MAX;
 /// ALPN identifier negotiated by TLS.
 pub const ALPN: &[u8] = b"ferry/1";
 /// Largest file-data payload in one frame.
@@ -66,7 +83,47 @@ pub struct Entry {
     pub hash: Option<[u8; 32]>,
 }
 
+/// A range of wire versions, `min..=max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WireVersions {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl WireVersions {
+    /// The highest version both ranges hold, if any.
+    pub fn common(self, other: WireVersions) -> Option<u16> {
+        let v = self.max.min(other.max);
+        (v >= self.min.max(other.min) && self.min <= self.max && other.min <= other.max)
+            .then_some(v)
+    }
+
+    /// Whether `v` is in the range.
+    pub fn contains(self, v: u16) -> bool {
+        self.min <= v && v <= self.max
+    }
+}
+
+impl std::fmt::Display for WireVersions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.min)
+        } else {
+            write!(f, "{}..={}", self.min, self.max)
+        }
+    }
+}
+
 /// Primary → replica, first message on a connection.
+///
+/// Compatibility with wire version 1 (ferry 0.1), whose decoder refuses
+/// trailing bytes and whose replica refuses any `version` but 1: the hello's
+/// layout never changes. `version` is the newest version the primary speaks;
+/// when it is 2 or more, a [`Message::Versions`] with the whole range follows
+/// at once (a 0.1 replica refuses the hello with [`RefuseCode::Version`]
+/// before reading it, and the primary falls back to a version-1 hello on a
+/// new connection if its range holds 1). A version-1 hello is followed by
+/// nothing: its sender speaks 1 only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub version: u16,
@@ -89,6 +146,10 @@ pub struct Welcome {
     /// Random per replica process: a primary tells a greeting from the
     /// process it already has a session with from one of a new process.
     pub instance: u64,
+    /// The wire version the session runs at, chosen by the replica from the
+    /// primary's [`Message::Versions`]. `None` (encoded as nothing, the
+    /// version-1 layout) in answer to a version-1 hello.
+    pub version: Option<u16>,
 }
 
 /// Why a peer refused or aborted.
@@ -226,6 +287,12 @@ impl PatchHeader {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Hello(Hello),
+    /// Since wire version 2. Primary → replica right after a [`Hello`] whose
+    /// version is 2 or more: every version the primary speaks. Replica →
+    /// primary right before a [`RefuseCode::Version`] refusal of such a
+    /// hello: every version the replica speaks (so the primary can say which
+    /// side to upgrade).
+    Versions(WireVersions),
     Welcome(Welcome),
     Refuse(Refuse),
     /// Primary asks the replica for its manifest; with `verify`, files carry

@@ -151,6 +151,27 @@ pub struct RunArgs {
     /// `auto` is CUBIC while the path's RTT is under 5 ms, BBR beyond.
     #[arg(long, env = "FERRY_CONGESTION_CONTROL", value_enum, default_value_t = CongestionArg::Auto)]
     pub congestion_control: CongestionArg,
+    /// Test only: narrow the wire versions this node speaks, `MIN..=MAX`
+    /// (or one version), within the ones this build speaks.
+    #[arg(long, env = "FERRY_WIRE_VERSIONS", hide = true)]
+    pub wire_versions: Option<String>,
+}
+
+/// `--wire-versions`: `MIN..=MAX` or `V`, within what this build speaks.
+fn parse_wire_versions(s: &str) -> Result<ferry_proto::WireVersions, String> {
+    let b = ferry_proto::VERSIONS;
+    let (min, max) = match s.split_once("..=") {
+        Some((a, z)) => (a.trim().parse::<u16>(), z.trim().parse::<u16>()),
+        None => (s.trim().parse::<u16>(), s.trim().parse::<u16>()),
+    };
+    match (min, max) {
+        (Ok(min), Ok(max)) if b.min <= min && min <= max && max <= b.max => {
+            Ok(ferry_proto::WireVersions { min, max })
+        }
+        _ => Err(format!(
+            "--wire-versions {s:?}: give MIN..=MAX or one version, within {b} (what this build speaks)"
+        )),
+    }
 }
 
 /// `--congestion-control` values.
@@ -365,6 +386,10 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
         }
         None => (PathBuf::new(), None),
     };
+    let wire = match a.wire_versions.as_deref() {
+        None => Some(ferry_proto::VERSIONS),
+        Some(s) => parse_wire_versions(s).map_err(|e| errs.push(e)).ok(),
+    };
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -393,6 +418,7 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
             CongestionArg::Bbr => ferry_net::Congestion::Bbr,
             CongestionArg::Cubic => ferry_net::Congestion::Cubic,
         },
+        wire: wire.expect("checked"),
     })
 }
 

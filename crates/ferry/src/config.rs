@@ -70,6 +70,9 @@ pub struct NodeConfig {
     pub max_conn_age: Duration,
     /// QUIC congestion controller.
     pub congestion: ferry_net::Congestion,
+    /// Wire versions this node speaks (`ferry_proto::VERSIONS` unless
+    /// narrowed by the hidden `--wire-versions`, for tests).
+    pub wire: ferry_proto::WireVersions,
 }
 
 /// Holds an exclusive lock on the root directory itself for the life of the

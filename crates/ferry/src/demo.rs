@@ -32,6 +32,7 @@ fn node_cfg(root: &Path, name: &str, tls: &Path, role: Role, peers: Vec<PeerSpec
         rescan_interval: Some(crate::config::DEFAULT_RESCAN_INTERVAL),
         max_conn_age: DEFAULT_MAX_CONN_AGE,
         congestion: ferry_net::Congestion::default(),
+        wire: ferry_proto::VERSIONS,
     }
 }
 

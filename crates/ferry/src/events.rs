@@ -119,11 +119,16 @@ pub struct PeerConnected<'a> {
     pub peer: &'a str,
     pub addr: std::net::SocketAddr,
     pub applied_seq: u64,
+    /// The wire version the session runs at.
+    pub wire_version: u16,
 }
 impl Event for PeerConnected<'_> {
     fn emit(self, m: &Metrics) {
         m.peer_connected.with_label_values(&[self.peer]).set(1);
-        tracing::info!(peer = self.peer, addr = %self.addr, applied_seq = self.applied_seq, "Connected to the peer.");
+        m.peer_wire_version
+            .with_label_values(&[self.peer])
+            .set(i64::from(self.wire_version));
+        tracing::info!(peer = self.peer, addr = %self.addr, applied_seq = self.applied_seq, wire_version = self.wire_version, "Connected to the peer.");
     }
 }
 

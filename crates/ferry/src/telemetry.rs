@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The `kind` values of `ferry_errors_total` (see docs/OPERATIONS.md).
-pub const ERROR_KINDS: [&str; 21] = [
+pub const ERROR_KINDS: [&str; 22] = [
     "peer_session",
     "peer_refused",
     "refused_primary",
@@ -32,6 +32,7 @@ pub const ERROR_KINDS: [&str; 21] = [
     "index",
     "conn_limit",
     "conflict",
+    "version",
 ];
 
 /// Per-peer series, created at 0 when the node starts.
@@ -40,6 +41,7 @@ pub fn init_peer(m: &Metrics, peer: &str) {
     m.batches_sent.with_label_values(&[peer]);
     m.bytes_sent.with_label_values(&[peer]);
     m.peer_connected.with_label_values(&[peer]).set(0);
+    m.peer_wire_version.with_label_values(&[peer]);
     m.unacked.with_label_values(&[peer]);
     m.acked_seq.with_label_values(&[peer]);
     m.resyncs.with_label_values(&[peer]);
@@ -59,6 +61,8 @@ pub struct Metrics {
     pub bytes_applied: IntCounter,
     pub files_applied: IntCounter,
     pub peer_connected: IntGaugeVec,
+    /// The wire version of the session with each peer (0: none yet).
+    pub peer_wire_version: IntGaugeVec,
     pub unacked: IntGaugeVec,
     pub acked_seq: IntGaugeVec,
     pub applied_seq: IntGauge,
@@ -113,6 +117,7 @@ impl Metrics {
             bytes_applied: reg(&r, IntCounter::new("ferry_bytes_applied_total", "File content bytes written by this replica.").unwrap()),
             files_applied: reg(&r, IntCounter::new("ferry_files_applied_total", "Regular files replaced by this replica.").unwrap()),
             peer_connected: reg(&r, IntGaugeVec::new(Opts::new("ferry_peer_connected", "1 while the peer is connected."), &["peer"]).unwrap()),
+            peer_wire_version: reg(&r, IntGaugeVec::new(Opts::new("ferry_peer_wire_version", "Wire version of the last session with the peer (the highest both speak; 0: none yet)."), &["peer"]).unwrap()),
             unacked: reg(&r, IntGaugeVec::new(Opts::new("ferry_unacked_batches", "Sealed batches the peer has not acked."), &["peer"]).unwrap()),
             acked_seq: reg(&r, IntGaugeVec::new(Opts::new("ferry_acked_seq", "Last batch the peer acked."), &["peer"]).unwrap()),
             applied_seq: reg(&r, IntGauge::new("ferry_applied_seq", "Last batch applied durably on this replica.").unwrap()),

@@ -98,7 +98,26 @@ fn names(list: &Value) -> Vec<&str> {
 /// Checks what an injection must add, derived from the pod's own annotations
 /// (independently of the injector's code), and that nothing else changed.
 pub fn check_injected(original: &Value, patched: &Value, default_image: &str) {
-    let a = |k: &str| annotation(original, &format!("ferry.io/{k}"));
+    // A StatefulSet pod's ordinal (the label the controller sets) replaces
+    // `{ordinal}` in the name, the peers and the TLS Secret.
+    let ordinal = original["metadata"]["labels"]["apps.kubernetes.io/pod-index"].as_str();
+    let substituted: std::collections::BTreeMap<&str, String> = ["name", "peers", "tls-secret"]
+        .into_iter()
+        .filter_map(|k| {
+            let v = annotation(original, &format!("ferry.io/{k}"))?;
+            let v = match ordinal {
+                Some(n) => v.replace("{ordinal}", n),
+                None => v.to_owned(),
+            };
+            Some((k, v))
+        })
+        .collect();
+    let a = |k: &str| {
+        substituted
+            .get(k)
+            .map(String::as_str)
+            .or_else(|| annotation(original, &format!("ferry.io/{k}")))
+    };
     let native = a("native-sidecar") != Some("false");
     let volume = a("volume").expect("fixture names a volume");
     let image = a("image").unwrap_or(default_image);

@@ -40,6 +40,7 @@ VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 # are: injecting their pods must be denied, naming these annotations.
 EXPECT_DENIED = {
     "manifests/examples/notes/app": ["ferry.io/name", "ferry.io/peers"],
+    "manifests/examples/notes-sts/app": ["ferry.io/name", "ferry.io/peers"],
 }
 
 # Fields a golden fixture carries on purpose to prove unknown fields survive the
@@ -289,7 +290,7 @@ def manifest_problems(docs, registered_metrics):
     def pods_selected(selector, namespace):
         return [w for w in workloads
                 if w["metadata"].get("namespace") == namespace
-                and matches(selector, w["spec"]["template"]["metadata"].get("labels") or {})]
+                and any(matches(selector, labels) for labels in pod_labels(w))]
 
     for s in by_kind.get("Service", []):
         if not pods_selected(s["spec"].get("selector"), s["metadata"].get("namespace")):
@@ -381,32 +382,91 @@ def manifest_problems(docs, registered_metrics):
 
 # --- injection of the rendered example workloads ---------------------------------------
 
-def review_for(workload):
-    """An AdmissionReview for the first pod a controller would create."""
-    tmpl = copy.deepcopy(workload["spec"]["template"])
+def pod_labels(workload):
+    """The labels of each pod the workload's controller creates: a StatefulSet
+    adds statefulset.kubernetes.io/pod-name and apps.kubernetes.io/pod-index."""
+    base = workload["spec"]["template"]["metadata"].get("labels") or {}
+    if workload["kind"] != "StatefulSet":
+        return [base]
+    name = workload["metadata"]["name"]
+    return [dict(base, **{"statefulset.kubernetes.io/pod-name": f"{name}-{n}",
+                          "apps.kubernetes.io/pod-index": str(n)})
+            for n in range(workload["spec"].get("replicas", 1))]
+
+
+def reviews_for(workload):
+    """An AdmissionReview for each pod the controller would create (one for a
+    Deployment; one per ordinal for a StatefulSet), shaped as the controller
+    creates them: a StatefulSet pod has its final name, generateName, the
+    pod-name and pod-index labels, hostname and subdomain, and the claims of
+    its ordinal."""
     ns = workload["metadata"]["namespace"]
     name = workload["metadata"]["name"]
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": tmpl.get("metadata") or {}, "spec": tmpl["spec"]}
-    pod["metadata"]["namespace"] = ns
-    if workload["kind"] == "StatefulSet":
-        pod["metadata"]["name"] = f"{name}-0"
-        for claim in workload["spec"].get("volumeClaimTemplates", []):
-            cname = claim["metadata"]["name"]
-            pod["spec"].setdefault("volumes", []).append(
-                {"name": cname, "persistentVolumeClaim": {"claimName": f"{cname}-{name}-0"}})
-    else:
+    reviews = []
+    for n, labels in enumerate(pod_labels(workload)):
+        tmpl = copy.deepcopy(workload["spec"]["template"])
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": tmpl.get("metadata") or {}, "spec": tmpl["spec"]}
+        pod["metadata"]["namespace"] = ns
+        pod["metadata"]["labels"] = labels
         pod["metadata"]["generateName"] = f"{name}-"
-    return {
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {
-            "uid": "00000000-0000-4000-8000-000000000000",
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": ns, "operation": "CREATE",
-            "userInfo": {"username": "system:serviceaccount:kube-system:statefulset-controller"},
-            "object": pod, "dryRun": False,
-        },
-    }
+        if workload["kind"] == "StatefulSet":
+            pod["metadata"]["name"] = f"{name}-{n}"
+            pod["spec"]["hostname"] = f"{name}-{n}"
+            pod["spec"]["subdomain"] = workload["spec"].get("serviceName", "")
+            for claim in workload["spec"].get("volumeClaimTemplates", []):
+                cname = claim["metadata"]["name"]
+                pod["spec"].setdefault("volumes", []).append(
+                    {"name": cname, "persistentVolumeClaim": {"claimName": f"{cname}-{name}-{n}"}})
+        reviews.append((pod["metadata"].get("name", f"{name}-x"), {
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "00000000-0000-4000-8000-000000000000",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "name": pod["metadata"].get("name", ""),
+                "namespace": ns, "operation": "CREATE",
+                "userInfo": {"username": "system:serviceaccount:kube-system:statefulset-controller"},
+                "object": pod, "dryRun": False,
+            },
+        }))
+    return reviews
+
+
+def node_of(pod):
+    """(--name, [peer NAMEs], TLS Secret) of an injected pod's sidecar."""
+    ferry = next(c for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+                 if c["name"] == "ferry")
+    args = ferry["args"]
+    flag = lambda f: [args[i + 1] for i in range(len(args) - 1) if args[i] == f]
+    secret = next(v["secret"]["secretName"] for v in pod["spec"]["volumes"] if v["name"] == "ferry-tls")
+    return flag("--name")[0], [p.split("=", 1)[0] for p in flag("--peer")], secret
+
+
+def pairing_problems(nodes, rendered):
+    """The injected pods of each example (its overlays, one per cluster): each
+    pod's TLS Secret is issued by a rendered Certificate naming the pod's node,
+    node names are unique, and each peer a pod lists is the node of the pod of
+    the same name (ordinal) in another overlay."""
+    problems = []
+    groups = {}
+    for (k, pod_name), node in nodes.items():
+        groups.setdefault(os.path.dirname(k), {})[(k, pod_name)] = node
+    for group, members in groups.items():
+        names = [n[0] for n in members.values()]
+        if len(names) != len(set(names)):
+            problems.append(f"{group}: two pods are the same ferry node: {sorted(names)}")
+        for (k, pod_name), (me, peers, secret) in members.items():
+            dns = [dn for c in rendered[k] if c["kind"] == "Certificate"
+                   and c["spec"]["secretName"] == secret for dn in c["spec"].get("dnsNames", [])]
+            if me not in dns:
+                problems.append(f"{k} {pod_name}: Secret {secret} is not issued for node {me} "
+                                f"(Certificates for it name {dns or 'nothing'})")
+            for peer in peers:
+                twins = [n[0] for (k2, p2), n in members.items() if k2 != k and p2 == pod_name]
+                if peer not in twins:
+                    problems.append(f"{k} {pod_name}: peer {peer} is not the node of {pod_name} "
+                                    f"in another cluster (those are {twins})")
+    return problems
 
 
 def strip_deliberate_unknowns(pod):
@@ -450,6 +510,7 @@ def main():
         os.path.relpath(d, args.repo) for d, _, files in os.walk(manifests)
         if "kustomization.yaml" in files)
     workloads_to_inject = []
+    rendered = {}
     for k in kustomizations:
         out = subprocess.run([args.kubectl, "kustomize", os.path.join(args.repo, k)],
                              capture_output=True, text=True)
@@ -457,6 +518,7 @@ def main():
             report.check(f"kubectl kustomize {k}", [out.stderr.strip()])
             continue
         docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+        rendered[k] = docs
         report.check(f"kubectl kustomize {k} ({len(docs)} objects)", [] if docs else ["rendered nothing"])
         for d in docs:
             report.check(f"{k}: {object_name(d)} schema", schema_problems(d))
@@ -477,33 +539,35 @@ def main():
     if args.mutate:
         if not workloads_to_inject:
             report.check("example workloads to inject", ["no rendered workload has ferry.io/inject=true"])
+        nodes = {}
         with tempfile.TemporaryDirectory() as tmp:
-            reviews = []
-            for k, w in workloads_to_inject:
-                path = os.path.join(tmp, f"{k.replace('/', '_')}_{w['metadata']['name']}.json")
-                with open(path, "w", encoding="utf-8") as fh:
-                    json.dump(review_for(w), fh)
-                reviews.append(path)
             outdir = os.path.join(tmp, "out")
             os.mkdir(outdir)
-            for (k, _), r in zip(workloads_to_inject, reviews):
-                name = os.path.basename(r)
-                run = subprocess.run([args.mutate, outdir, r], capture_output=True, text=True)
-                if k in EXPECT_DENIED:
-                    missing = [a for a in EXPECT_DENIED[k] if a not in run.stderr]
-                    report.check(f"inject {name}: denied, naming {', '.join(EXPECT_DENIED[k])}",
-                                 ([] if run.returncode != 0 else ["it was not denied"]) +
-                                 [f"{a} not named in: {run.stderr.strip()}" for a in missing])
-                    continue
-                report.check(f"inject {name}", [] if run.returncode == 0 else [run.stderr.strip()])
-                out = os.path.join(outdir, name)
-                if run.returncode == 0 and os.path.exists(out):
-                    with open(out, encoding="utf-8") as fh:
-                        pod = json.load(fh)
-                    validate_pod(report, pod, f"injected {name}")
-                    names = [c["name"] for c in pod["spec"].get("initContainers", [])]
-                    report.check(f"injected {name}: ferry is the first init container",
-                                 [] if names[:1] == ["ferry"] else [f"init containers: {names}"])
+            for k, w in workloads_to_inject:
+                for pod_name, review in reviews_for(w):
+                    name = f"{k.replace('/', '_')}_{pod_name}.json"
+                    r = os.path.join(tmp, name)
+                    with open(r, "w", encoding="utf-8") as fh:
+                        json.dump(review, fh)
+                    run = subprocess.run([args.mutate, outdir, r], capture_output=True, text=True)
+                    if k in EXPECT_DENIED:
+                        missing = [a for a in EXPECT_DENIED[k] if a not in run.stderr]
+                        report.check(f"inject {name}: denied, naming {', '.join(EXPECT_DENIED[k])}",
+                                     ([] if run.returncode != 0 else ["it was not denied"]) +
+                                     [f"{a} not named in: {run.stderr.strip()}" for a in missing])
+                        continue
+                    report.check(f"inject {name}", [] if run.returncode == 0 else [run.stderr.strip()])
+                    out = os.path.join(outdir, name)
+                    if run.returncode == 0 and os.path.exists(out):
+                        with open(out, encoding="utf-8") as fh:
+                            pod = json.load(fh)
+                        validate_pod(report, pod, f"injected {name}")
+                        names = [c["name"] for c in pod["spec"].get("initContainers", [])]
+                        report.check(f"injected {name}: ferry is the first init container",
+                                     [] if names[:1] == ["ferry"] else [f"init containers: {names}"])
+                        nodes[(k, pod_name)] = node_of(pod)
+        report.check(f"example pods pair by name and certificate ({len(nodes)} pods)",
+                     pairing_problems(nodes, rendered))
 
     print(f"{report.passed} passed, {report.failed} failed")
     return 1 if report.failed else 0

@@ -5,7 +5,7 @@
 
 use super::{NodeHandle, Shared};
 use anyhow::{anyhow, bail, Context};
-use ferry_proto::{Hello, Message, VERSION};
+use ferry_proto::Message;
 use ferry_store::Role;
 use std::time::{Duration, Instant};
 
@@ -62,32 +62,38 @@ pub async fn switchover(h: &NodeHandle, to: &str) -> anyhow::Result<String> {
         .with_context(|| format!("resolving {}", peer.addr))?
         .next()
         .ok_or_else(|| anyhow!("{} resolves to no address", peer.addr))?;
-    let conn = tokio::time::timeout(STEP, h.transport.connect(addr, to))
-        .await
-        .map_err(|_| anyhow!("{to} did not answer within {STEP:?}"))??;
-    let (mut send, mut recv) = conn.open().await?;
-    send.send(&Message::Hello(Hello {
-        version: VERSION,
-        node: shared.cfg.name.clone(),
-        epoch: st.epoch,
-        last_seq: st.seq,
-    }))
-    .await?;
-    send.flush().await?;
-    match tokio::time::timeout(STEP, recv.recv())
-        .await
-        .map_err(|_| anyhow!("{to} did not answer within {STEP:?}"))??
+    let greeted = match super::greet::greet(
+        &h.transport,
+        addr,
+        to,
+        &super::greet::HelloArgs {
+            node: &shared.cfg.name,
+            epoch: st.epoch,
+            last_seq: st.seq,
+        },
+        shared.cfg.wire,
+        Some(STEP),
+    )
+    .await?
     {
-        Some(Message::Welcome(w)) if w.applied_epoch == st.epoch && w.applied_seq == st.seq => {}
-        Some(Message::Welcome(w)) => bail!(
+        super::greet::Answer::Welcome(g) => g,
+        super::greet::Answer::Refused(r) => bail!("{to} refused: {}", r.message),
+    };
+    let super::greet::Greeted {
+        conn,
+        mut send,
+        mut recv,
+        welcome: w,
+        ..
+    } = *greeted;
+    if w.applied_epoch != st.epoch || w.applied_seq != st.seq {
+        bail!(
             "{to} is at batch {} of epoch {}, not {} of {}; not switching over",
             w.applied_seq,
             w.applied_epoch,
             st.seq,
             st.epoch
-        ),
-        Some(Message::Refuse(r)) => bail!("{to} refused: {}", r.message),
-        other => bail!("{to} answered {other:?}"),
+        );
     }
     let epoch = st.epoch + 1;
     send.send(&Message::Promote { epoch, seq: st.seq }).await?;

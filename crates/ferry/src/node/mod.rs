@@ -3,6 +3,7 @@
 
 pub mod conflicts;
 mod file_index;
+pub mod greet;
 pub mod handover;
 pub mod primary;
 pub mod replica;
@@ -72,6 +73,8 @@ pub struct PeerStatus {
     /// Seal-to-ack time of the last acknowledged batch (primary side).
     pub lag_ms: f64,
     pub last_error: Option<String>,
+    /// Wire version of the last session with the peer (0: none yet).
+    pub wire_version: u16,
 }
 
 /// A manifest-diff resync in progress (`total` 0: not known yet).
@@ -138,10 +141,10 @@ impl Status {
             o += &format!(
                 "peer {}: {}, acked seq {}, backlog {} batches, lag {:.1} ms{}\n",
                 p.name,
-                if p.connected {
-                    "connected"
-                } else {
-                    "disconnected"
+                match (p.connected, p.wire_version) {
+                    (true, 0) => "connected".to_owned(),
+                    (true, v) => format!("connected (wire version {v})"),
+                    (false, _) => "disconnected".to_owned(),
                 },
                 p.acked_seq,
                 p.unacked,
@@ -161,9 +164,10 @@ impl Status {
             .iter()
             .map(|p| {
                 format!(
-                    "{{\"name\":{},\"connected\":{},\"acked_seq\":{},\"unacked\":{},\"lag_ms\":{:.3},\"last_error\":{}}}",
+                    "{{\"name\":{},\"connected\":{},\"wire_version\":{},\"acked_seq\":{},\"unacked\":{},\"lag_ms\":{:.3},\"last_error\":{}}}",
                     esc(&p.name),
                     p.connected,
+                    p.wire_version,
                     p.acked_seq,
                     p.unacked,
                     p.lag_ms,
@@ -460,4 +464,44 @@ pub fn now_ns() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    /// The negotiated wire version shows per connected peer, in text and JSON.
+    #[test]
+    fn status_shows_each_peers_wire_version() {
+        let s = Status {
+            name: "eu-west".into(),
+            role: "primary".into(),
+            peers: vec![
+                PeerStatus {
+                    name: "us-east".into(),
+                    connected: true,
+                    wire_version: 1,
+                    ..Default::default()
+                },
+                PeerStatus {
+                    name: "ap-south".into(),
+                    connected: false,
+                    wire_version: 2,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let text = s.to_text();
+        assert!(
+            text.contains("peer us-east: connected (wire version 1),"),
+            "{text}"
+        );
+        assert!(text.contains("peer ap-south: disconnected,"), "{text}");
+        let json = s.to_json();
+        assert!(
+            json.contains("{\"name\":\"us-east\",\"connected\":true,\"wire_version\":1,"),
+            "{json}"
+        );
+    }
 }

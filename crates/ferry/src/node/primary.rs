@@ -17,9 +17,7 @@ use ferry_core::diff::{diff, Action};
 use ferry_core::fence::{resume_point, Resume};
 use ferry_core::{BatchTimer, Coalescer, EntryKind, RelPath};
 use ferry_net::{MsgRecv, MsgSend, Transport};
-use ferry_proto::{
-    BatchHeader, Entry, FileHeader, Hello, Message, Op, RefuseCode, MAX_DATA, VERSION,
-};
+use ferry_proto::{BatchHeader, Entry, FileHeader, Message, Op, RefuseCode, MAX_DATA};
 use ferry_watch::{scan, Excludes, RawEvent, Scanned, Skip, Translator, Watcher};
 use std::collections::{HashSet, VecDeque};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -1172,29 +1170,24 @@ async fn session(
         .with_context(|| format!("resolving {}", peer.addr))?
         .next()
         .ok_or_else(|| anyhow!("{} resolves to no address", peer.addr))?;
-    let conn = transport.connect(addr, &peer.name).await?;
-    let (mut send, mut recv) = conn.open().await?;
     let st = ctx.shared.node_state();
     let last_seq = ctx.log.lock().expect("log").last_seq;
-    send.send(&Message::Hello(Hello {
-        version: VERSION,
-        node: ctx.shared.cfg.name.clone(),
-        epoch: st.epoch,
-        last_seq,
-    }))
-    .await?;
-    send.flush().await?;
-    let welcome = match recv.recv().await? {
-        Some(Message::Welcome(w)) if w.node == peer.name => w,
-        Some(Message::Welcome(w)) => {
-            ctx.shared.metrics.error("protocol");
-            bail!(
-                "{} answered as {:?}: a welcome must name the certificate's node",
-                peer.name,
-                w.node
-            )
-        }
-        Some(Message::Refuse(r)) => {
+    let answer = super::greet::greet(
+        transport,
+        addr,
+        &peer.name,
+        &super::greet::HelloArgs {
+            node: &ctx.shared.cfg.name,
+            epoch: st.epoch,
+            last_seq,
+        },
+        ctx.shared.cfg.wire,
+        None,
+    )
+    .await;
+    let greeted = match answer {
+        Ok(super::greet::Answer::Welcome(g)) => g,
+        Ok(super::greet::Answer::Refused(r)) => {
             if r.code == RefuseCode::StaleEpoch {
                 ctx.shared.metrics.error("fenced");
             }
@@ -1212,9 +1205,28 @@ async fn session(
                 r.message
             )
         }
-        Some(other) => bail!("{} answered hello with {other:?}", peer.name),
-        None => bail!("{} closed the stream during the handshake", peer.name),
+        Err(e) => {
+            if format!("{e}").starts_with("no common wire version") {
+                ctx.shared.metrics.error("version");
+            }
+            return Err(e);
+        }
     };
+    let super::greet::Greeted {
+        conn,
+        mut send,
+        mut recv,
+        welcome,
+        version,
+    } = *greeted;
+    if welcome.node != peer.name {
+        ctx.shared.metrics.error("protocol");
+        bail!(
+            "{} answered as {:?}: a welcome must name the certificate's node",
+            peer.name,
+            welcome.node
+        )
+    }
     *backoff = Duration::from_millis(100);
     wake.instance.store(welcome.instance, Ordering::Relaxed);
     // Where this epoch began: a demoted old primary tells its own
@@ -1238,12 +1250,14 @@ async fn session(
         peer: &peer.name,
         addr,
         applied_seq: welcome.applied_seq,
+        wire_version: version,
     }
     .emit(m);
     ctx.shared.set_status(|s| {
         if let Some(p) = s.peers.iter_mut().find(|p| p.name == peer.name) {
             p.connected = true;
             p.last_error = None;
+            p.wire_version = version;
         }
     });
     progress

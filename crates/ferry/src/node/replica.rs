@@ -6,7 +6,7 @@ use crate::events::*;
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use ferry_apply::{Applier, ApplyError, ApplyStats, BatchInfo, Recovery};
-use ferry_core::fence::{admit, Admit, ReplicaView};
+use ferry_core::fence::{admit, negotiate, offered, Admit, ReplicaView};
 use ferry_net::{Conn, MsgSend, Transport};
 use ferry_proto::{BatchHeader, Entry, FileHeader, Message, Op, Refuse, RefuseCode, Welcome};
 use ferry_store::Role;
@@ -432,6 +432,60 @@ async fn session(
             conn.peer()
         );
     }
+    // The wire version: the highest both speak (docs/UPGRADING.md). A hello
+    // of version 2 or more is followed by the primary's range.
+    let range = if hello.version >= 2 {
+        match tokio::time::timeout(Duration::from_secs(10), recv.recv()).await {
+            Ok(Ok(Some(Message::Versions(r)))) => Some(r),
+            Ok(Err(ferry_net::NetError::Proto(e))) => {
+                return Err(protocol(m, &mut send, &format!("malformed message: {e}")).await)
+            }
+            Ok(Ok(_)) | Ok(Err(_)) => {
+                return Err(protocol(
+                    m,
+                    &mut send,
+                    &format!(
+                        "a hello of wire version {} must be followed by its version range",
+                        hello.version
+                    ),
+                )
+                .await)
+            }
+            Err(_) => {
+                return Err(protocol(m, &mut send, "no version range within 10 s").await);
+            }
+        }
+    } else {
+        None
+    };
+    let theirs = match offered(hello.version, range) {
+        Ok(r) => r,
+        Err(why) => return Err(protocol(m, &mut send, &why).await),
+    };
+    let version = match negotiate(
+        shared.cfg.wire,
+        theirs,
+        conn.peer(),
+        env!("CARGO_PKG_VERSION"),
+    ) {
+        Ok(v) => v,
+        Err(msg) => {
+            m.error("version");
+            tracing::error!(peer = conn.peer(), reason = %msg, "refused a primary: no common wire version");
+            if range.is_some() {
+                // a primary that sent a range reads ours, to say who upgrades
+                let _ = send.send(&Message::Versions(shared.cfg.wire)).await;
+            }
+            refuse(
+                &mut send,
+                RefuseCode::Version,
+                shared.node_state().epoch,
+                msg,
+            )
+            .await;
+            return Ok(());
+        }
+    };
     let st = shared.node_state();
     match admit(
         ReplicaView {
@@ -518,6 +572,8 @@ async fn session(
         applied_epoch: st.applied_epoch,
         applied_seq: st.seq,
         instance: instance(),
+        // a version-1 hello gets the version-1 welcome (no version field)
+        version: range.map(|_| version),
     }))
     .await?;
     send.flush().await?;
@@ -533,6 +589,7 @@ async fn session(
         epoch = hello.epoch,
         last_seq = hello.last_seq,
         applied_seq = st.seq,
+        wire_version = version,
         "primary connected"
     );
     shared.set_status(|s| {
@@ -540,10 +597,14 @@ async fn session(
             name: conn.peer().to_owned(),
             connected: true,
             acked_seq: st.seq,
+            wire_version: version,
             ..Default::default()
         }];
     });
     m.peer_connected.with_label_values(&[conn.peer()]).set(1);
+    m.peer_wire_version
+        .with_label_values(&[conn.peer()])
+        .set(i64::from(version));
     let mut batch: Option<(BatchHeader, Instant)> = None;
     // Where the primary's epoch began (sent by a promoted primary).
     let mut epoch_base: Option<(u64, u64)> = None;
@@ -757,6 +818,7 @@ fn name_id(name: &str) -> u64 {
 fn kind_name(m: &Message) -> &'static str {
     match m {
         Message::Hello(_) => "hello",
+        Message::Versions(_) => "versions",
         Message::Welcome(_) => "welcome",
         Message::Refuse(_) => "refuse",
         Message::ManifestRequest { .. } => "manifest request",
