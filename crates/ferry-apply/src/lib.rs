@@ -489,8 +489,9 @@ impl Applier {
             }
             Op::Symlink { path, target, .. } => {
                 self.guard(path)?;
-                check_link_target(path, target)
-                    .map_err(|e: PathError| refused(path, e.to_string()))?;
+                // created verbatim, whatever it points at (G1): the apply
+                // phase never follows a link (G6), so its target is inert
+                check_link_target(target).map_err(|e: PathError| refused(path, e.to_string()))?;
             }
             Op::Delete { path } => self.guard(path)?,
             Op::Rename { from, to } => {

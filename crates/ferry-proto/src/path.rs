@@ -161,20 +161,13 @@ fn check(bytes: &[u8]) -> Result<(), PathError> {
     Ok(())
 }
 
-/// Checks a symlink target placed at `link`: non-empty, bounded, no NUL,
-/// not absolute, `..` only before the first name, and, resolved from the
-/// link's directory, never above the root. The same rule runs on the
-/// primary (such links are not shipped) and on the replica (such links are
-/// refused).
-///
-/// Why only leading `..`: the kernel resolves `a/..` through `a`, so if `a`
-/// is itself a link (say `a -> .`, fine on its own) `a/..` is the parent of
-/// where `a` points, which lexical resolution cannot see: `a -> .` next to
-/// `up -> a/..` would put `up` outside the root. Leading `..` climb real
-/// directories (a replica creates only real directories on the way to a
-/// link); after them, every name is a directory or a link that itself obeys
-/// this rule, so the target stays inside.
-pub fn check_link_target(link: &RelPath, target: &[u8]) -> Result<(), PathError> {
+/// Checks that a symlink target is one a replica can hold verbatim:
+/// non-empty, at most [`MAX_LINK_LEN`] bytes, no NUL. Nothing else: a link
+/// is replicated as it is, whatever it points at (relative, absolute,
+/// dangling, leaving the root; DESIGN G1). Confinement never depends on the
+/// target (G6): the replica applies every step through directory handles
+/// walked with `O_NOFOLLOW`, so no link, wherever it points, is followed.
+pub fn check_link_target(target: &[u8]) -> Result<(), PathError> {
     if target.is_empty() {
         return Err(PathError::EmptyTarget);
     }
@@ -184,6 +177,23 @@ pub fn check_link_target(link: &RelPath, target: &[u8]) -> Result<(), PathError>
     if target.contains(&0) {
         return Err(PathError::Nul);
     }
+    Ok(())
+}
+
+/// The `--safe-links` rule: true when `target`, placed at `link`, provably
+/// stays inside the root: not absolute, `..` only before the first name,
+/// and resolved from the link's directory never above the root. A link
+/// that fails it is not replicated by a node run with `--safe-links`
+/// (rsync's option of the same name).
+///
+/// Why only leading `..`: the kernel resolves `a/..` through `a`, so if `a`
+/// is itself a link (say `a -> .`, fine on its own) `a/..` is the parent of
+/// where `a` points, which lexical resolution cannot see: `a -> .` next to
+/// `up -> a/..` would put `up` outside the root. Leading `..` climb real
+/// directories; after them, every name is a directory or a link that itself
+/// obeys this rule, so the target stays inside.
+pub fn link_stays_inside(link: &RelPath, target: &[u8]) -> Result<(), PathError> {
+    check_link_target(target)?;
     if target[0] == b'/' {
         return Err(PathError::TargetEscapes);
     }
@@ -251,7 +261,31 @@ mod tests {
     }
 
     #[test]
-    fn link_targets() {
+    fn any_well_formed_target_is_replicated_verbatim() {
+        for t in [
+            &b"/etc"[..],
+            b"/data/releases/42",
+            b"../../../x",
+            b"c/../../..",
+            b"dot/..",
+            b"nowhere/at/all",
+            b"..",
+            b"x",
+        ] {
+            assert_eq!(check_link_target(t), Ok(()), "{t:?}");
+        }
+        assert_eq!(check_link_target(b""), Err(PathError::EmptyTarget));
+        assert_eq!(check_link_target(b"a\0b"), Err(PathError::Nul));
+        assert_eq!(
+            check_link_target(&[b'a'; MAX_LINK_LEN + 1]),
+            Err(PathError::TargetTooLong(MAX_LINK_LEN + 1))
+        );
+        assert_eq!(check_link_target(&[b'a'; MAX_LINK_LEN]), Ok(()));
+    }
+
+    #[test]
+    fn safe_links_rule() {
+        let check_link_target = link_stays_inside;
         let l = RelPath::new("a/b/link").unwrap();
         assert_eq!(check_link_target(&l, b"../x"), Ok(()));
         assert_eq!(check_link_target(&l, b"../../x"), Ok(()));
@@ -319,13 +353,21 @@ mod tests {
             }
         }
 
-        /// A target accepted by the rule never resolves above the root.
+        /// Every well-formed target is accepted as it is; only empty,
+        /// over-long or NUL-holding ones are refused.
         #[test]
-        fn accepted_targets_stay_inside(depth in 1usize..5, parts in proptest::collection::vec(prop_oneof![
+        fn targets_are_verbatim(target in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let ok = check_link_target(&target).is_ok();
+            prop_assert_eq!(ok, !target.is_empty() && !target.contains(&0));
+        }
+
+        /// A target the `--safe-links` rule accepts never resolves above the root.
+        #[test]
+        fn safe_targets_stay_inside(depth in 1usize..5, parts in proptest::collection::vec(prop_oneof![
             Just("..".to_string()), Just(".".to_string()), "[a-c]{1,2}"], 1..8)) {
             let link = RelPath::new(vec!["d"; depth].join("/")).unwrap();
             let target = parts.join("/");
-            if check_link_target(&link, target.as_bytes()).is_ok() {
+            if link_stays_inside(&link, target.as_bytes()).is_ok() {
                 let mut level = depth as i64 - 1;
                 let mut named = false;
                 for p in &parts {

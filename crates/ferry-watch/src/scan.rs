@@ -18,17 +18,78 @@ pub struct Scanned {
     pub ctime: (i64, i64),
 }
 
-/// Something the scanner saw and will not replicate, with the reason.
+/// Something the scanner saw and will not replicate (as it is), with the
+/// reason. One entry never stops a scan: what cannot be read is skipped and
+/// reported, the walk goes on.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Skip {
+pub struct Skip {
+    /// The path relative to the root, for the log (lossy UTF-8; a path too
+    /// long for the wire is shown in full).
+    pub path: String,
+    pub reason: SkipReason,
+    /// The error met, when one was.
+    pub error: Option<String>,
+}
+
+/// Why an entry is not replicated (as it is). [`SkipReason::label`] is the
+/// `reason` label of `ferry_skipped_entries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipReason {
     /// A device, FIFO or socket: never replicated (G6).
-    Special(RelPath),
+    Special,
     /// setuid/setgid bits were dropped from the replicated mode.
-    SetuidDropped(RelPath),
-    /// A symlink whose target leaves the root: not replicated (G6).
-    LinkEscapes(RelPath),
-    /// ferry may not read it (permissions).
-    Unreadable(RelPath),
+    SetuidDropped,
+    /// A symlink leaving the root, with `--safe-links`.
+    UnsafeLink,
+    /// ferry may not read it (permissions, or an I/O error).
+    Unreadable,
+    /// Its path is longer than ferry replicates (`MAX_PATH_LEN`, or the
+    /// system's `PATH_MAX` counted from `/`): it and everything below it.
+    PathTooLong,
+}
+
+impl SkipReason {
+    pub const ALL: [SkipReason; 5] = [
+        SkipReason::Special,
+        SkipReason::SetuidDropped,
+        SkipReason::UnsafeLink,
+        SkipReason::Unreadable,
+        SkipReason::PathTooLong,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            SkipReason::Special => "special_file",
+            SkipReason::SetuidDropped => "setuid_dropped",
+            SkipReason::UnsafeLink => "unsafe_link",
+            SkipReason::Unreadable => "unreadable",
+            SkipReason::PathTooLong => "path_too_long",
+        }
+    }
+}
+
+impl Skip {
+    pub fn new(rel: &RelPath, reason: SkipReason) -> Skip {
+        Skip {
+            path: rel.display(),
+            reason,
+            error: None,
+        }
+    }
+
+    /// An entry an I/O error kept from being read.
+    pub fn io(path: String, e: &io::Error) -> Skip {
+        let reason = if e.raw_os_error() == Some(libc::ENAMETOOLONG) {
+            SkipReason::PathTooLong
+        } else {
+            SkipReason::Unreadable
+        };
+        Skip {
+            path,
+            reason,
+            error: Some(e.to_string()),
+        }
+    }
 }
 
 /// The path on disk for `rel`.
@@ -36,13 +97,16 @@ pub fn abs(root: &Path, rel: &RelPath) -> PathBuf {
     root.join(std::ffi::OsStr::from_bytes(rel.as_bytes()))
 }
 
-/// Builds an [`Entry`] from `lstat` metadata; `None` for special files.
+/// Builds an [`Entry`] from `lstat` metadata; `None` for what is skipped
+/// (special files, links leaving the root under `--safe-links`, a link that
+/// vanished or cannot be read).
 pub fn entry_from_meta(
     root: &Path,
     rel: &RelPath,
     md: &Metadata,
+    excludes: &Excludes,
     skipped: &mut Vec<Skip>,
-) -> io::Result<Option<Scanned>> {
+) -> Option<Scanned> {
     let ft = md.file_type();
     let mut mode = md.mode() & 0o7777;
     let kind = if ft.is_file() {
@@ -55,25 +119,41 @@ pub fn entry_from_meta(
         debug_assert!(
             ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device()
         );
-        skipped.push(Skip::Special(rel.clone()));
-        return Ok(None);
+        skipped.push(Skip::new(rel, SkipReason::Special));
+        return None;
     };
     if !mode_ok(mode) {
-        skipped.push(Skip::SetuidDropped(rel.clone()));
+        skipped.push(Skip::new(rel, SkipReason::SetuidDropped));
         mode &= MODE_ALLOWED;
     }
     let mut target = Vec::new();
     if kind == EntryKind::Symlink {
-        target = std::fs::read_link(abs(root, rel))?
-            .into_os_string()
-            .into_encoded_bytes();
-        if ferry_proto::check_link_target(rel, &target).is_err() {
-            skipped.push(Skip::LinkEscapes(rel.clone()));
-            return Ok(None);
+        target = match std::fs::read_link(abs(root, rel)) {
+            Ok(t) => t.into_os_string().into_encoded_bytes(),
+            Err(e) if gone(&e) => return None,
+            Err(e) => {
+                skipped.push(Skip::io(rel.display(), &e));
+                return None;
+            }
+        };
+        // verbatim, whatever it points at (G1); only --safe-links skips
+        // the ones leaving the root
+        if excludes.safe_links() && ferry_proto::link_stays_inside(rel, &target).is_err() {
+            skipped.push(Skip::new(rel, SkipReason::UnsafeLink));
+            return None;
+        }
+        if ferry_proto::check_link_target(&target).is_err() {
+            // empty or over MAX_LINK_LEN: no replica could hold it
+            skipped.push(Skip {
+                path: rel.display(),
+                reason: SkipReason::PathTooLong,
+                error: Some(format!("link target of {} bytes", target.len())),
+            });
+            return None;
         }
         mode = 0;
     }
-    Ok(Some(Scanned {
+    Some(Scanned {
         entry: Entry {
             path: rel.clone(),
             kind,
@@ -89,36 +169,40 @@ pub fn entry_from_meta(
         dev: md.dev(),
         ino: md.ino(),
         ctime: (md.ctime(), md.ctime_nsec()),
-    }))
+    })
 }
 
 /// The state of one path: `None` when absent (or when a parent is not a
-/// real directory, so nothing is read through a symlink).
+/// real directory, so nothing is read through a symlink), or when it is
+/// skipped (reported in `skipped`).
 pub fn lstat_entry(
     root: &Path,
     rel: &RelPath,
+    excludes: &Excludes,
     skipped: &mut Vec<Skip>,
-) -> io::Result<Option<Scanned>> {
+) -> Option<Scanned> {
     if let Some(parent) = rel.parent() {
         let mut cur = root.to_path_buf();
         for c in parent.components() {
             cur.push(std::ffi::OsStr::from_bytes(c));
             match std::fs::symlink_metadata(&cur) {
                 Ok(m) if m.is_dir() => {}
-                Ok(_) => return Ok(None),
-                Err(e) if gone(&e) => return Ok(None),
-                Err(e) => return Err(e),
+                Ok(_) => return None,
+                Err(e) if gone(&e) => return None,
+                Err(e) => {
+                    skipped.push(Skip::io(rel.display(), &e));
+                    return None;
+                }
             }
         }
     }
     match std::fs::symlink_metadata(abs(root, rel)) {
-        Ok(md) => entry_from_meta(root, rel, &md, skipped),
-        Err(e) if gone(&e) => Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            skipped.push(Skip::Unreadable(rel.clone()));
-            Ok(None)
+        Ok(md) => entry_from_meta(root, rel, &md, excludes, skipped),
+        Err(e) if gone(&e) => None,
+        Err(e) => {
+            skipped.push(Skip::io(rel.display(), &e));
+            None
         }
-        Err(e) => Err(e),
     }
 }
 
@@ -161,39 +245,63 @@ pub fn scan_tree(
         .sort_by_file_name()
         .min_depth(if start.is_some() { 0 } else { 1 });
     let mut it = walker.into_iter();
+    let lossy = |p: &Path| -> String {
+        p.strip_prefix(root)
+            .unwrap_or(p)
+            .as_os_str()
+            .to_string_lossy()
+            .into_owned()
+    };
     while let Some(item) = it.next() {
         let de = match item {
             Ok(de) => de,
             Err(e) => {
+                let Some(path) = e.path() else {
+                    return Err(io::Error::other(format!("cannot walk the root: {e}")));
+                };
                 if let Some(io) = e.io_error() {
                     if gone(io) {
                         continue;
                     }
-                    if io.kind() == io::ErrorKind::PermissionDenied {
-                        if let Some(rel) = e
-                            .path()
-                            .and_then(|p| p.strip_prefix(root).ok())
-                            .and_then(|r| RelPath::new(r.as_os_str().as_bytes().to_vec()).ok())
-                        {
-                            skipped.push(Skip::Unreadable(rel));
-                        }
-                        continue;
+                    // the start itself unreadable: the caller says what failed
+                    if path == base && start.is_none() {
+                        return Err(io::Error::new(
+                            io.kind(),
+                            format!("cannot read {}: {io}", base.display()),
+                        ));
                     }
+                    // one entry never stops the walk: skipped, reported
+                    skipped.push(Skip::io(lossy(path), io));
+                } else {
+                    skipped.push(Skip {
+                        path: lossy(path),
+                        reason: SkipReason::Unreadable,
+                        error: Some(e.to_string()),
+                    });
                 }
-                let path = e
-                    .path()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default();
-                return Err(io::Error::other(format!("cannot read {path}: {e}")));
+                continue;
             }
         };
         let Ok(rel_os) = de.path().strip_prefix(root) else {
             continue;
         };
-        let Ok(rel) = RelPath::new(rel_os.as_os_str().as_bytes().to_vec()) else {
-            continue;
-        };
         let is_dir = de.file_type().is_dir();
+        let rel = match RelPath::new(rel_os.as_os_str().as_bytes().to_vec()) {
+            Ok(r) => r,
+            Err(e) => {
+                // a path the wire cannot carry (over MAX_PATH_LEN): it and
+                // everything below it are skipped, reported once here
+                if is_dir {
+                    it.skip_current_dir();
+                }
+                skipped.push(Skip {
+                    path: lossy(de.path()),
+                    reason: SkipReason::PathTooLong,
+                    error: Some(e.to_string()),
+                });
+                continue;
+            }
+        };
         if excludes.is_excluded(&rel, is_dir) {
             if is_dir {
                 it.skip_current_dir();
@@ -203,9 +311,22 @@ pub fn scan_tree(
         let md = match de.metadata() {
             Ok(m) => m,
             Err(e) if e.io_error().is_some_and(gone) => continue,
-            Err(e) => return Err(io::Error::other(e.to_string())),
+            Err(e) => {
+                if is_dir {
+                    it.skip_current_dir();
+                }
+                match e.io_error() {
+                    Some(io) => skipped.push(Skip::io(rel.display(), io)),
+                    None => skipped.push(Skip {
+                        path: rel.display(),
+                        reason: SkipReason::Unreadable,
+                        error: Some(e.to_string()),
+                    }),
+                }
+                continue;
+            }
         };
-        if let Some(s) = entry_from_meta(root, &rel, &md, skipped)? {
+        if let Some(s) = entry_from_meta(root, &rel, &md, excludes, skipped) {
             out.push(s);
         }
     }
@@ -328,11 +449,27 @@ mod tests {
         let mut skipped = Vec::new();
         scan_tree(r, None, &ex, &mut out, &mut skipped).unwrap();
         let names: Vec<String> = out.iter().map(|s| s.entry.path.display()).collect();
+        assert_eq!(names, ["a", "a/b", "a/b/f", "a.txt", "bad", "link"]);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let bad = out
+            .iter()
+            .find(|s| s.entry.path.as_bytes() == b"bad")
+            .unwrap();
+        assert_eq!(bad.entry.target, b"../../etc", "verbatim");
+        // --safe-links: the link leaving the root is skipped and reported
+        let safe = ex.clone().with_safe_links(true);
+        let mut out = Vec::new();
+        scan_tree(r, None, &safe, &mut out, &mut skipped).unwrap();
+        let names: Vec<String> = out.iter().map(|s| s.entry.path.display()).collect();
         assert_eq!(names, ["a", "a/b", "a/b/f", "a.txt", "link"]);
         assert_eq!(
             skipped,
-            vec![Skip::LinkEscapes(RelPath::new("bad").unwrap())]
+            vec![Skip::new(
+                &RelPath::new("bad").unwrap(),
+                SkipReason::UnsafeLink
+            )]
         );
+        skipped.clear();
         // a symlink as the start of a scan is the link itself (walkdir follows
         // a root link by default)
         let mut out = Vec::new();
@@ -359,7 +496,7 @@ mod tests {
         assert_eq!(out.len(), 1, "a dangling link is still an entry");
         // a path below a symlink is reported absent, never read through it
         std::os::unix::fs::symlink("a", r.join("dirlink")).unwrap();
-        let got = lstat_entry(r, &RelPath::new("dirlink/b/f").unwrap(), &mut skipped).unwrap();
+        let got = lstat_entry(r, &RelPath::new("dirlink/b/f").unwrap(), &ex, &mut skipped);
         assert_eq!(got, None);
     }
 }

@@ -242,7 +242,8 @@ pub async fn start(
     services: &mut tokio::task::JoinSet<()>,
 ) -> anyhow::Result<()> {
     let cfg = &shared.cfg;
-    let excludes = Excludes::new(&cfg.excludes, cfg.state_rel.clone())?;
+    let excludes =
+        Excludes::new(&cfg.excludes, cfg.state_rel.clone())?.with_safe_links(cfg.safe_links);
     let st = shared.node_state();
     // The file index: what the root held as of the batches sealed, so a
     // restart ships only what changed and a peer behind catches up without
@@ -728,15 +729,11 @@ async fn sleep_until(d: Option<Instant>) {
     }
 }
 
+/// Reports what a scan skipped: each (path, reason) once per process (the
+/// log line, the metric and `ferry status`), however often rescans meet it.
 fn note_skips(shared: &Shared, skipped: &[Skip]) {
     for s in skipped {
-        let (reason, path) = match s {
-            Skip::Special(p) => ("special_file", p),
-            Skip::SetuidDropped(p) => ("setuid_dropped", p),
-            Skip::LinkEscapes(p) => ("link_escapes_root", p),
-            Skip::Unreadable(p) => ("unreadable", p),
-        };
-        EntrySkipped { path, reason }.emit(&shared.metrics);
+        shared.skipped(&s.path, s.reason.label(), s.error.as_deref());
     }
 }
 
@@ -788,8 +785,7 @@ fn read_items(
             if !seen.insert(path.clone()) {
                 continue;
             }
-            let st = scan::lstat_entry(root, path, skipped)
-                .with_context(|| format!("reading {path}"))?;
+            let st = scan::lstat_entry(root, path, excludes, skipped);
             if let Some(s) = &st {
                 if excludes.is_excluded(path, s.entry.kind == EntryKind::Dir) {
                     continue;
@@ -1530,8 +1526,9 @@ impl Sender<'_> {
         let root = self.ctx.shared.cfg.root.clone();
         for (i, p) in changed.into_iter().enumerate() {
             let mut skipped = Vec::new();
-            let now = tokio::task::block_in_place(|| scan::lstat_entry(&root, &p, &mut skipped))
-                .with_context(|| format!("reading {p}"))?;
+            let now = tokio::task::block_in_place(|| {
+                scan::lstat_entry(&root, &p, &self.ctx.excludes, &mut skipped)
+            });
             note_skips(&self.ctx.shared, &skipped);
             match now {
                 Some(s)
@@ -2109,13 +2106,12 @@ impl Sender<'_> {
                     self.st.missing.insert(e.path.clone());
                 }
                 FileOutcome::Unreadable(err) => {
-                    self.ctx
-                        .shared
-                        .metrics
-                        .skipped
-                        .with_label_values(&["unreadable"])
-                        .inc();
-                    tracing::warn!(path = %e.path, error = %err, "file not replicated: ferry cannot read it; give the ferry user read access");
+                    // reported once, whichever peer meets it first
+                    self.ctx.shared.skipped(
+                        &e.path.display(),
+                        ferry_watch::SkipReason::Unreadable.label(),
+                        Some(&format!("{err}; give the ferry user read access")),
+                    );
                     self.st.missing.insert(e.path.clone());
                 }
                 FileOutcome::Unstable => {
@@ -2298,10 +2294,9 @@ impl Sender<'_> {
                 Err(e) if scan::gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => {
                     return Ok(FileOutcome::Vanished)
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                    return Ok(FileOutcome::Unreadable(e.to_string()))
-                }
-                Err(e) => return Err(anyhow!("cannot open {}: {e}", path.display())),
+                // one file ferry cannot open (permissions, a path too long,
+                // an I/O error) never stops the session: skipped, reported
+                Err(e) => return Ok(FileOutcome::Unreadable(e.to_string())),
             };
             let before = before?;
             if !before.is_file() || (!any_inode && (before.dev(), before.ino()) != (s.dev, s.ino)) {
