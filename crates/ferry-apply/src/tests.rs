@@ -391,6 +391,38 @@ fn links_leaving_the_root_are_created_verbatim_and_never_followed() {
     assert_eq!(outside_state(), before);
 }
 
+/// A step the replica's filesystem cannot hold (here a link target of
+/// 4096 bytes: the kernel holds at most 4095) is skipped and reported with
+/// its path; the rest of the batch applies, and the batch commits (no
+/// failure a resync would only repeat).
+#[test]
+fn a_step_the_filesystem_refuses_is_skipped_and_the_rest_applies() {
+    let mut f = fixture();
+    f.one(|a| {
+        file(a, "before", b"1", 0o644)?;
+        op(
+            a,
+            Op::Symlink {
+                path: p("d/too-long"),
+                target: vec![b'a'; 4096],
+                mtime: Mtime::default(),
+            },
+        )?;
+        file(a, "d/after", b"2", 0o644)
+    })
+    .unwrap();
+    assert_eq!(std::fs::read(f.root.join("before")).unwrap(), b"1");
+    assert_eq!(std::fs::read(f.root.join("d/after")).unwrap(), b"2");
+    assert!(std::fs::symlink_metadata(f.root.join("d/too-long")).is_err());
+    let skipped = f.a.take_skipped();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert_eq!(skipped[0].path, "d/too-long");
+    assert!(skipped[0].error.contains("too long"), "{skipped:?}");
+    assert!(f.a.take_skipped().is_empty(), "reported once");
+    assert!(!f.a.needs_resync());
+    no_temp_files(&f.a, &f.root);
+}
+
 #[test]
 fn hostile_requests_refused_on_receipt() {
     let mut f = fixture();

@@ -747,6 +747,49 @@ fn moved_dirs(root: &Path, pending: &ferry_core::Pending) -> Vec<RelPath> {
         .collect()
 }
 
+/// `--safe-links`: a link's rename can change whether it leaves the root
+/// (its target is relative to where it sits), and the replica may lack the
+/// source (skipped) or must not get the destination. So each rename of what
+/// is a symlink at seal time becomes a delete of its old name and the
+/// state of its new one, read like any dirty path: the old name goes, the
+/// new one arrives only when it stays inside. A directory move stays a move;
+/// the links inside it are put right by the manifest verify every moved
+/// directory gets (`moved_dirs`), which lists with the same rule.
+fn unrename_links(
+    root: &Path,
+    excludes: &Excludes,
+    pending: &mut ferry_core::Pending,
+    items: &mut Vec<Item>,
+    skipped: &mut Vec<Skip>,
+) {
+    let mut kept = Vec::with_capacity(pending.renames.len());
+    for (from, to) in std::mem::take(&mut pending.renames) {
+        let is_link = std::fs::symlink_metadata(scan::abs(root, &to))
+            .is_ok_and(|m| m.file_type().is_symlink());
+        if !is_link {
+            kept.push((from, to));
+            continue;
+        }
+        // a path the batch already carries is read at seal: its state wins
+        if !items.iter().any(|i| i.path == from) {
+            items.push(Item {
+                path: from,
+                state: None,
+                replace: false,
+            });
+        }
+        if !items.iter().any(|i| i.path == to) {
+            let state = scan::lstat_entry(root, &to, excludes, skipped);
+            items.push(Item {
+                path: to,
+                state,
+                replace: false,
+            });
+        }
+    }
+    pending.renames = kept;
+}
+
 /// Reads the state of everything the batch must carry.
 fn read_items(
     root: &Path,
@@ -811,18 +854,23 @@ async fn seal(
     if co.is_empty() && verify.is_empty() {
         return Ok(None);
     }
-    let pending = co.take();
+    let mut pending = co.take();
     let root = ctx.shared.cfg.root.clone();
     let excludes = ctx.excludes.clone();
-    let (items, skipped, mut moved) = {
-        let pending = pending.clone();
+    let (items, skipped, mut moved, renames) = {
+        let mut pending = pending.clone();
         tokio::task::spawn_blocking(move || {
             let mut skipped = Vec::new();
             let moved = moved_dirs(&root, &pending);
-            read_items(&root, &excludes, &pending, &mut skipped).map(|i| (i, skipped, moved))
+            let mut items = read_items(&root, &excludes, &pending, &mut skipped)?;
+            if excludes.safe_links() {
+                unrename_links(&root, &excludes, &mut pending, &mut items, &mut skipped);
+            }
+            Ok::<_, anyhow::Error>((items, skipped, moved, pending.renames))
         })
         .await??
     };
+    pending.renames = renames;
     note_skips(&ctx.shared, &skipped);
     // subtrees a watcher error named: every peer verifies them by manifest
     moved.append(verify);
