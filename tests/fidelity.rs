@@ -1,0 +1,400 @@
+//! Process tests of what a tree may hold (issue 16, items 1 and 2): real
+//! `ferry` processes on loopback.
+//!
+//! - G1: symlinks arrive as links with their target verbatim, whatever it
+//!   points at (absolute, dangling, leaving the root), also after the link
+//!   or its directory moved so that it now leaves the root.
+//! - G1 with `--safe-links`: links leaving the root are absent on the
+//!   replica, each reported once (log, metric, `ferry status`), and a
+//!   rename removes the old name.
+//! - G1: an entry the primary cannot replicate (a path over 8 KiB, a socket)
+//!   is skipped and reported; the primary keeps running and everything
+//!   else converges.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use support::*;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+struct Set {
+    _tmp: tempfile::TempDir,
+    primary: Node,
+    replica: Node,
+}
+
+/// A primary and one replica, not started; `extra` goes to both.
+fn set(extra: &[&str]) -> Set {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    eprintln!("test dir: {}", base.display());
+    let pki = Pki::new(base, "ca");
+    let mut replica = Node::new(
+        base,
+        "replica",
+        &pki.issue("replica"),
+        "replica",
+        &[],
+        extra,
+    );
+    let primary = Node::new(
+        base,
+        "primary",
+        &pki.issue("primary"),
+        "primary",
+        &[("replica", replica.port)],
+        extra,
+    );
+    replica.peer("primary", primary.port);
+    Set {
+        _tmp: tmp,
+        primary,
+        replica,
+    }
+}
+
+fn link(root: &Path, rel: &str, target: &str) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(target, p).unwrap();
+}
+
+/// Polls `cond` until it returns `Ok`; panics with its last `Err` at the
+/// deadline.
+fn wait_for(timeout: Duration, mut cond: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match cond() {
+            Ok(()) => return,
+            Err(why) => assert!(Instant::now() < deadline, "timed out: {why}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn skips_of(node: &Node, reason: &str) -> f64 {
+    metric_labeled(
+        node.metrics,
+        "ferry_skipped_entries_total",
+        &format!("reason=\"{reason}\""),
+    )
+}
+
+/// The target of the link at `rel`, as bytes.
+fn target_of(root: &Path, rel: &str) -> Option<Vec<u8>> {
+    std::fs::read_link(root.join(rel))
+        .ok()
+        .map(|t| t.as_os_str().as_bytes().to_vec())
+}
+
+#[test]
+fn g1_links_arrive_verbatim_whatever_they_point_at() {
+    let mut s = set(&[]);
+    let p = s.primary.root.clone();
+    let r = s.replica.root.clone();
+    // present before the start: shipped by the first resync
+    link(&p, "pre-abs", "/data/releases/42");
+    link(&p, "pre-esc", "../../outside");
+    link(&p, "pre-dangling", "nowhere");
+    std::fs::write(p.join("top.txt"), b"top").unwrap();
+    s.replica.start();
+    s.primary.start().wait_ready(Duration::from_secs(20));
+    // made while running: shipped in batches
+    std::fs::create_dir_all(p.join("d/e")).unwrap();
+    std::fs::write(p.join("d/e/f.txt"), b"f").unwrap();
+    let links = [
+        ("abs", "/usr/include"),
+        ("d/dangling", "no/such/thing"),
+        ("d/e/esc", "../../../x"),
+        ("d/e/rel", "../../top.txt"),
+        ("d/e/up2", "../../f.txt"),
+        ("dot", "."),
+        ("chain", "dot/../.."),
+    ];
+    for (l, t) in links {
+        link(&p, l, t);
+    }
+    wait_converged(&p, &r, CONVERGE);
+    for (l, t) in links.iter().copied().chain([
+        ("pre-abs", "/data/releases/42"),
+        ("pre-esc", "../../outside"),
+    ]) {
+        assert_eq!(target_of(&r, l).as_deref(), Some(t.as_bytes()), "{l}");
+    }
+    // a relative link moved so that it now leaves the root, and a directory
+    // moved with a link in it that then leaves the root too
+    std::fs::rename(p.join("d/e/rel"), p.join("rel-moved")).unwrap();
+    std::fs::rename(p.join("d/e"), p.join("e2")).unwrap();
+    wait_converged(&p, &r, CONVERGE);
+    assert_eq!(
+        target_of(&r, "rel-moved").as_deref(),
+        Some(&b"../../top.txt"[..])
+    );
+    assert_eq!(
+        target_of(&r, "e2/up2").as_deref(),
+        Some(&b"../../f.txt"[..])
+    );
+    assert_eq!(target_of(&r, "e2/esc").as_deref(), Some(&b"../../../x"[..]));
+    assert!(target_of(&r, "d/e/rel").is_none() && !r.join("d/e").exists());
+    // the link moved again, back inside: still the same link
+    std::fs::rename(p.join("rel-moved"), p.join("e2/rel")).unwrap();
+    wait_converged(&p, &r, CONVERGE);
+    assert_eq!(s.primary.metric("ferry_skipped_entries_total"), 0.0);
+    assert_eq!(s.replica.metric("ferry_skipped_entries_total"), 0.0);
+}
+
+/// The `--safe-links` rule, as the test sees it (ferry_proto's).
+fn unsafe_link(rel: &Path, target: &Path) -> bool {
+    let rel = ferry_proto::RelPath::new(rel.as_os_str().as_bytes().to_vec()).unwrap();
+    ferry_proto::link_stays_inside(&rel, target.as_os_str().as_bytes()).is_err()
+}
+
+/// The primary's tree without the links `--safe-links` skips.
+fn safe_view(root: &Path) -> (BTreeMap<PathBuf, Ent>, Vec<PathBuf>) {
+    let mut snap = snapshot(root);
+    let skipped: Vec<PathBuf> = snap
+        .iter()
+        .filter_map(|(k, v)| match v {
+            Ent::Link(t) if unsafe_link(k, t) => Some(k.clone()),
+            _ => None,
+        })
+        .collect();
+    for k in &skipped {
+        snap.remove(k);
+    }
+    (snap, skipped)
+}
+
+fn wait_safe_converged(p: &Path, r: &Path) -> Vec<PathBuf> {
+    let mut skipped = Vec::new();
+    wait_for(CONVERGE, || {
+        let (want, sk) = safe_view(p);
+        let got = snapshot(r);
+        skipped = sk;
+        if want == got {
+            Ok(())
+        } else {
+            Err(diff_summary(&want, &got))
+        }
+    });
+    skipped
+}
+
+/// Waits until `metric{reason}` on `node` is `n`.
+fn wait_skips(node: &Node, reason: &str, n: f64) {
+    wait_for(Duration::from_secs(20), || {
+        let got = skips_of(node, reason);
+        if got == n {
+            Ok(())
+        } else {
+            Err(format!("{reason}: {got} skipped, want {n}"))
+        }
+    });
+}
+
+#[test]
+fn g1_safe_links_skips_links_leaving_the_root_reports_each_once_and_drops_old_names() {
+    let mut s = set(&["--safe-links", "--rescan-interval", "1s"]);
+    let p = s.primary.root.clone();
+    let r = s.replica.root.clone();
+    std::fs::write(p.join("top.txt"), b"top").unwrap();
+    link(&p, "pre-abs", "/data/releases/42");
+    link(&p, "pre-in", "top.txt");
+    s.replica.start();
+    s.primary.start().wait_ready(Duration::from_secs(20));
+    std::fs::create_dir_all(p.join("d/e")).unwrap();
+    std::fs::create_dir_all(p.join("a/b")).unwrap();
+    std::fs::create_dir_all(p.join("x")).unwrap();
+    for (l, t) in [
+        ("esc", "../outside"),
+        ("d/chain", "e/../../.."),
+        ("d/dangling", "nowhere"),
+        ("d/e/in", "../../top.txt"),
+        ("a/b/l", "../../top.txt"),
+        ("esc-top", "../x/top.txt"),
+    ] {
+        link(&p, l, t);
+    }
+    let skipped = wait_safe_converged(&p, &r);
+    let want: Vec<PathBuf> = ["d/chain", "esc", "esc-top", "pre-abs"]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+    assert_eq!(skipped, want, "the test's own view of what is unsafe");
+    for l in &want {
+        assert!(
+            r.join(l).symlink_metadata().is_err(),
+            "{l:?} on the replica"
+        );
+    }
+    assert_eq!(
+        target_of(&r, "d/e/in").as_deref(),
+        Some(&b"../../top.txt"[..])
+    );
+    // reported once each, however many rescans meet them again
+    wait_skips(&s.primary, "unsafe_link", 4.0);
+    let rescans = s.primary.metric("ferry_rescans_total");
+    wait_for(Duration::from_secs(30), || {
+        let now = s.primary.metric("ferry_rescans_total");
+        if now >= rescans + 2.0 {
+            Ok(())
+        } else {
+            Err(format!("two periodic rescans: {rescans} -> {now}"))
+        }
+    });
+    assert_eq!(skips_of(&s.primary, "unsafe_link"), 4.0);
+    let st = s.primary.status_json();
+    for l in ["esc", "d/chain", "pre-abs", "esc-top"] {
+        assert!(
+            st.contains(&format!("{{\"path\":\"{l}\",\"reason\":\"unsafe_link\"")),
+            "{l}: {st}"
+        );
+    }
+    assert!(st.contains("\"skipped\":{\"count\":4,"), "{st}");
+    let log = std::fs::read_to_string(&s.primary.log).unwrap();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("not replicated") && l.contains("esc-top"))
+        .count();
+    assert_eq!(lines, 1, "one log line for esc-top");
+
+    // a link renamed so that it leaves the root: the old name goes, the new
+    // one never arrives
+    std::fs::rename(p.join("d/e/in"), p.join("in-top")).unwrap();
+    // a directory moved so that a link in it leaves the root
+    std::fs::rename(p.join("a/b"), p.join("b")).unwrap();
+    // an unsafe link moved to where it stays inside: it arrives
+    std::fs::rename(p.join("esc-top"), p.join("x/esc-top")).unwrap();
+    let skipped = wait_safe_converged(&p, &r);
+    assert!(skipped.contains(&PathBuf::from("in-top")));
+    assert!(skipped.contains(&PathBuf::from("b/l")));
+    for gone in ["d/e/in", "in-top", "a/b/l", "a/b", "b/l"] {
+        assert!(
+            r.join(gone).symlink_metadata().is_err(),
+            "{gone} still on the replica"
+        );
+    }
+    assert!(r.join("b").is_dir());
+    assert_eq!(
+        target_of(&r, "x/esc-top").as_deref(),
+        Some(&b"../x/top.txt"[..])
+    );
+    wait_skips(&s.primary, "unsafe_link", 6.0);
+    assert_eq!(s.replica.metric("ferry_skipped_entries_total"), 0.0);
+}
+
+/// Makes `base/name/name/.../name` (`levels` deep) through directory
+/// handles, the only way past PATH_MAX; a file at the bottom. Returns the
+/// length of the deepest path relative to `base`.
+fn deep_tree(base: &Path, name: &str, levels: usize) -> usize {
+    use rustix::fs::{mkdirat, openat, Mode, OFlags};
+    let mut dir = openat(
+        rustix::fs::CWD,
+        base,
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )
+    .unwrap();
+    let mut len = 0;
+    for _ in 0..levels {
+        mkdirat(&dir, name, Mode::from_raw_mode(0o755)).unwrap();
+        dir = openat(
+            &dir,
+            name,
+            OFlags::DIRECTORY | OFlags::RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
+        len += name.len() + 1;
+    }
+    let f = openat(
+        &dir,
+        "bottom.txt",
+        OFlags::CREATE | OFlags::WRONLY,
+        Mode::from_raw_mode(0o644),
+    )
+    .unwrap();
+    rustix::io::write(&f, b"deep").unwrap();
+    len + "bottom.txt".len()
+}
+
+/// The snapshot without what lies below `prefix`.
+fn without(mut snap: BTreeMap<PathBuf, Ent>, prefix: &str) -> BTreeMap<PathBuf, Ent> {
+    snap.retain(|k, _| !k.starts_with(prefix));
+    snap
+}
+
+#[test]
+fn g1_an_entry_the_primary_cannot_replicate_is_skipped_and_the_rest_converges() {
+    let mut s = set(&[]);
+    let p = s.primary.root.clone();
+    let r = s.replica.root.clone();
+    // over 8 KiB deep, next to ordinary files, before the start (the scan at
+    // start used to exit: "File name too long")
+    let name = "n".repeat(100);
+    let len = deep_tree(&p, &name, 90);
+    assert!(len > 8192, "{len}");
+    std::fs::write(p.join("a.txt"), b"a").unwrap();
+    std::fs::create_dir_all(p.join("dir")).unwrap();
+    std::fs::write(p.join("dir/b.txt"), b"b").unwrap();
+    // a special file (a socket: unlike a FIFO, opening it never blocks the
+    // test's own reads)
+    let _sock = std::os::unix::net::UnixListener::bind(p.join("dir/sock")).unwrap();
+    s.replica.start();
+    s.primary.start().wait_ready(Duration::from_secs(20));
+    let deep2 = "m".repeat(8);
+    let converged = || {
+        let mut want = without(without(snapshot(&p), &name), &deep2);
+        want.remove(Path::new("dir/sock"));
+        let got = without(without(snapshot(&r), &name), &deep2);
+        if want == got {
+            Ok(())
+        } else {
+            Err(diff_summary(&want, &got))
+        }
+    };
+    wait_for(CONVERGE, converged);
+    eprintln!("converged around the deep tree");
+    assert!(s.primary.running(), "{}", s.primary.log_tail());
+    wait_for(Duration::from_secs(20), || {
+        let (long, special) = (
+            skips_of(&s.primary, "path_too_long"),
+            skips_of(&s.primary, "special_file"),
+        );
+        if long >= 1.0 && special == 1.0 {
+            Ok(())
+        } else {
+            Err(format!("path_too_long {long}, special_file {special}"))
+        }
+    });
+    eprintln!("skips counted");
+    let st = s.primary.status_json();
+    assert!(st.contains("\"reason\":\"path_too_long\""), "{st}");
+    assert!(st.contains(&format!("\"path\":\"{name}/")), "{st}");
+    assert!(
+        st.contains("{\"path\":\"dir/sock\",\"reason\":\"special_file\""),
+        "{st}"
+    );
+    // replication goes on: a second deep tree (1,000 levels, over 8 KiB)
+    // made while running, and new files next to it
+    let len = deep_tree(&p, &deep2, 1000);
+    assert!(len > 8192, "{len}");
+    std::fs::write(p.join("after.txt"), b"after").unwrap();
+    std::fs::write(p.join("dir/c.txt"), b"c").unwrap();
+    wait_for(CONVERGE, converged);
+    assert_eq!(std::fs::read(r.join("after.txt")).unwrap(), b"after");
+    assert!(s.primary.running(), "{}", s.primary.log_tail());
+    assert!(s.replica.running(), "{}", s.replica.log_tail());
+    // what did arrive of the deep trees is a prefix of them, all directories
+    for e in walkdir::WalkDir::new(&r).min_depth(1).into_iter().flatten() {
+        let rel = e.path().strip_prefix(&r).unwrap();
+        if rel.starts_with(&name) || rel.starts_with(&deep2) {
+            assert!(e.file_type().is_dir(), "{}", rel.display());
+        }
+    }
+}
