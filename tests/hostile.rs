@@ -773,6 +773,51 @@ fn g6_hostile_paths_links_and_modes_are_refused_and_nothing_outside_changes() {
         md.is_dir(),
         "the link esc-up was not replaced by a directory"
     );
+    // a target the wire carries but the replica's filesystem cannot hold
+    // (4096 bytes: Linux holds at most 4095): that step is skipped and
+    // reported with its path, the rest of the batch applies and is acked —
+    // no failed batch for a resync to meet again
+    let before = metric_labeled(
+        t.replica.metrics,
+        "ferry_skipped_entries_total",
+        "reason=\"refused_by_replica\"",
+    );
+    t.case(
+        "symlink: target of 4096 bytes, then a file",
+        Expect::Applied,
+        |s, a| {
+            let mut v = vec![Message::Op(Op::Symlink {
+                path: rel("sub/too-long"),
+                target: vec![b'a'; 4096],
+                mtime: mtime(),
+            })];
+            v.extend(file("sub/after-too-long.txt", data));
+            batch(s, a + 1, v)
+        },
+    );
+    assert_eq!(
+        std::fs::read(t.replica.root.join("sub/after-too-long.txt"))
+            .ok()
+            .as_deref(),
+        Some(&data[..])
+    );
+    assert!(t
+        .replica
+        .root
+        .join("sub/too-long")
+        .symlink_metadata()
+        .is_err());
+    let after = metric_labeled(
+        t.replica.metrics,
+        "ferry_skipped_entries_total",
+        "reason=\"refused_by_replica\"",
+    );
+    assert_eq!(after, before + 1.0, "the skipped step is counted");
+    let st = t.replica.status_json();
+    assert!(
+        st.contains("{\"path\":\"sub/too-long\",\"reason\":\"refused_by_replica\""),
+        "{st}"
+    );
     // what no filesystem holds as a link is still refused
     for (what, target) in [
         ("empty target", b"".to_vec()),

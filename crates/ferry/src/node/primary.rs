@@ -778,7 +778,8 @@ fn unrename_links(
                 replace: false,
             });
         }
-        if !items.iter().any(|i| i.path == to) {
+        // an excluded destination is neither sent nor deleted
+        if !items.iter().any(|i| i.path == to) && !excludes.is_excluded(&to, false) {
             let state = scan::lstat_entry(root, &to, excludes, skipped);
             items.push(Item {
                 path: to,
