@@ -400,7 +400,17 @@ fn g6_hostile_paths_links_and_modes_are_refused_and_nothing_outside_changes() {
         ("'.' component", b"./planted.txt".to_vec()),
         ("NUL byte", b"planted.txt\0.ok".to_vec()),
         ("empty path", b"".to_vec()),
-        ("path over 4096 bytes", vec![b'a'; 4097]),
+        // paths over PATH_MAX are fine (ferry walks handles); over its
+        // own bound they are not
+        (
+            "path over MAX_PATH_LEN (32 KiB)",
+            b"a/"
+                .repeat(ferry_proto::path::MAX_PATH_LEN / 2)
+                .into_iter()
+                .chain(*b"z")
+                .collect(),
+        ),
+        ("one component of 4097 bytes", vec![b'a'; 4097]),
         ("component over 255 bytes", vec![b'b'; 256]),
     ];
     for (what, p) in &bad_paths {

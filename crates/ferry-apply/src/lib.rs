@@ -1502,18 +1502,36 @@ fn tmp_name(name: &[u8]) -> Vec<u8> {
 /// Removes leftover temp files (from a crash mid-write) below the root.
 /// The staging dir is the journal's: [`Applier::recover`] handles it.
 pub fn clean_temp_files(root: &Path) -> io::Result<u64> {
+    // through directory handles: a tree of any depth or path length; a
+    // directory that cannot be opened is passed over (its temp files, if
+    // any, stay until it can), never a reason not to start
     let mut n = 0;
-    for e in walk(root)? {
-        if e.file_name()
-            .is_some_and(|n| n.as_bytes().starts_with(TEMP_PREFIX))
-        {
-            std::fs::remove_file(&e)?;
-            n += 1;
+    let mut stack = vec![(
+        Dir::open_ambient_dir(root, cap_std::ambient_authority())?,
+        true,
+    )];
+    while let Some((d, top)) = stack.pop() {
+        let Ok(entries) = d.entries() else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                if top && name == STAGING_DIR {
+                    continue;
+                }
+                if let Ok(sub) = d.open_dir_nofollow(&name) {
+                    stack.push((sub, false));
+                }
+            } else if name.as_bytes().starts_with(TEMP_PREFIX) {
+                d.remove_file(&name)?;
+                n += 1;
+            }
         }
     }
     Ok(n)
 }
 
+#[cfg(test)]
 fn walk(root: &Path) -> io::Result<Vec<std::path::PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];

@@ -8,8 +8,12 @@
 
 use std::fmt;
 
-/// Longest relative path accepted, in bytes (Linux `PATH_MAX`).
-pub const MAX_PATH_LEN: usize = 4096;
+/// Longest relative path accepted, in bytes. Above Linux's `PATH_MAX`
+/// (4096): ferry reads and writes through directory handles, one component
+/// at a time, so a tree may hold longer paths (issue 16), and they are
+/// replicated up to this bound. It keeps a message with two paths (a
+/// rename) well inside a frame, and fits the wire's 16-bit length fields.
+pub const MAX_PATH_LEN: usize = 32 * 1024;
 /// Longest single component accepted, in bytes (Linux `NAME_MAX`).
 pub const MAX_NAME_LEN: usize = 255;
 /// Longest symlink target accepted, in bytes.
@@ -252,7 +256,13 @@ mod tests {
         check(b"./a", Err(PathError::DotComponent));
         check(b"a\0b", Err(PathError::Nul));
         check(&[b'x'; 256], Err(PathError::NameTooLong(256)));
-        let long: Vec<u8> = std::iter::repeat_n(b"abc/".as_slice(), 1100)
+        let ok: Vec<u8> = std::iter::repeat_n(b"abc/".as_slice(), 2100)
+            .flatten()
+            .copied()
+            .chain(*b"z")
+            .collect();
+        check(&ok, Ok(())); // over PATH_MAX: fine, ferry walks handles
+        let long: Vec<u8> = std::iter::repeat_n(b"abc/".as_slice(), 8200)
             .flatten()
             .copied()
             .chain(*b"z")

@@ -1,11 +1,13 @@
-//! Reading the state of entries under the root, never following symlinks.
+//! Reading the state of entries under the root, never following symlinks,
+//! through directory handles (the openat family): paths of any length.
 
 use crate::exclude::Excludes;
 use ferry_proto::{mode_ok, Entry, EntryKind, Mtime, RelPath, MODE_ALLOWED};
-use std::fs::Metadata;
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::fs::{openat, readlinkat, statat, AtFlags, FileType, Mode, OFlags, Stat, CWD};
+use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// An entry as the primary sees it, with the identity used to detect a file
@@ -97,30 +99,83 @@ pub fn abs(root: &Path, rel: &RelPath) -> PathBuf {
     root.join(std::ffi::OsStr::from_bytes(rel.as_bytes()))
 }
 
-/// Builds an [`Entry`] from `lstat` metadata; `None` for what is skipped
-/// (special files, links leaving the root under `--safe-links`, a link that
-/// vanished or cannot be read).
-pub fn entry_from_meta(
-    root: &Path,
+/// Flags of every directory handle the scanner opens: never through a
+/// symlink, never inherited.
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+fn name_os(b: &[u8]) -> &OsStr {
+    OsStr::from_bytes(b)
+}
+
+/// Opens the root itself (it may be reached through a symlink: the node
+/// was given that path).
+fn open_root(root: &Path) -> io::Result<OwnedFd> {
+    Ok(openat(
+        CWD,
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// The directory `dir` (relative to `root_fd`), walked one component at a
+/// time with `O_NOFOLLOW`: paths of any length, and never through a link.
+fn open_dir_at(root_fd: impl AsFd, dir: Option<&RelPath>) -> io::Result<OwnedFd> {
+    let mut cur = rustix::io::dup(root_fd)?;
+    if let Some(dir) = dir {
+        for c in dir.components() {
+            cur = openat(&cur, name_os(c), DIR_FLAGS, Mode::empty())?;
+        }
+    }
+    Ok(cur)
+}
+
+/// Opens a regular file of the root for reading through directory handles
+/// (any path length), following no symlink on the way or at the end.
+pub fn open_file_at(root_fd: impl AsFd, rel: &RelPath) -> io::Result<std::fs::File> {
+    let parent = open_dir_at(root_fd, rel.parent().as_ref())?;
+    let fd = openat(
+        &parent,
+        name_os(rel.file_name()),
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    Ok(std::fs::File::from(fd))
+}
+
+/// BLAKE3 of the content of `rel` under `root`, read through directory
+/// handles without following a symlink.
+pub fn hash_at(root: &Path, rel: &RelPath) -> io::Result<[u8; 32]> {
+    let f = open_file_at(&open_root(root)?, rel)?;
+    let mut h = blake3::Hasher::new();
+    h.update_reader(f)?;
+    Ok(*h.finalize().as_bytes())
+}
+
+/// Builds a [`Scanned`] from the `lstat` of `name` in `dir` (the entry
+/// `rel`); `None` for what is skipped (special files, links leaving the
+/// root under `--safe-links`, a link that vanished or cannot be read).
+fn entry_at(
+    dir: &OwnedFd,
+    name: &[u8],
     rel: &RelPath,
-    md: &Metadata,
+    st: &Stat,
     excludes: &Excludes,
     skipped: &mut Vec<Skip>,
 ) -> Option<Scanned> {
-    let ft = md.file_type();
-    let mut mode = md.mode() & 0o7777;
-    let kind = if ft.is_file() {
-        EntryKind::File
-    } else if ft.is_dir() {
-        EntryKind::Dir
-    } else if ft.is_symlink() {
-        EntryKind::Symlink
-    } else {
-        debug_assert!(
-            ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device()
-        );
-        skipped.push(Skip::new(rel, SkipReason::Special));
-        return None;
+    let ft = FileType::from_raw_mode(st.st_mode as _);
+    let mut mode = st.st_mode & 0o7777;
+    let kind = match ft {
+        FileType::RegularFile => EntryKind::File,
+        FileType::Directory => EntryKind::Dir,
+        FileType::Symlink => EntryKind::Symlink,
+        _ => {
+            skipped.push(Skip::new(rel, SkipReason::Special));
+            return None;
+        }
     };
     if !mode_ok(mode) {
         skipped.push(Skip::new(rel, SkipReason::SetuidDropped));
@@ -128,11 +183,13 @@ pub fn entry_from_meta(
     }
     let mut target = Vec::new();
     if kind == EntryKind::Symlink {
-        target = match std::fs::read_link(abs(root, rel)) {
-            Ok(t) => t.into_os_string().into_encoded_bytes(),
-            Err(e) if gone(&e) => return None,
+        target = match readlinkat(dir, name_os(name), Vec::new()) {
+            Ok(t) => t.into_bytes(),
             Err(e) => {
-                skipped.push(Skip::io(rel.display(), &e));
+                let e = io::Error::from(e);
+                if !gone(&e) {
+                    skipped.push(Skip::io(rel.display(), &e));
+                }
                 return None;
             }
         };
@@ -158,51 +215,80 @@ pub fn entry_from_meta(
             path: rel.clone(),
             kind,
             mode,
-            size: if kind == EntryKind::File { md.len() } else { 0 },
+            size: if kind == EntryKind::File {
+                st.st_size as u64
+            } else {
+                0
+            },
             mtime: Mtime {
-                secs: md.mtime(),
-                nanos: md.mtime_nsec().clamp(0, 999_999_999) as u32,
+                secs: st.st_mtime,
+                nanos: (st.st_mtime_nsec as i64).clamp(0, 999_999_999) as u32,
             },
             target,
             hash: None,
         },
-        dev: md.dev(),
-        ino: md.ino(),
-        ctime: (md.ctime(), md.ctime_nsec()),
+        dev: st.st_dev,
+        ino: st.st_ino,
+        ctime: (st.st_ctime, st.st_ctime_nsec as i64),
     })
+}
+
+/// `lstat` of `name` in `dir`: `None` when it is not there (any more).
+fn stat_at(dir: &OwnedFd, name: &[u8]) -> io::Result<Option<Stat>> {
+    match statat(dir, name_os(name), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(e) => {
+            let e = io::Error::from(e);
+            if gone(&e) {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
+    }
 }
 
 /// The state of one path: `None` when absent (or when a parent is not a
 /// real directory, so nothing is read through a symlink), or when it is
-/// skipped (reported in `skipped`).
+/// skipped (reported in `skipped`). Read through directory handles, so
+/// the path may be of any length.
 pub fn lstat_entry(
     root: &Path,
     rel: &RelPath,
     excludes: &Excludes,
     skipped: &mut Vec<Skip>,
 ) -> Option<Scanned> {
-    if let Some(parent) = rel.parent() {
-        let mut cur = root.to_path_buf();
-        for c in parent.components() {
-            cur.push(std::ffi::OsStr::from_bytes(c));
-            match std::fs::symlink_metadata(&cur) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => return None,
-                Err(e) if gone(&e) => return None,
-                Err(e) => {
-                    skipped.push(Skip::io(rel.display(), &e));
-                    return None;
-                }
-            }
+    let parent = match open_root(root).and_then(|r| open_dir_at(&r, rel.parent().as_ref())) {
+        Ok(d) => d,
+        // a parent missing, a file, or a symlink: nothing there
+        Err(e) if gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => return None,
+        Err(e) => {
+            skipped.push(Skip::io(rel.display(), &e));
+            return None;
         }
-    }
-    match std::fs::symlink_metadata(abs(root, rel)) {
-        Ok(md) => entry_from_meta(root, rel, &md, excludes, skipped),
-        Err(e) if gone(&e) => None,
+    };
+    match stat_at(&parent, rel.file_name()) {
+        Ok(Some(st)) => entry_at(&parent, rel.file_name(), rel, &st, excludes, skipped),
+        Ok(None) => None,
         Err(e) => {
             skipped.push(Skip::io(rel.display(), &e));
             None
         }
+    }
+}
+
+/// The kind of `rel` (not following a symlink, through directory handles);
+/// `None` when absent, unreadable or special.
+pub fn kind_at(root: &Path, rel: &RelPath) -> Option<EntryKind> {
+    let parent = open_root(root)
+        .and_then(|r| open_dir_at(&r, rel.parent().as_ref()))
+        .ok()?;
+    let st = stat_at(&parent, rel.file_name()).ok()??;
+    match FileType::from_raw_mode(st.st_mode as _) {
+        FileType::RegularFile => Some(EntryKind::File),
+        FileType::Directory => Some(EntryKind::Dir),
+        FileType::Symlink => Some(EntryKind::Symlink),
+        _ => None,
     }
 }
 
@@ -226,8 +312,37 @@ pub fn gone(e: &io::Error) -> bool {
     )
 }
 
+/// The names in a directory, sorted (walk order), without `.` and `..`.
+fn read_names(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
+    let mut names = Vec::new();
+    for e in rustix::fs::Dir::read_from(dir)? {
+        let e = e?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(n.to_vec());
+        }
+    }
+    names.sort_unstable();
+    Ok(names)
+}
+
+/// One directory being walked.
+struct Frame {
+    fd: OwnedFd,
+    prefix: Option<RelPath>,
+    names: Vec<Vec<u8>>,
+    next: usize,
+}
+
 /// Appends every non-excluded entry at and below `start` (the whole root
-/// when `None`, the root itself not included) in walk order.
+/// when `None`, the root itself not included) in walk order (a directory
+/// before its children, children sorted by name).
+///
+/// The walk goes through directory handles (`openat` with `O_NOFOLLOW`,
+/// `fstatat`, `readlinkat`), never joined path strings: paths of any length
+/// and depth, and never through a symlink (including the start). One entry
+/// never stops it: what cannot be read is skipped and reported in
+/// `skipped`; only an unreadable root is an error.
 pub fn scan_tree(
     root: &Path,
     start: Option<&RelPath>,
@@ -235,99 +350,123 @@ pub fn scan_tree(
     out: &mut Vec<Scanned>,
     skipped: &mut Vec<Skip>,
 ) -> io::Result<()> {
-    let base = match start {
-        Some(s) => abs(root, s),
-        None => root.to_path_buf(),
-    };
-    let walker = walkdir::WalkDir::new(&base)
-        .follow_links(false)
-        .follow_root_links(false) // a symlink given as the start is a link, not its target
-        .sort_by_file_name()
-        .min_depth(if start.is_some() { 0 } else { 1 });
-    let mut it = walker.into_iter();
-    let lossy = |p: &Path| -> String {
-        p.strip_prefix(root)
-            .unwrap_or(p)
-            .as_os_str()
-            .to_string_lossy()
-            .into_owned()
-    };
-    while let Some(item) = it.next() {
-        let de = match item {
-            Ok(de) => de,
+    let root_fd = open_root(root)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot read {}: {e}", root.display())))?;
+    let mut stack: Vec<Frame> = Vec::new();
+    let descend = |stack: &mut Vec<Frame>,
+                   fd: io::Result<OwnedFd>,
+                   prefix: Option<RelPath>,
+                   skipped: &mut Vec<Skip>|
+     -> io::Result<()> {
+        let shown = || prefix.as_ref().map(|p| p.display()).unwrap_or_default();
+        let fd = match fd {
+            Ok(fd) => fd,
+            Err(e) if gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => return Ok(()),
+            Err(e) if prefix.is_none() => return Err(e),
             Err(e) => {
-                let Some(path) = e.path() else {
-                    return Err(io::Error::other(format!("cannot walk the root: {e}")));
-                };
-                if let Some(io) = e.io_error() {
-                    if gone(io) {
-                        continue;
-                    }
-                    // the start itself unreadable: the caller says what failed
-                    if path == base && start.is_none() {
-                        return Err(io::Error::new(
-                            io.kind(),
-                            format!("cannot read {}: {io}", base.display()),
-                        ));
-                    }
-                    // one entry never stops the walk: skipped, reported
-                    skipped.push(Skip::io(lossy(path), io));
-                } else {
-                    skipped.push(Skip {
-                        path: lossy(path),
-                        reason: SkipReason::Unreadable,
-                        error: Some(e.to_string()),
-                    });
-                }
-                continue;
+                skipped.push(Skip::io(shown(), &e));
+                return Ok(());
             }
         };
-        let Ok(rel_os) = de.path().strip_prefix(root) else {
+        match read_names(&fd) {
+            Ok(names) => stack.push(Frame {
+                fd,
+                prefix,
+                names,
+                next: 0,
+            }),
+            Err(e) if gone(&e) => {}
+            Err(e) if prefix.is_none() => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot read {}: {e}", root.display()),
+                ))
+            }
+            Err(e) => skipped.push(Skip::io(shown(), &e)),
+        }
+        Ok(())
+    };
+    match start {
+        None => descend(&mut stack, Ok(root_fd.try_clone()?), None, skipped)?,
+        Some(s) => {
+            let parent = match open_dir_at(&root_fd, s.parent().as_ref()) {
+                Ok(p) => p,
+                Err(e) if gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => return Ok(()),
+                Err(e) => {
+                    skipped.push(Skip::io(s.display(), &e));
+                    return Ok(());
+                }
+            };
+            let st = match stat_at(&parent, s.file_name()) {
+                Ok(Some(st)) => st,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    skipped.push(Skip::io(s.display(), &e));
+                    return Ok(());
+                }
+            };
+            let is_dir = FileType::from_raw_mode(st.st_mode as _) == FileType::Directory;
+            if excludes.is_excluded(s, is_dir) {
+                return Ok(());
+            }
+            if let Some(e) = entry_at(&parent, s.file_name(), s, &st, excludes, skipped) {
+                out.push(e);
+            }
+            if is_dir {
+                let fd = openat(&parent, name_os(s.file_name()), DIR_FLAGS, Mode::empty())
+                    .map_err(io::Error::from);
+                descend(&mut stack, fd, Some(s.clone()), skipped)?;
+            }
+        }
+    }
+    while let Some(top) = stack.last_mut() {
+        let Some(name) = top.names.get(top.next).cloned() else {
+            stack.pop();
             continue;
         };
-        let is_dir = de.file_type().is_dir();
-        let rel = match RelPath::new(rel_os.as_os_str().as_bytes().to_vec()) {
+        top.next += 1;
+        let rel = match &top.prefix {
+            Some(p) => p.join(&name),
+            None => RelPath::new(name.clone()),
+        };
+        let rel = match rel {
             Ok(r) => r,
             Err(e) => {
-                // a path the wire cannot carry (over MAX_PATH_LEN): it and
-                // everything below it are skipped, reported once here
-                if is_dir {
-                    it.skip_current_dir();
+                // a path the wire cannot carry (over MAX_PATH_LEN, or a name
+                // the path rule refuses): it and its subtree are skipped,
+                // reported once here
+                let mut shown = top.prefix.as_ref().map(|p| p.display()).unwrap_or_default();
+                if !shown.is_empty() {
+                    shown.push('/');
                 }
+                shown.push_str(&String::from_utf8_lossy(&name));
                 skipped.push(Skip {
-                    path: lossy(de.path()),
+                    path: shown,
                     reason: SkipReason::PathTooLong,
                     error: Some(e.to_string()),
                 });
                 continue;
             }
         };
-        if excludes.is_excluded(&rel, is_dir) {
-            if is_dir {
-                it.skip_current_dir();
-            }
-            continue;
-        }
-        let md = match de.metadata() {
-            Ok(m) => m,
-            Err(e) if e.io_error().is_some_and(gone) => continue,
+        let st = match stat_at(&top.fd, &name) {
+            Ok(Some(st)) => st,
+            Ok(None) => continue,
             Err(e) => {
-                if is_dir {
-                    it.skip_current_dir();
-                }
-                match e.io_error() {
-                    Some(io) => skipped.push(Skip::io(rel.display(), io)),
-                    None => skipped.push(Skip {
-                        path: rel.display(),
-                        reason: SkipReason::Unreadable,
-                        error: Some(e.to_string()),
-                    }),
-                }
+                skipped.push(Skip::io(rel.display(), &e));
                 continue;
             }
         };
-        if let Some(s) = entry_from_meta(root, &rel, &md, excludes, skipped) {
+        let is_dir = FileType::from_raw_mode(st.st_mode as _) == FileType::Directory;
+        if excludes.is_excluded(&rel, is_dir) {
+            continue;
+        }
+        if let Some(s) = entry_at(&top.fd, &name, &rel, &st, excludes, skipped) {
             out.push(s);
+        }
+        if is_dir {
+            let fd =
+                openat(&top.fd, name_os(&name), DIR_FLAGS, Mode::empty()).map_err(io::Error::from);
+            descend(&mut stack, fd, Some(rel), skipped)?;
         }
     }
     Ok(())

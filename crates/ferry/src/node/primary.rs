@@ -742,7 +742,7 @@ fn moved_dirs(root: &Path, pending: &ferry_core::Pending) -> Vec<RelPath> {
     pending
         .renames
         .iter()
-        .filter(|(_, to)| std::fs::symlink_metadata(scan::abs(root, to)).is_ok_and(|m| m.is_dir()))
+        .filter(|(_, to)| scan::kind_at(root, to) == Some(EntryKind::Dir))
         .map(|(_, to)| to.clone())
         .collect()
 }
@@ -764,8 +764,7 @@ fn unrename_links(
 ) {
     let mut kept = Vec::with_capacity(pending.renames.len());
     for (from, to) in std::mem::take(&mut pending.renames) {
-        let is_link = std::fs::symlink_metadata(scan::abs(root, &to))
-            .is_ok_and(|m| m.file_type().is_symlink());
+        let is_link = scan::kind_at(root, &to) == Some(EntryKind::Symlink);
         if !is_link {
             kept.push((from, to));
             continue;
@@ -1638,7 +1637,7 @@ impl Sender<'_> {
                 continue;
             }
             let root = self.ctx.shared.cfg.root.clone();
-            let is_dir = std::fs::symlink_metadata(scan::abs(&root, &p)).is_ok_and(|m| m.is_dir());
+            let is_dir = scan::kind_at(&root, &p) == Some(EntryKind::Dir);
             if is_dir {
                 self.resync(target, Some(p.clone()), man_rx).await?;
             }
@@ -1842,14 +1841,14 @@ impl Sender<'_> {
             return Ok(local);
         }
         let root = self.ctx.shared.cfg.root.clone();
-        let paths: Vec<(usize, std::path::PathBuf)> = todo
+        let paths: Vec<(usize, RelPath)> = todo
             .iter()
-            .map(|&i| (i, scan::abs(&root, &local[i].entry.path)))
+            .map(|&i| (i, local[i].entry.path.clone()))
             .collect();
         let hashes = tokio::task::spawn_blocking(move || {
             paths
                 .into_iter()
-                .map(|(i, p)| (i, scan::hash_file(&p).ok()))
+                .map(|(i, p)| (i, scan::hash_at(&root, &p).ok()))
                 .collect::<Vec<_>>()
         })
         .await?;
@@ -2785,6 +2784,11 @@ struct Shipped {
 fn open_beneath(root: &std::fs::File, rel: &RelPath, abs: &Path) -> std::io::Result<std::fs::File> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
     use std::os::unix::ffi::OsStrExt;
+    // a path openat2 cannot take in one piece (PATH_MAX): component by
+    // component through directory handles, never following a link either
+    if rel.as_bytes().len() >= LONG_PATH {
+        return scan::open_file_at(root, rel);
+    }
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
     match rustix::fs::openat2(
         root,
@@ -2801,6 +2805,11 @@ fn open_beneath(root: &std::fs::File, rel: &RelPath, abs: &Path) -> std::io::Res
         Err(e) => Err(e.into()),
     }
 }
+
+/// From this length on, a path is opened component by component
+/// ([`scan::open_file_at`]) rather than in one `openat2` call, which takes
+/// at most `PATH_MAX` (4096) bytes including its NUL.
+const LONG_PATH: usize = 4000;
 
 /// Waits for a buffered write already in progress on `f` to finish.
 ///

@@ -153,7 +153,7 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
                                 .map(|s| {
                                     let mut e = s.entry;
                                     if verify && e.kind == ferry_proto::EntryKind::File {
-                                        e.hash = scan::hash_file(&scan::abs(&root, &e.path)).ok();
+                                        e.hash = scan::hash_at(&root, &e.path).ok();
                                     }
                                     e
                                 })
