@@ -558,3 +558,74 @@ fn g1_paths_of_any_length_replicate_and_an_entry_that_cannot_is_skipped() {
     assert_eq!(skips_of(&s.primary, "path_too_long"), 1.0, "reported once");
     assert_eq!(s.replica.metric("ferry_skipped_entries_total"), 0.0);
 }
+
+#[test]
+fn g1_an_unreadable_entry_is_skipped_and_reported_and_the_rest_converges() {
+    // the primary runs without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH, so
+    // mode 000 keeps it out even as root (tests run as root here)
+    let probe = std::process::Command::new("setpriv")
+        .args(["--bounding-set", "-dac_override,-dac_read_search", "true"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: setpriv cannot drop capabilities here");
+        return;
+    }
+    let mut s = set(&[]);
+    let p = s.primary.root.clone();
+    let r = s.replica.root.clone();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(p.join("ok.txt"), b"ok").unwrap();
+    std::fs::write(p.join("secret.txt"), b"secret").unwrap();
+    std::fs::set_permissions(p.join("secret.txt"), std::fs::Permissions::from_mode(0o000)).unwrap();
+    std::fs::create_dir_all(p.join("locked")).unwrap();
+    std::fs::write(p.join("locked/inner.txt"), b"inner").unwrap();
+    std::fs::set_permissions(p.join("locked"), std::fs::Permissions::from_mode(0o000)).unwrap();
+    for d in ["a-sub", "m-sub/deeper", "z-sub"] {
+        std::fs::create_dir_all(p.join(d)).unwrap();
+    }
+    s.replica.start();
+    s.primary
+        .start_wrapped(&[
+            "setpriv",
+            "--bounding-set",
+            "-dac_override,-dac_read_search",
+        ])
+        .wait_ready(Duration::from_secs(20));
+    let left_out = |k: &[u8]| k == b"secret.txt" || k == b"locked/inner.txt";
+    wait_tree(&p, &r, left_out);
+    wait_for(Duration::from_secs(20), || {
+        let n = skips_of(&s.primary, "unreadable");
+        if n == 2.0 {
+            Ok(())
+        } else {
+            Err(format!("unreadable: {n}"))
+        }
+    });
+    let st = s.primary.status_json();
+    for path in ["secret.txt", "locked"] {
+        assert!(
+            st.contains(&format!("{{\"path\":\"{path}\",\"reason\":\"unreadable\"")),
+            "{path}: {st}"
+        );
+    }
+    // replication goes on around them, live (the periodic rescan is 10
+    // minutes away): every other directory is watched, also ones created now
+    std::fs::write(p.join("after.txt"), b"after").unwrap();
+    std::fs::write(p.join("ok.txt"), b"ok, again").unwrap();
+    for d in ["a-sub", "m-sub/deeper", "z-sub"] {
+        std::fs::write(p.join(d).join("new.txt"), d).unwrap();
+    }
+    std::fs::create_dir_all(p.join("m-sub/made-now")).unwrap();
+    wait_tree(&p, &r, left_out);
+    std::fs::write(p.join("m-sub/made-now/later.txt"), b"later").unwrap();
+    wait_tree(&p, &r, left_out);
+    assert!(s.primary.running(), "{}", s.primary.log_tail());
+    // readable again: shipped by the next change
+    std::fs::set_permissions(p.join("secret.txt"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    wait_tree(&p, &r, |k| k == b"locked/inner.txt");
+    assert_eq!(
+        skips_of(&s.primary, "unreadable"),
+        2.0,
+        "reported once each"
+    );
+}
