@@ -618,14 +618,24 @@ fn g1_an_unreadable_entry_is_skipped_and_reported_and_the_rest_converges() {
     std::fs::create_dir_all(p.join("m-sub/made-now")).unwrap();
     wait_tree(&p, &r, left_out);
     std::fs::write(p.join("m-sub/made-now/later.txt"), b"later").unwrap();
+    // an unreadable directory moved in while running: notify cannot watch
+    // it either; reported, and the rest still goes on
+    let outside = p.parent().unwrap().join("late-locked");
+    std::fs::create_dir_all(outside.join("x")).unwrap();
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o000)).unwrap();
+    std::fs::rename(&outside, p.join("m-sub/late-locked")).unwrap();
+    std::fs::write(p.join("z-sub/last.txt"), b"last").unwrap();
+    let left_out = |k: &[u8]| left_out(k) || k == b"m-sub/late-locked/x";
     wait_tree(&p, &r, left_out);
     assert!(s.primary.running(), "{}", s.primary.log_tail());
     // readable again: shipped by the next change
     std::fs::set_permissions(p.join("secret.txt"), std::fs::Permissions::from_mode(0o644)).unwrap();
-    wait_tree(&p, &r, |k| k == b"locked/inner.txt");
+    wait_tree(&p, &r, |k| {
+        k == b"locked/inner.txt" || k == b"m-sub/late-locked/x"
+    });
     assert_eq!(
         skips_of(&s.primary, "unreadable"),
-        2.0,
+        3.0,
         "reported once each"
     );
 }
