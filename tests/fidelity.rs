@@ -30,7 +30,11 @@ struct Set {
 
 /// A primary and one replica, not started; `extra` goes to both.
 fn set(extra: &[&str]) -> Set {
-    let tmp = tempfile::tempdir().unwrap();
+    // FERRY_TEST_KEEP keeps the test dir (for post-mortems)
+    let tmp = tempfile::Builder::new()
+        .disable_cleanup(std::env::var_os("FERRY_TEST_KEEP").is_some())
+        .tempdir()
+        .unwrap();
     let base = tmp.path();
     eprintln!("test dir: {}", base.display());
     let pki = Pki::new(base, "ca");
@@ -637,5 +641,73 @@ fn g1_an_unreadable_entry_is_skipped_and_reported_and_the_rest_converges() {
         skips_of(&s.primary, "unreadable"),
         3.0,
         "reported once each"
+    );
+}
+
+#[test]
+fn g1_a_file_whose_reads_fail_is_skipped_and_reported_and_the_rest_converges() {
+    // strace makes every read of two files fail with EIO (a bad disk block,
+    // a flaky network filesystem): the open and the stat succeed
+    let probe = std::process::Command::new("strace")
+        .args(["-qq", "-o", "/dev/null", "true"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: strace cannot trace here");
+        return;
+    }
+    let mut s = set(&[]);
+    let p = s.primary.root.clone();
+    let r = s.replica.root.clone();
+    std::fs::write(p.join("ok.txt"), b"ok").unwrap();
+    std::fs::write(p.join("bad-small.bin"), vec![7u8; 1000]).unwrap();
+    std::fs::write(p.join("bad-big.bin"), vec![9u8; 1 << 20]).unwrap();
+    let small = p.join("bad-small.bin").display().to_string();
+    let big = p.join("bad-big.bin").display().to_string();
+    s.replica.start();
+    s.primary
+        .start_wrapped(&[
+            "strace",
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-P",
+            &small,
+            "-P",
+            &big,
+            "-e",
+            "trace=read,pread64,readv,preadv,preadv2",
+            "-e",
+            "inject=read,pread64,readv,preadv,preadv2:error=EIO",
+            "--",
+        ])
+        .wait_ready(Duration::from_secs(30));
+    let left_out = |k: &[u8]| k == b"bad-small.bin" || k == b"bad-big.bin";
+    wait_tree(&p, &r, left_out);
+    wait_for(Duration::from_secs(20), || {
+        let n = skips_of(&s.primary, "unreadable");
+        if n == 2.0 {
+            Ok(())
+        } else {
+            Err(format!("unreadable: {n}"))
+        }
+    });
+    let st = s.primary.status_json();
+    for path in ["bad-small.bin", "bad-big.bin"] {
+        assert!(
+            st.contains(&format!("{{\"path\":\"{path}\",\"reason\":\"unreadable\"")),
+            "{path}: {st}"
+        );
+    }
+    // later batches still arrive: the session is not stuck on them
+    std::fs::write(p.join("after.txt"), b"after").unwrap();
+    std::fs::write(p.join("ok.txt"), b"ok, again").unwrap();
+    wait_tree(&p, &r, left_out);
+    assert!(s.primary.running(), "{}", s.primary.log_tail());
+    assert_eq!(
+        s.replica.metric("ferry_errors_total"),
+        0.0,
+        "{}",
+        s.replica.log_tail()
     );
 }

@@ -1394,8 +1394,9 @@ enum FileOutcome {
     Sent(u64),
     Vanished,
     Unstable,
-    /// ferry may not read it (permissions): skipped, named in the log.
-    Unreadable(String),
+    /// ferry cannot open or read it (permissions, a path too long, an I/O
+    /// error): skipped and reported with the error.
+    Unreadable(std::io::Error),
 }
 
 impl Sender<'_> {
@@ -2155,10 +2156,15 @@ impl Sender<'_> {
                 }
                 FileOutcome::Unreadable(err) => {
                     // reported once, whichever peer meets it first
+                    let hint = if err.kind() == std::io::ErrorKind::PermissionDenied {
+                        "; give the ferry user read access"
+                    } else {
+                        ""
+                    };
                     self.ctx.shared.skipped(
                         &e.path.display(),
                         ferry_watch::SkipReason::Unreadable.label(),
-                        Some(&format!("{err}; give the ferry user read access")),
+                        Some(&format!("{err}{hint}")),
                     );
                     self.st.missing.insert(e.path.clone());
                 }
@@ -2344,7 +2350,7 @@ impl Sender<'_> {
                 }
                 // one file ferry cannot open (permissions, a path too long,
                 // an I/O error) never stops the session: skipped, reported
-                Err(e) => return Ok(FileOutcome::Unreadable(e.to_string())),
+                Err(e) => return Ok(FileOutcome::Unreadable(e)),
             };
             let before = before?;
             if !before.is_file() || (!any_inode && (before.dev(), before.ino()) != (s.dev, s.ino)) {
@@ -2385,19 +2391,36 @@ impl Sender<'_> {
                 }
             }
             let mut sent = None;
+            let mut read_error = None;
             if let (Some(prev), true) = (&prev, may_skip && attempt < 2) {
                 if prev.chunks.is_some() && size >= APPEND_MIN {
-                    sent = self
-                        .send_patch(&s.entry.path, &f, &before, prev, meta)
-                        .await?;
+                    match read_failed(
+                        self.send_patch(&s.entry.path, &f, &before, prev, meta)
+                            .await,
+                    )? {
+                        Ok(x) => sent = x,
+                        Err(e) => read_error = Some(e),
+                    }
                 }
             }
-            let sent = match sent {
-                Some(x) => x,
-                None if size < APPEND_MIN => {
-                    self.send_small(&s.entry.path, f, &before, meta).await?
+            let sent = match (read_error, sent) {
+                (Some(e), _) => Err(e),
+                (None, Some(x)) => Ok(x),
+                (None, None) if size < APPEND_MIN => {
+                    read_failed(self.send_small(&s.entry.path, f, &before, meta).await)?
                 }
-                None => self.send_chunked(&s.entry.path, f, &before, meta).await?,
+                (None, None) => {
+                    read_failed(self.send_chunked(&s.entry.path, f, &before, meta).await)?
+                }
+            };
+            let sent = match sent {
+                Ok(x) => x,
+                // reading the file failed (an I/O error): one file never
+                // stops the session; a file begun on the replica is dropped
+                Err(e) => {
+                    self.send.send(&Message::FileAbort).await?;
+                    return Ok(FileOutcome::Unreadable(e.source));
+                }
             };
             let Some(sent) = sent else {
                 continue; // changed while read: FileAbort went, read again
@@ -2485,7 +2508,8 @@ impl Sender<'_> {
             let full = *blake3::hash(&buf).as_bytes();
             let msg = (!buf.is_empty()).then(|| transfer::squeeze(z, buf.into()).0);
             Ok(Some((full, msg, unchanged_since(&f, before)?)))
-        })?;
+        })
+        .map_err(|e| ReadError::new(p, e))?;
         let saved = self.st.squeeze.saved - saved0;
         self.send
             .send(&Message::FileBegin(FileHeader {
@@ -2583,7 +2607,7 @@ impl Sender<'_> {
                 transfer::Feed::Failed(e) => {
                     drop(rx);
                     let _ = worker.await;
-                    return Err(anyhow!("reading {p}: {e}"));
+                    return Err(ReadError::new(p, e).into());
                 }
                 transfer::Feed::Done {
                     full,
@@ -2633,7 +2657,7 @@ impl Sender<'_> {
             Ok(d) => d,
             // shrank while read: whole, next attempt
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(anyhow!("reading {p}: {e}")),
+            Err(e) => return Err(ReadError::new(p, e).into()),
         };
         let in_place: u64 = d
             .pieces
@@ -2702,7 +2726,7 @@ impl Sender<'_> {
                         self.send.send(&Message::FileAbort).await?;
                         return Ok(Some(None));
                     }
-                    return Err(anyhow!("reading {p}: {e}"));
+                    return Err(ReadError::new(p, e).into());
                 }
                 hasher.update(&buf);
                 match piece.and_then(|x| self.chunk_source(&x.chunk)) {
@@ -2741,6 +2765,36 @@ impl Sender<'_> {
             appended_from: if d.append { unsent } else { 0 },
             compressed: z.saved,
         })))
+    }
+}
+
+/// Reading a file's content failed (an I/O error): the stream itself is
+/// intact, at a message boundary.
+#[derive(Debug, thiserror::Error)]
+#[error("reading {path}: {source}")]
+struct ReadError {
+    path: String,
+    source: std::io::Error,
+}
+
+impl ReadError {
+    fn new(p: &RelPath, source: std::io::Error) -> ReadError {
+        ReadError {
+            path: p.display(),
+            source,
+        }
+    }
+}
+
+/// Splits a sender step's failure: `Ok(Err(_))` when reading the file
+/// failed ([`ReadError`]), `Err` for anything else (the session's).
+fn read_failed<T>(r: anyhow::Result<T>) -> anyhow::Result<Result<T, ReadError>> {
+    match r {
+        Ok(x) => Ok(Ok(x)),
+        Err(e) => match e.downcast::<ReadError>() {
+            Ok(re) => Ok(Err(re)),
+            Err(e) => Err(e),
+        },
     }
 }
 
