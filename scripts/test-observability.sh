@@ -20,8 +20,12 @@ d = yaml.safe_load(open("manifests/monitoring/prometheusrule.yaml"))
 yaml.safe_dump({"groups": d["spec"]["groups"]}, open(sys.argv[1], "w"), sort_keys=False)
 PY
 cp tests/observability/alerts.test.yaml "$work/"
+# runbook_url anchors, FerrySidecarDown's selector, the dashboard's variables and panels
+python3 tests/observability/rules_check.py
 promtool check rules "$work/rules.yaml"
 (cd "$work" && promtool test rules alerts.test.yaml)
 cargo build --quiet -p ferry
-python3 tests/observability/prom_e2e.py target/debug/ferry
+# the binary cargo just built, wherever CARGO_TARGET_DIR puts it
+target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+python3 tests/observability/prom_e2e.py "$target/debug/ferry"
 echo "observability: all checks passed"

@@ -15,10 +15,16 @@ command -v curl >/dev/null || need+=(curl)
 # tests/partition.rs: network namespaces, veth, tc; nftables where netem is missing
 command -v ip >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
+# tests/power.rs: a qemu guest (TCG), busybox for its initramfs, ext4 images
+# mounted on loop devices; the guest's kernel comes from `apt-get download`
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+{ [[ -x /bin/busybox ]] && /bin/busybox --list 2>/dev/null | grep -x depmod >/dev/null; } || need+=(busybox-static)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v flock >/dev/null || need+=(util-linux)
 if ((${#need[@]})); then
     say "installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
 say "cargo fmt --check"

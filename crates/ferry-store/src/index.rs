@@ -27,6 +27,9 @@ const FILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("files");
 const GONE: TableDefinition<&[u8], u64> = TableDefinition::new("gone");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const PEERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("peers");
+/// The boot the index was last used in (kept apart from META, which an
+/// invalidation drops: the boot must outlive a rebuild).
+const BOOT: TableDefinition<&str, u64> = TableDefinition::new("boot");
 /// A large file's chunk list as last sent: the version's seq, size, mtime,
 /// dev, inode and ctime (LE, [`CHUNKS_HEAD`] bytes), then `len u32 LE |
 /// BLAKE3` per chunk.
@@ -336,6 +339,57 @@ impl Index {
             m.insert("seq", meta.seq)
                 .map_err(redb::Error::from)
                 .map_err(&e)?;
+        }
+        tx.commit().map_err(redb::Error::from).map_err(&e)
+    }
+
+    /// The boot (`/proc/sys/kernel/random/boot_id`) the index was last
+    /// used in; `None` when never recorded (a new index, or one written by
+    /// a ferry before 0.2).
+    pub fn boot(&self) -> Result<Option<[u8; 16]>, StoreError> {
+        let e = err(&self.path);
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(redb::Error::from)
+            .map_err(&e)?;
+        let t = match tx.open_table(BOOT) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(x) => return Err(e(x.into())),
+        };
+        let get = |k: &str| -> Result<Option<u64>, StoreError> {
+            Ok(t.get(k)
+                .map_err(redb::Error::from)
+                .map_err(&e)?
+                .map(|v| v.value()))
+        };
+        Ok(match (get("hi")?, get("lo")?) {
+            (Some(hi), Some(lo)) => {
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&hi.to_be_bytes());
+                id[8..].copy_from_slice(&lo.to_be_bytes());
+                Some(id)
+            }
+            _ => None,
+        })
+    }
+
+    /// Records the boot the index is used in from now on (durable). Call it
+    /// only once what a different boot id made suspect is recorded as such.
+    pub fn set_boot(&self, id: [u8; 16]) -> Result<(), StoreError> {
+        let e = err(&self.path);
+        let tx = self
+            .db
+            .begin_write()
+            .map_err(redb::Error::from)
+            .map_err(&e)?;
+        {
+            let mut m = tx.open_table(BOOT).map_err(redb::Error::from).map_err(&e)?;
+            let hi = u64::from_be_bytes(id[..8].try_into().expect("8 bytes"));
+            let lo = u64::from_be_bytes(id[8..].try_into().expect("8 bytes"));
+            m.insert("hi", hi).map_err(redb::Error::from).map_err(&e)?;
+            m.insert("lo", lo).map_err(redb::Error::from).map_err(&e)?;
         }
         tx.commit().map_err(redb::Error::from).map_err(&e)
     }

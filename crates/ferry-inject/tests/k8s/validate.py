@@ -222,7 +222,7 @@ def pod_problems(pod, where):
 
 def grafana_to_promql(expr):
     """Replaces Grafana's template variables with values PromQL accepts."""
-    expr = expr.replace("$__rate_interval", "5m").replace("$__interval", "1m")
+    expr = expr.replace("$__rate_interval", "5m").replace("$__interval", "1m").replace("$__range", "6h")
     return re.sub(r"\$\{?[a-z_]+\}?", ".*", expr)
 
 

@@ -180,6 +180,11 @@ struct Ctx {
     acked: Mutex<std::collections::HashMap<String, u64>>,
     /// Content hashes senders computed, written with the next batch.
     hashes: Mutex<Vec<ferry_store::IndexOp>>,
+    /// Set at start when the machine rebooted since the index was last used
+    /// (or the index cannot tell): files whose ctime is at or after this may
+    /// hold other bytes than their size and mtime suggest, so each peer's
+    /// first whole resync ships them even when they look the same there.
+    suspect_from: std::sync::OnceLock<(i64, i64)>,
 }
 
 /// Hashes queued for the index at most (the rest are simply not recorded).
@@ -303,6 +308,7 @@ pub async fn start(
         index_meta: Mutex::new(index_meta),
         acked: Mutex::new(acked),
         hashes: Mutex::new(Vec::new()),
+        suspect_from: std::sync::OnceLock::new(),
     });
     shared.metrics.sealed_seq.set(st.seq as i64);
     shared.set_status(|s| s.sealed_seq = st.seq);
@@ -597,8 +603,21 @@ async fn index_at_start(ctx: &Ctx) -> anyhow::Result<Vec<ferry_core::Change>> {
     .await?
     .context("scanning the root at start")?;
     note_skips(&ctx.shared, &skipped);
+    // A different boot: the machine went down since the index was last
+    // used, and stat cannot vouch for what was written shortly before (see
+    // file_index::REBOOT_DISTRUST_SECS).
+    let boot = ferry_apply::journal::boot_id();
+    let rebooted = tokio::task::block_in_place(|| ix.boot()).ok().flatten() != Some(boot);
     match meta {
         None => {
+            // the boot is recorded only by a reconcile that poisoned what
+            // it suspects (the next start's, against this index)
+            if let Some(from) = rebooted
+                .then(|| file_index::distrust_scanned(&scanned))
+                .flatten()
+            {
+                let _ = ctx.suspect_from.set(from);
+            }
             // `start` sealed the empty batch this index is built as
             let seq = st.seq;
             let meta = ferry_store::IndexMeta {
@@ -643,18 +662,30 @@ async fn index_at_start(ctx: &Ctx) -> anyhow::Result<Vec<ferry_core::Change>> {
                     return Ok(Vec::new());
                 }
             };
+            let suspect_from = if rebooted {
+                file_index::distrust_after_reboot(&records)
+            } else {
+                None
+            };
+            if let Some(from) = suspect_from {
+                let _ = ctx.suspect_from.set(from);
+            }
             let root = ctx.shared.cfg.root.clone();
             let excludes = ctx.excludes.clone();
             let rc = tokio::task::spawn_blocking(move || {
-                file_index::reconcile(&root, &excludes, scanned, records)
+                file_index::reconcile(&root, &excludes, scanned, records, suspect_from)
             })
             .await?;
             let refreshed = rc.refreshed.clone();
             ctx.index_write(|ix| ix.apply(st.seq, &refreshed, &[], true));
+            // only now (suspect records are poisoned) may this boot vouch
+            ctx.index_write(|ix| ix.set_boot(boot));
             tracing::info!(
                 changed = rc.changed.len(),
                 gone = rc.gone.len(),
                 hashed = rc.hashed,
+                rebooted,
+                suspects = rc.suspects,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "Compared the root with the file index: shipping what changed while ferry was down."
             );
@@ -958,10 +989,44 @@ async fn index_rescan(ctx: &Ctx, seq: u64) -> anyhow::Result<Vec<ferry_store::In
         let mut out = Vec::new();
         let mut skipped = Vec::new();
         scan::scan_tree(&root, None, &excludes, &mut out, &mut skipped)?;
-        Ok::<_, std::io::Error>(file_index::reconcile(&root, &excludes, out, records))
+        Ok::<_, std::io::Error>(file_index::reconcile(&root, &excludes, out, records, None))
     })
     .await??;
     Ok(rc.ops(seq))
+}
+
+/// Files the peer holds with the same size and mtime (the diff leaves
+/// them) whose ctime is at or after `from`: after a reboot their bytes may
+/// not be what was sent (see [`file_index::REBOOT_DISTRUST_SECS`]).
+fn suspects(
+    local: &[Scanned],
+    remote: &[Entry],
+    actions: &[Action<Scanned>],
+    from: (i64, i64),
+) -> Vec<Action<Scanned>> {
+    let sending: HashSet<&RelPath> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(s) => Some(&s.entry.path),
+            Action::Delete(_) => None,
+        })
+        .collect();
+    let there: HashSet<&RelPath> = remote
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .map(|e| &e.path)
+        .collect();
+    local
+        .iter()
+        .filter(|s| {
+            s.entry.kind == EntryKind::File
+                && s.ctime >= from
+                && there.contains(&s.entry.path)
+                && !sending.contains(&s.entry.path)
+        })
+        .cloned()
+        .map(Action::Send)
+        .collect()
 }
 
 /// Per-peer progress shared by the sender and the ack reader.
@@ -1076,6 +1141,9 @@ fn done(ctx: &Ctx, progress: &PeerProgress) -> bool {
 /// the renames of things the peer never got.
 #[derive(Default)]
 struct SenderState {
+    /// The first whole resync since start shipped the files suspect after a
+    /// reboot ([`Ctx::suspect_from`]).
+    suspects_sent: bool,
     /// Files of at least [`APPEND_MIN`] bytes last sent to the peer, for the
     /// append fast path (bounded to [`SENT_CAP`] entries).
     sent: std::collections::HashMap<RelPath, SentFile>,
@@ -1728,7 +1796,22 @@ impl Sender<'_> {
         if verify {
             local = self.hash_lookalikes(local, &remote).await?;
         }
-        let actions = diff(&local, |s| &s.entry, &remote);
+        let mut actions = diff(&local, |s| &s.entry, &remote);
+        if whole && !self.st.suspects_sent {
+            if let Some(&from) = self.ctx.suspect_from.get() {
+                let n = actions.len();
+                actions.extend(suspects(&local, &remote, &actions, from));
+                if actions.len() > n {
+                    tracing::info!(
+                        peer = self.peer,
+                        files = actions.len() - n,
+                        "resync: the machine restarted since the file index was used; \
+                         shipping files changed shortly before, whose bytes may differ \
+                         from what their size and mtime suggest"
+                    );
+                }
+            }
+        }
         let total = actions.len();
         // what this resync deletes or re-sends is no longer what we last sent
         for a in &actions {
@@ -1807,6 +1890,7 @@ impl Sender<'_> {
         if whole {
             self.progress.need_resync.store(false, Ordering::Relaxed);
             self.verify = false;
+            self.st.suspects_sent = true;
             self.ctx.shared.set_status(|s| s.resync = None);
             tracing::info!(
                 peer = self.peer,
@@ -2962,5 +3046,60 @@ mod beneath_tests {
         std::os::unix::fs::symlink(&outside, root.join("d")).unwrap();
         let e = open_beneath(&fd, &p("d/f"), &root.join("d/f")).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod suspect_tests {
+    use super::*;
+
+    /// After a reboot, a resync that compares size and mtime would leave a
+    /// file whose bytes reverted under the same size and mtime (a power cut
+    /// of tests/power.rs did this to an appended log): `suspects` adds the
+    /// recently changed look-alikes, and only those.
+    #[test]
+    fn resync_after_a_reboot_ships_recent_look_alikes() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for n in ["recent", "old", "also_recent", "only_here"] {
+            std::fs::write(r.join(n), n).unwrap();
+        }
+        let ex = Excludes::new(&[], None).unwrap();
+        let mut local = Vec::new();
+        scan::scan_tree(r, None, &ex, &mut local, &mut Vec::new()).unwrap();
+        for s in &mut local {
+            if s.entry.path.display() == "old" {
+                s.ctime.0 -= 2 * file_index::REBOOT_DISTRUST_SECS;
+            }
+        }
+        // the peer has the same size and mtime of all but only_here
+        let remote: Vec<Entry> = local
+            .iter()
+            .filter(|s| s.entry.path.display() != "only_here")
+            .map(|s| s.entry.clone())
+            .collect();
+        let actions = diff(&local, |s| &s.entry, &remote);
+        let sent: Vec<String> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(s) => Some(s.entry.path.display()),
+                Action::Delete(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            ["only_here"],
+            "the quick check sends only what is missing"
+        );
+        let from = file_index::distrust_scanned(&local).unwrap();
+        let mut extra: Vec<String> = suspects(&local, &remote, &actions, from)
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(s) => Some(s.entry.path.display()),
+                Action::Delete(_) => None,
+            })
+            .collect();
+        extra.sort();
+        assert_eq!(extra, ["also_recent", "recent"]);
     }
 }
