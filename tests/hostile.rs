@@ -34,6 +34,8 @@ enum Expect {
     /// symlink: the path does not exist inside the root, so there is
     /// nothing to delete).
     Confined(&'static [&'static str]),
+    /// Applied and acknowledged, nothing refused (links created verbatim).
+    Applied,
 }
 
 struct Suite {
@@ -47,6 +49,9 @@ struct Suite {
     failures: Vec<String>,
     rows: Vec<String>,
     served: usize,
+    /// Links the peer made on purpose that lead outside the root (links are
+    /// replicated verbatim, G1): allowed to exist, never followed (G6).
+    verbatim: Vec<PathBuf>,
 }
 
 fn wait_metrics(node: &Node) {
@@ -86,6 +91,7 @@ impl Suite {
             failures: Vec::new(),
             rows: Vec::new(),
             served: 0,
+            verbatim: Vec::new(),
         };
         s.serve_good("setup");
         s
@@ -189,6 +195,7 @@ impl Suite {
         let before_outside = self.outside.state();
         let kinds: &[&str] = match expect {
             Expect::Refused(_, k) | Expect::Confined(k) => k,
+            Expect::Applied => &[],
         };
         let before = self.errors(kinds);
         let t0 = Instant::now();
@@ -219,6 +226,8 @@ impl Suite {
             (Expect::Refused(code, _), Some(r)) if r.code == code => {}
             (Expect::Refused(code, _), _) => why.push(format!("expected a {code:?} refusal")),
             (Expect::Confined(_), _) => {}
+            (Expect::Applied, None) if matches!(outcome.first(), Some(Reply::Ack(_))) => {}
+            (Expect::Applied, _) => why.push("expected the batch applied and acknowledged".into()),
         }
         // the metric: counted under the expected kind when refused
         if refused.is_some() {
@@ -239,7 +248,7 @@ impl Suite {
                 self.outside.state()
             ));
         }
-        if let Some(l) = link_leaving_root(&self.replica.root) {
+        if let Some(l) = link_leaving_root(&self.replica.root, &self.verbatim) {
             why.push(format!(
                 "a symlink on the replica resolves outside the root: {l}"
             ));
@@ -306,9 +315,10 @@ impl Suite {
     }
 }
 
-/// A symlink below `root` (other than the test's own traps `lnk` and `rel`)
-/// that the kernel resolves to a place outside `root`.
-fn link_leaving_root(root: &Path) -> Option<String> {
+/// A symlink below `root` (other than the test's own traps `lnk` and `rel`
+/// and the links a case made verbatim on purpose) that the kernel resolves
+/// to a place outside `root`.
+fn link_leaving_root(root: &Path, verbatim: &[PathBuf]) -> Option<String> {
     let croot = root.canonicalize().ok()?;
     for e in walkdir::WalkDir::new(root)
         .min_depth(1)
@@ -319,7 +329,7 @@ fn link_leaving_root(root: &Path) -> Option<String> {
             continue;
         }
         let rel = e.path().strip_prefix(root).ok()?;
-        if rel == Path::new("lnk") || rel == Path::new("rel") {
+        if rel == Path::new("lnk") || rel == Path::new("rel") || verbatim.iter().any(|v| v == rel) {
             continue;
         }
         if let Ok(t) = e.path().canonicalize() {
@@ -390,7 +400,17 @@ fn g6_hostile_paths_links_and_modes_are_refused_and_nothing_outside_changes() {
         ("'.' component", b"./planted.txt".to_vec()),
         ("NUL byte", b"planted.txt\0.ok".to_vec()),
         ("empty path", b"".to_vec()),
-        ("path over 4096 bytes", vec![b'a'; 4097]),
+        // paths over PATH_MAX are fine (ferry walks handles); over its
+        // own bound they are not
+        (
+            "path over MAX_PATH_LEN (32 KiB)",
+            b"a/"
+                .repeat(ferry_proto::path::MAX_PATH_LEN / 2)
+                .into_iter()
+                .chain(*b"z")
+                .collect(),
+        ),
+        ("one component of 4097 bytes", vec![b'a'; 4097]),
         ("component over 255 bytes", vec![b'b'; 256]),
     ];
     for (what, p) in &bad_paths {
@@ -605,15 +625,211 @@ fn g6_hostile_paths_links_and_modes_are_refused_and_nothing_outside_changes() {
         },
     );
 
-    // -- symlinks whose targets leave the root
+    // -- symlinks whose targets leave the root: created verbatim (G1), and
+    // never followed by any later step (G6)
+    let outside_dir = t.outside.dir.to_str().unwrap().as_bytes().to_vec();
+    let escaping: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("absolute target", "esc-etc", b"/etc".to_vec()),
+        (
+            "absolute target to the outside dir",
+            "esc-abs",
+            outside_dir.clone(),
+        ),
+        ("'..' target", "esc-up", b"../outside".to_vec()),
+        ("climbing twice", "sub/esc-up2", b"../../outside".to_vec()),
+        (
+            "dipping then climbing",
+            "esc-dip",
+            b"sub/../../outside".to_vec(),
+        ),
+        ("dangling", "esc-dangling", b"no/such/thing".to_vec()),
+    ];
+    for (what, name, target) in &escaping {
+        let (name, target) = (*name, target.clone());
+        t.verbatim.push(PathBuf::from(name));
+        let tgt = target.clone();
+        t.case(
+            &format!("symlink verbatim: {what}"),
+            Expect::Applied,
+            |s, a| {
+                batch(
+                    s,
+                    a + 1,
+                    vec![Message::Op(Op::Symlink {
+                        path: rel(name),
+                        target: tgt,
+                        mtime: mtime(),
+                    })],
+                )
+            },
+        );
+        let got = std::fs::read_link(t.replica.root.join(name)).ok();
+        assert_eq!(
+            got.as_ref().map(|g| g.as_os_str().as_encoded_bytes()),
+            Some(&target[..]),
+            "{name} not created verbatim"
+        );
+    }
+    // the peer's own escaping links, then steps through them: in the same
+    // batch (the link is fresh) and in a later one (it exists)
+    for via in ["esc-abs", "esc-up", "sub/esc-up2", "esc-dip"] {
+        let fresh: Vec<u8> = escaping
+            .iter()
+            .find(|(_, n, _)| *n == via)
+            .map(|(_, _, t)| t.clone())
+            .unwrap();
+        let steps: Vec<(&str, Vec<Message>)> = vec![
+            ("file through", file(&format!("{via}/planted.txt"), data)),
+            ("file replacing", file(&format!("{via}/victim.txt"), data)),
+            (
+                "mkdir through",
+                vec![Message::Op(Op::Mkdir {
+                    path: rel(&format!("{via}/newdir")),
+                    mode: 0o777,
+                })],
+            ),
+            (
+                "delete through",
+                vec![Message::Op(Op::Delete {
+                    path: rel(&format!("{via}/victim.txt")),
+                })],
+            ),
+            (
+                "rename into",
+                vec![Message::Op(Op::Rename {
+                    from: rel("seed.txt"),
+                    to: rel(&format!("{via}/planted.txt")),
+                })],
+            ),
+            (
+                "chmod through",
+                vec![Message::Op(Op::SetMeta {
+                    path: rel(&format!("{via}/victim.txt")),
+                    mode: 0o777,
+                    mtime: Mtime::default(),
+                })],
+            ),
+            (
+                "copy from",
+                vec![
+                    Message::FileBegin(FileHeader {
+                        path: rel("copied-via-own-link.txt"),
+                        mode: 0o644,
+                        mtime: mtime(),
+                        size: 17,
+                    }),
+                    Message::FileCopy {
+                        src: rel(&format!("{via}/victim.txt")),
+                        offset: 0,
+                        len: 17,
+                    },
+                    Message::FileEnd {
+                        hash: *blake3::hash(b"must never change").as_bytes(),
+                    },
+                ],
+            ),
+        ];
+        for (what, msgs) in steps {
+            for same_batch in [true, false] {
+                let mut v = Vec::new();
+                if same_batch {
+                    v.push(Message::Op(Op::Symlink {
+                        path: rel(via),
+                        target: fresh.clone(),
+                        mtime: mtime(),
+                    }));
+                }
+                v.extend(msgs.iter().cloned());
+                let when = if same_batch { "fresh" } else { "existing" };
+                t.case(
+                    &format!("{what} the peer's own {when} link {via}/"),
+                    CONFINED,
+                    |s, a| batch(s, a + 1, v),
+                );
+                assert!(
+                    !t.replica.root.join("copied-via-own-link.txt").exists(),
+                    "a copy read from outside the root through {via}"
+                );
+            }
+        }
+    }
+    // a file, then a directory, under a link's own name replace the link
+    t.case(
+        "file under the name of the link esc-abs",
+        Expect::Applied,
+        |s, a| batch(s, a + 1, file("esc-abs", data)),
+    );
+    let md = std::fs::symlink_metadata(t.replica.root.join("esc-abs")).unwrap();
+    assert!(
+        md.is_file(),
+        "the link esc-abs was not replaced by the file"
+    );
+    t.case(
+        "mkdir under the name of the link esc-up",
+        Expect::Applied,
+        |s, a| {
+            batch(
+                s,
+                a + 1,
+                vec![Message::Op(Op::Mkdir {
+                    path: rel("esc-up"),
+                    mode: 0o700,
+                })],
+            )
+        },
+    );
+    let md = std::fs::symlink_metadata(t.replica.root.join("esc-up")).unwrap();
+    assert!(
+        md.is_dir(),
+        "the link esc-up was not replaced by a directory"
+    );
+    // a target the wire carries but the replica's filesystem cannot hold
+    // (4096 bytes: Linux holds at most 4095): that step is skipped and
+    // reported with its path, the rest of the batch applies and is acked —
+    // no failed batch for a resync to meet again
+    let before = metric_labeled(
+        t.replica.metrics,
+        "ferry_skipped_entries_total",
+        "reason=\"refused_by_replica\"",
+    );
+    t.case(
+        "symlink: target of 4096 bytes, then a file",
+        Expect::Applied,
+        |s, a| {
+            let mut v = vec![Message::Op(Op::Symlink {
+                path: rel("sub/too-long"),
+                target: vec![b'a'; 4096],
+                mtime: mtime(),
+            })];
+            v.extend(file("sub/after-too-long.txt", data));
+            batch(s, a + 1, v)
+        },
+    );
+    assert_eq!(
+        std::fs::read(t.replica.root.join("sub/after-too-long.txt"))
+            .ok()
+            .as_deref(),
+        Some(&data[..])
+    );
+    assert!(t
+        .replica
+        .root
+        .join("sub/too-long")
+        .symlink_metadata()
+        .is_err());
+    let after = metric_labeled(
+        t.replica.metrics,
+        "ferry_skipped_entries_total",
+        "reason=\"refused_by_replica\"",
+    );
+    assert_eq!(after, before + 1.0, "the skipped step is counted");
+    let st = t.replica.status_json();
+    assert!(
+        st.contains("{\"path\":\"sub/too-long\",\"reason\":\"refused_by_replica\""),
+        "{st}"
+    );
+    // what no filesystem holds as a link is still refused
     for (what, target) in [
-        ("absolute target", b"/etc".to_vec()),
-        ("absolute target to the outside dir", {
-            t.outside.dir.to_str().unwrap().as_bytes().to_vec()
-        }),
-        ("'..' target", b"../outside".to_vec()),
-        ("climbing twice", b"../../outside".to_vec()),
-        ("dipping then climbing", b"sub/../../outside".to_vec()),
         ("empty target", b"".to_vec()),
         ("NUL in target", b"sub\0/x".to_vec()),
     ] {
@@ -629,50 +845,49 @@ fn g6_hostile_paths_links_and_modes_are_refused_and_nothing_outside_changes() {
             )
         });
     }
-    // a chain of links, each fine on its own, that climbs out: `dot` -> `.`
-    // is the root itself, so `dot/..` is the root's parent
+    // a chain of links, each verbatim: `dot` -> `.` is the root itself, so
+    // `dot/..` is the root's parent; a step through `up` stays confined
+    for n in ["dot", "up", "sub/here", "sub/up2"] {
+        t.verbatim.push(PathBuf::from(n));
+    }
     t.case(
-        "symlink chain: dot -> '.', up -> 'dot/..'",
-        APPLY_REFUSED,
+        "symlink chain: dot -> '.', up -> 'dot/..', then a file through up/",
+        CONFINED,
         |s, a| {
-            batch(
-                s,
-                a + 1,
-                vec![
-                    Message::Op(Op::Symlink {
-                        path: rel("dot"),
-                        target: b".".to_vec(),
-                        mtime: mtime(),
-                    }),
-                    Message::Op(Op::Symlink {
-                        path: rel("up"),
-                        target: b"dot/..".to_vec(),
-                        mtime: mtime(),
-                    }),
-                ],
-            )
+            let mut v = vec![
+                Message::Op(Op::Symlink {
+                    path: rel("dot"),
+                    target: b".".to_vec(),
+                    mtime: mtime(),
+                }),
+                Message::Op(Op::Symlink {
+                    path: rel("up"),
+                    target: b"dot/..".to_vec(),
+                    mtime: mtime(),
+                }),
+            ];
+            v.extend(file("up/outside/planted.txt", data));
+            batch(s, a + 1, v)
         },
     );
     t.case(
-        "symlink chain via a subdir link: s -> 'sub', up2 -> 's/../..'",
-        APPLY_REFUSED,
+        "symlink chain via a subdir link: here -> '.', up2 -> 'here/../..', then a file through",
+        CONFINED,
         |s, a| {
-            batch(
-                s,
-                a + 1,
-                vec![
-                    Message::Op(Op::Symlink {
-                        path: rel("sub/here"),
-                        target: b".".to_vec(),
-                        mtime: mtime(),
-                    }),
-                    Message::Op(Op::Symlink {
-                        path: rel("sub/up2"),
-                        target: b"here/../..".to_vec(),
-                        mtime: mtime(),
-                    }),
-                ],
-            )
+            let mut v = vec![
+                Message::Op(Op::Symlink {
+                    path: rel("sub/here"),
+                    target: b".".to_vec(),
+                    mtime: mtime(),
+                }),
+                Message::Op(Op::Symlink {
+                    path: rel("sub/up2"),
+                    target: b"here/../..".to_vec(),
+                    mtime: mtime(),
+                }),
+            ];
+            v.extend(file("sub/up2/outside/victim.txt", data));
+            batch(s, a + 1, v)
         },
     );
     let long_target = {
@@ -1640,7 +1855,7 @@ exit 0"#,
         before,
         "something outside the root changed under the race"
     );
-    let leak = link_leaving_root(&root);
+    let leak = link_leaving_root(&root, &[]);
     assert!(leak.is_none(), "{leak:?}");
     assert!(acked > 0, "no batch applied at all during the race");
     let mut t = t;

@@ -1,11 +1,12 @@
 //! The one path rule (RelPath) and the symlink-target rule on arbitrary
 //! bytes: never a panic; an accepted path is relative, normalised and
-//! bounded; its parent, components and joins obey the same rule; an
-//! accepted link target never climbs above the root.
+//! bounded; its parent, components and joins obey the same rule; every
+//! well-formed link target is accepted verbatim; a target the
+//! `--safe-links` rule accepts never climbs above the root.
 #![no_main]
 
 use ferry_proto::path::{MAX_NAME_LEN, MAX_PATH_LEN};
-use ferry_proto::{check_link_target, RelPath};
+use ferry_proto::{check_link_target, link_stays_inside, RelPath};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -32,7 +33,11 @@ fuzz_target!(|data: &[u8]| {
         let rejoined = parent.join(p.file_name()).expect("parent/name is valid");
         assert_eq!(rejoined, p);
     }
-    if check_link_target(&p, target).is_ok() {
+    assert_eq!(
+        check_link_target(target).is_ok(),
+        !target.is_empty() && target.len() <= ferry_proto::path::MAX_LINK_LEN && !target.contains(&0)
+    );
+    if link_stays_inside(&p, target).is_ok() {
         assert!(!target.is_empty() && target[0] != b'/');
         // resolve lexically from the link's directory: never above the root
         // (and `..` only before the first name: after one, the name could be

@@ -162,13 +162,18 @@ impl Workload {
                 }
             }
             62..=67 => {
-                // symlink to a sibling name (stays inside the root wherever it
-                // is moved; links leaving the root are refused by G6), sometimes dangling
+                // a symlink, replicated verbatim whatever it points at: a
+                // sibling name, dangling, climbing (leaves the root once it
+                // or its directory moves high enough), or absolute
                 let files = self.files();
-                let target = match self.pick(&files) {
-                    Some(t) if self.rng.u32(..4) > 0 => {
-                        t.file_name().unwrap().to_string_lossy().into_owned()
-                    }
+                let sibling = self
+                    .pick(&files)
+                    .map(|t| t.file_name().unwrap().to_string_lossy().into_owned());
+                let target = match (self.rng.u32(..10), sibling) {
+                    (0..=4, Some(t)) => t,
+                    (5, Some(t)) => format!("../{t}"),
+                    (6, _) => "../../elsewhere".into(),
+                    (7, _) => format!("/data/releases/{}", self.rng.u32(..100)),
                     _ => "dangling-target".into(),
                 };
                 std::os::unix::fs::symlink(

@@ -31,6 +31,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Skipped steps remembered per batch for the report (bounded memory; the
+/// rest are counted in the log line only).
+pub const MAX_SKIPPED_STEPS: usize = 1024;
+
 /// Temp-file prefix (shared with the scanner's exclusion rule).
 pub const TEMP_PREFIX: &[u8] = b".ferry.tmp.";
 
@@ -63,7 +67,25 @@ pub enum ApplyError {
     },
 }
 
+/// A step the replica's filesystem cannot hold (see
+/// [`ApplyError::unholdable`]): skipped, the rest of its batch applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedStep {
+    pub path: String,
+    pub error: String,
+}
+
 impl ApplyError {
+    /// True for an error that names an entry this replica's filesystem can
+    /// never hold as sent: a name or link target it refuses
+    /// (`ENAMETOOLONG`, `EILSEQ`). Redoing the batch or resyncing would
+    /// meet it again, so the step is skipped and reported instead of
+    /// failing the batch (a session that loops).
+    pub fn unholdable(&self) -> bool {
+        matches!(self, ApplyError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENAMETOOLONG | libc::EILSEQ)))
+    }
+
     /// A short stable label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -173,6 +195,8 @@ pub struct Applier {
     /// [`Applier::finished`] (no second read of the journal).
     completed: Option<u64>,
     stats: ApplyStats,
+    /// Steps skipped as unholdable since [`Applier::take_skipped`].
+    skipped: Vec<SkippedStep>,
 }
 
 /// A directory handle walked in this batch, shared (no `dup` per use), with
@@ -326,7 +350,14 @@ impl Applier {
             pending: false,
             completed: None,
             stats: ApplyStats::default(),
+            skipped: Vec::new(),
         })
+    }
+
+    /// The steps skipped since the last call (see [`ApplyError::unholdable`]),
+    /// at most [`MAX_SKIPPED_STEPS`] per batch.
+    pub fn take_skipped(&mut self) -> Vec<SkippedStep> {
+        std::mem::take(&mut self.skipped)
     }
 
     /// Where staged files wait for their batch's commit.
@@ -489,8 +520,9 @@ impl Applier {
             }
             Op::Symlink { path, target, .. } => {
                 self.guard(path)?;
-                check_link_target(path, target)
-                    .map_err(|e: PathError| refused(path, e.to_string()))?;
+                // created verbatim, whatever it points at (G1): the apply
+                // phase never follows a link (G6), so its target is inert
+                check_link_target(target).map_err(|e: PathError| refused(path, e.to_string()))?;
             }
             Op::Delete { path } => self.guard(path)?,
             Op::Rename { from, to } => {
@@ -878,7 +910,30 @@ impl Applier {
                         Tolerant::At(i) => i == idx,
                         Tolerant::All => true,
                     };
-                    self.apply_step(&step, file_no, t)?;
+                    match self.apply_step(&step, file_no, t) {
+                        Ok(()) => {}
+                        Err(e) if e.unholdable() => {
+                            let path = match &e {
+                                ApplyError::Io { path, .. } => path.clone(),
+                                _ => String::new(),
+                            };
+                            if matches!(
+                                step,
+                                Message::FileBegin(_)
+                                    | Message::FileAppend(_)
+                                    | Message::FilePatch(_)
+                            ) {
+                                let _ = self.staging.remove_file(staged_name(file_no));
+                            }
+                            if self.skipped.len() < MAX_SKIPPED_STEPS {
+                                self.skipped.push(SkippedStep {
+                                    path,
+                                    error: e.to_string(),
+                                });
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
                     crash("after-step");
                     self.journal
                         .set_progress(c.nonce, idx + 1)
@@ -1447,18 +1502,36 @@ fn tmp_name(name: &[u8]) -> Vec<u8> {
 /// Removes leftover temp files (from a crash mid-write) below the root.
 /// The staging dir is the journal's: [`Applier::recover`] handles it.
 pub fn clean_temp_files(root: &Path) -> io::Result<u64> {
+    // through directory handles: a tree of any depth or path length; a
+    // directory that cannot be opened is passed over (its temp files, if
+    // any, stay until it can), never a reason not to start
     let mut n = 0;
-    for e in walk(root)? {
-        if e.file_name()
-            .is_some_and(|n| n.as_bytes().starts_with(TEMP_PREFIX))
-        {
-            std::fs::remove_file(&e)?;
-            n += 1;
+    let mut stack = vec![(
+        Dir::open_ambient_dir(root, cap_std::ambient_authority())?,
+        true,
+    )];
+    while let Some((d, top)) = stack.pop() {
+        let Ok(entries) = d.entries() else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                if top && name == STAGING_DIR {
+                    continue;
+                }
+                if let Ok(sub) = d.open_dir_nofollow(&name) {
+                    stack.push((sub, false));
+                }
+            } else if name.as_bytes().starts_with(TEMP_PREFIX) {
+                d.remove_file(&name)?;
+                n += 1;
+            }
         }
     }
     Ok(n)
 }
 
+#[cfg(test)]
 fn walk(root: &Path) -> io::Result<Vec<std::path::PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];

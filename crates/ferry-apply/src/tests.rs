@@ -232,28 +232,212 @@ fn symlink_on_replica_is_never_followed() {
     assert!(!f.a.needs_resync());
 }
 
+type Step = dyn Fn(&mut Applier) -> Result<(), ApplyError>;
+
+/// G1 + G6: links are created with their target verbatim, whatever it
+/// points at, and no later step of any kind goes through one.
+#[test]
+fn links_leaving_the_root_are_created_verbatim_and_never_followed() {
+    let mut f = fixture();
+    std::fs::write(f.outside.join("victim"), b"must never change").unwrap();
+    let outside_abs = f.outside.as_os_str().as_encoded_bytes().to_vec();
+    let links: Vec<(&str, Vec<u8>)> = vec![
+        ("abs", outside_abs.clone()),
+        ("etc", b"/etc".to_vec()),
+        ("up", b"../outside".to_vec()),
+        ("d/up2", b"../../outside".to_vec()),
+        ("dangling", b"no/such/thing".to_vec()),
+        ("dot", b".".to_vec()),
+        ("chain", b"dot/../outside".to_vec()),
+    ];
+    f.one(|a| {
+        for (l, t) in &links {
+            op(
+                a,
+                Op::Symlink {
+                    path: p(l),
+                    target: t.clone(),
+                    mtime: mt(1_500_000_000),
+                },
+            )?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    for (l, t) in &links {
+        let got = std::fs::read_link(f.root.join(l)).unwrap();
+        assert_eq!(got.as_os_str().as_encoded_bytes(), &t[..], "{l}");
+        let md = std::fs::symlink_metadata(f.root.join(l)).unwrap();
+        assert_eq!(md.mtime(), 1_500_000_000, "{l}: the link's own mtime");
+    }
+    // the links really lead outside: a careless open would land there
+    assert!(f.root.join("abs/victim").exists() && f.root.join("up/victim").exists());
+    let outside = f.outside.clone();
+    let outside_state = || {
+        let mut v: Vec<(String, Vec<u8>, u32)> = std::fs::read_dir(&outside)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let md = std::fs::symlink_metadata(e.path()).unwrap();
+                let body = std::fs::read(e.path()).unwrap_or_default();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    body,
+                    md.mode(),
+                )
+            })
+            .collect();
+        v.sort();
+        // the outside dir itself: a chmod through a link would land here
+        let md = std::fs::metadata(&outside).unwrap();
+        v.push((".".into(), md.mtime().to_be_bytes().to_vec(), md.mode()));
+        v
+    };
+    let before = outside_state();
+    for via in ["abs", "up", "d/up2", "chain"] {
+        // each step below would write outside if a link were followed
+        let steps: Vec<Box<Step>> = vec![
+            Box::new(move |a| file(a, &format!("{via}/victim"), b"pwned", 0o644)),
+            Box::new(move |a| file(a, &format!("{via}/new"), b"pwned", 0o644)),
+            Box::new(move |a| {
+                op(
+                    a,
+                    Op::Mkdir {
+                        path: p(&format!("{via}/sub")),
+                        mode: 0o777,
+                    },
+                )
+            }),
+            Box::new(move |a| {
+                op(
+                    a,
+                    Op::Delete {
+                        path: p(&format!("{via}/victim")),
+                    },
+                )
+            }),
+            Box::new(move |a| {
+                op(
+                    a,
+                    Op::SetMeta {
+                        path: p(&format!("{via}/victim")),
+                        mode: 0o777,
+                        mtime: Mtime::default(),
+                    },
+                )
+            }),
+            Box::new(move |a| {
+                op(
+                    a,
+                    Op::SetMeta {
+                        path: p(via),
+                        mode: 0o777,
+                        mtime: Mtime::default(),
+                    },
+                )
+            }),
+            Box::new(move |a| {
+                op(
+                    a,
+                    Op::Symlink {
+                        path: p(&format!("{via}/planted")),
+                        target: b"x".to_vec(),
+                        mtime: Mtime::default(),
+                    },
+                )
+            }),
+        ];
+        for step in steps {
+            let _ = f.one(|a| step(a));
+            f.a.reset();
+            assert_eq!(outside_state(), before, "through {via}");
+        }
+    }
+    // a file sent under a link's own name replaces the link, never writes
+    // through it
+    f.one(|a| file(a, "abs", b"a file now", 0o644)).unwrap();
+    let md = std::fs::symlink_metadata(f.root.join("abs")).unwrap();
+    assert!(md.is_file());
+    assert_eq!(std::fs::read(f.root.join("abs")).unwrap(), b"a file now");
+    // a directory too
+    f.one(|a| {
+        op(
+            a,
+            Op::Mkdir {
+                path: p("up"),
+                mode: 0o700,
+            },
+        )
+    })
+    .unwrap();
+    assert!(std::fs::symlink_metadata(f.root.join("up"))
+        .unwrap()
+        .is_dir());
+    assert_eq!(outside_state(), before);
+    // renaming a link moves the link, not what it points at
+    f.one(|a| {
+        op(
+            a,
+            Op::Rename {
+                from: p("d/up2"),
+                to: p("moved"),
+            },
+        )
+    })
+    .unwrap();
+    let got = std::fs::read_link(f.root.join("moved")).unwrap();
+    assert_eq!(got.as_os_str().as_encoded_bytes(), b"../../outside");
+    assert!(f.root.join("d").is_dir() && !f.root.join("d/up2").exists());
+    assert_eq!(outside_state(), before);
+}
+
+/// A step the replica's filesystem cannot hold (here a link target of
+/// 4096 bytes: the kernel holds at most 4095) is skipped and reported with
+/// its path; the rest of the batch applies, and the batch commits (no
+/// failure a resync would only repeat).
+#[test]
+fn a_step_the_filesystem_refuses_is_skipped_and_the_rest_applies() {
+    let mut f = fixture();
+    f.one(|a| {
+        file(a, "before", b"1", 0o644)?;
+        op(
+            a,
+            Op::Symlink {
+                path: p("d/too-long"),
+                target: vec![b'a'; 4096],
+                mtime: Mtime::default(),
+            },
+        )?;
+        file(a, "d/after", b"2", 0o644)
+    })
+    .unwrap();
+    assert_eq!(std::fs::read(f.root.join("before")).unwrap(), b"1");
+    assert_eq!(std::fs::read(f.root.join("d/after")).unwrap(), b"2");
+    assert!(std::fs::symlink_metadata(f.root.join("d/too-long")).is_err());
+    let skipped = f.a.take_skipped();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert_eq!(skipped[0].path, "d/too-long");
+    assert!(skipped[0].error.contains("too long"), "{skipped:?}");
+    assert!(f.a.take_skipped().is_empty(), "reported once");
+    assert!(!f.a.needs_resync());
+    no_temp_files(&f.a, &f.root);
+}
+
 #[test]
 fn hostile_requests_refused_on_receipt() {
     let mut f = fixture();
     f.begin();
-    let r = op(
-        &mut f.a,
-        Op::Symlink {
-            path: p("l"),
-            target: b"../../etc".to_vec(),
-            mtime: Mtime::default(),
-        },
-    );
-    assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
-    let r = op(
-        &mut f.a,
-        Op::Symlink {
-            path: p("l"),
-            target: b"/etc".to_vec(),
-            mtime: Mtime::default(),
-        },
-    );
-    assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
+    for target in [&b""[..], b"a\0b"] {
+        let r = op(
+            &mut f.a,
+            Op::Symlink {
+                path: p("l"),
+                target: target.to_vec(),
+                mtime: Mtime::default(),
+            },
+        );
+        assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
+    }
     let r = file(&mut f.a, "suid", b"x", 0o4755);
     assert!(matches!(r, Err(ApplyError::Refused { .. })), "{r:?}");
     let r = op(

@@ -15,7 +15,7 @@ pub mod codec;
 pub mod path;
 
 pub use codec::{decode_frame, encode, encode_head, FrameDecoder, ProtoError};
-pub use path::{check_link_target, mode_ok, PathError, RelPath, MODE_ALLOWED};
+pub use path::{check_link_target, link_stays_inside, mode_ok, PathError, RelPath, MODE_ALLOWED};
 
 use bytes::Bytes;
 

@@ -8,8 +8,12 @@
 
 use std::fmt;
 
-/// Longest relative path accepted, in bytes (Linux `PATH_MAX`).
-pub const MAX_PATH_LEN: usize = 4096;
+/// Longest relative path accepted, in bytes. Above Linux's `PATH_MAX`
+/// (4096): ferry reads and writes through directory handles, one component
+/// at a time, so a tree may hold longer paths (issue 16), and they are
+/// replicated up to this bound. It keeps a message with two paths (a
+/// rename) well inside a frame, and fits the wire's 16-bit length fields.
+pub const MAX_PATH_LEN: usize = 32 * 1024;
 /// Longest single component accepted, in bytes (Linux `NAME_MAX`).
 pub const MAX_NAME_LEN: usize = 255;
 /// Longest symlink target accepted, in bytes.
@@ -161,20 +165,13 @@ fn check(bytes: &[u8]) -> Result<(), PathError> {
     Ok(())
 }
 
-/// Checks a symlink target placed at `link`: non-empty, bounded, no NUL,
-/// not absolute, `..` only before the first name, and, resolved from the
-/// link's directory, never above the root. The same rule runs on the
-/// primary (such links are not shipped) and on the replica (such links are
-/// refused).
-///
-/// Why only leading `..`: the kernel resolves `a/..` through `a`, so if `a`
-/// is itself a link (say `a -> .`, fine on its own) `a/..` is the parent of
-/// where `a` points, which lexical resolution cannot see: `a -> .` next to
-/// `up -> a/..` would put `up` outside the root. Leading `..` climb real
-/// directories (a replica creates only real directories on the way to a
-/// link); after them, every name is a directory or a link that itself obeys
-/// this rule, so the target stays inside.
-pub fn check_link_target(link: &RelPath, target: &[u8]) -> Result<(), PathError> {
+/// Checks that a symlink target is one a replica can hold verbatim:
+/// non-empty, at most [`MAX_LINK_LEN`] bytes, no NUL. Nothing else: a link
+/// is replicated as it is, whatever it points at (relative, absolute,
+/// dangling, leaving the root; DESIGN G1). Confinement never depends on the
+/// target (G6): the replica applies every step through directory handles
+/// walked with `O_NOFOLLOW`, so no link, wherever it points, is followed.
+pub fn check_link_target(target: &[u8]) -> Result<(), PathError> {
     if target.is_empty() {
         return Err(PathError::EmptyTarget);
     }
@@ -184,6 +181,23 @@ pub fn check_link_target(link: &RelPath, target: &[u8]) -> Result<(), PathError>
     if target.contains(&0) {
         return Err(PathError::Nul);
     }
+    Ok(())
+}
+
+/// The `--safe-links` rule: true when `target`, placed at `link`, provably
+/// stays inside the root: not absolute, `..` only before the first name,
+/// and resolved from the link's directory never above the root. A link
+/// that fails it is not replicated by a node run with `--safe-links`
+/// (rsync's option of the same name).
+///
+/// Why only leading `..`: the kernel resolves `a/..` through `a`, so if `a`
+/// is itself a link (say `a -> .`, fine on its own) `a/..` is the parent of
+/// where `a` points, which lexical resolution cannot see: `a -> .` next to
+/// `up -> a/..` would put `up` outside the root. Leading `..` climb real
+/// directories; after them, every name is a directory or a link that itself
+/// obeys this rule, so the target stays inside.
+pub fn link_stays_inside(link: &RelPath, target: &[u8]) -> Result<(), PathError> {
+    check_link_target(target)?;
     if target[0] == b'/' {
         return Err(PathError::TargetEscapes);
     }
@@ -242,7 +256,13 @@ mod tests {
         check(b"./a", Err(PathError::DotComponent));
         check(b"a\0b", Err(PathError::Nul));
         check(&[b'x'; 256], Err(PathError::NameTooLong(256)));
-        let long: Vec<u8> = std::iter::repeat_n(b"abc/".as_slice(), 1100)
+        let ok: Vec<u8> = std::iter::repeat_n(b"abc/".as_slice(), 2100)
+            .flatten()
+            .copied()
+            .chain(*b"z")
+            .collect();
+        check(&ok, Ok(())); // over PATH_MAX: fine, ferry walks handles
+        let long: Vec<u8> = std::iter::repeat_n(b"abc/".as_slice(), 8200)
             .flatten()
             .copied()
             .chain(*b"z")
@@ -251,7 +271,31 @@ mod tests {
     }
 
     #[test]
-    fn link_targets() {
+    fn any_well_formed_target_is_replicated_verbatim() {
+        for t in [
+            &b"/etc"[..],
+            b"/data/releases/42",
+            b"../../../x",
+            b"c/../../..",
+            b"dot/..",
+            b"nowhere/at/all",
+            b"..",
+            b"x",
+        ] {
+            assert_eq!(check_link_target(t), Ok(()), "{t:?}");
+        }
+        assert_eq!(check_link_target(b""), Err(PathError::EmptyTarget));
+        assert_eq!(check_link_target(b"a\0b"), Err(PathError::Nul));
+        assert_eq!(
+            check_link_target(&[b'a'; MAX_LINK_LEN + 1]),
+            Err(PathError::TargetTooLong(MAX_LINK_LEN + 1))
+        );
+        assert_eq!(check_link_target(&[b'a'; MAX_LINK_LEN]), Ok(()));
+    }
+
+    #[test]
+    fn safe_links_rule() {
+        let check_link_target = link_stays_inside;
         let l = RelPath::new("a/b/link").unwrap();
         assert_eq!(check_link_target(&l, b"../x"), Ok(()));
         assert_eq!(check_link_target(&l, b"../../x"), Ok(()));
@@ -319,13 +363,22 @@ mod tests {
             }
         }
 
-        /// A target accepted by the rule never resolves above the root.
+        /// Every well-formed target is accepted as it is; only empty,
+        /// over-long or NUL-holding ones are refused.
         #[test]
-        fn accepted_targets_stay_inside(depth in 1usize..5, parts in proptest::collection::vec(prop_oneof![
+        fn targets_are_verbatim(target in proptest::collection::vec(prop_oneof![
+            Just(b'/'), Just(b'.'), Just(0u8), Just(b'a'), any::<u8>()], 0..64)) {
+            let ok = check_link_target(&target).is_ok();
+            prop_assert_eq!(ok, !target.is_empty() && !target.contains(&0));
+        }
+
+        /// A target the `--safe-links` rule accepts never resolves above the root.
+        #[test]
+        fn safe_targets_stay_inside(depth in 1usize..5, parts in proptest::collection::vec(prop_oneof![
             Just("..".to_string()), Just(".".to_string()), "[a-c]{1,2}"], 1..8)) {
             let link = RelPath::new(vec!["d"; depth].join("/")).unwrap();
             let target = parts.join("/");
-            if check_link_target(&link, target.as_bytes()).is_ok() {
+            if link_stays_inside(&link, target.as_bytes()).is_ok() {
                 let mut level = depth as i64 - 1;
                 let mut named = false;
                 for p in &parts {

@@ -22,6 +22,7 @@ pub struct ExcludeError {
 pub struct Excludes {
     globs: Gitignore,
     state_dir: Option<RelPath>,
+    safe_links: bool,
 }
 
 impl Excludes {
@@ -38,7 +39,24 @@ impl Excludes {
             pattern: patterns.join(","),
             reason: e.to_string(),
         })?;
-        Ok(Excludes { globs, state_dir })
+        Ok(Excludes {
+            globs,
+            state_dir,
+            safe_links: false,
+        })
+    }
+
+    /// `--safe-links`: symlinks that leave the root (absolute, or climbing
+    /// above it; [`ferry_proto::link_stays_inside`]) are not replicated.
+    /// Off by default: every link is replicated verbatim (DESIGN G1).
+    pub fn with_safe_links(mut self, on: bool) -> Excludes {
+        self.safe_links = on;
+        self
+    }
+
+    /// True when links leaving the root are skipped (`--safe-links`).
+    pub fn safe_links(&self) -> bool {
+        self.safe_links
     }
 
     /// True when `path` (a directory when `is_dir`) or one of its parents is

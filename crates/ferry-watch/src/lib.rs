@@ -11,5 +11,5 @@ pub mod scan;
 pub mod watcher;
 
 pub use exclude::{ExcludeError, Excludes, TEMP_PREFIX};
-pub use scan::{lstat_entry, scan_tree, Scanned, Skip};
+pub use scan::{lstat_entry, scan_tree, Scanned, Skip, SkipReason};
 pub use watcher::{RawEvent, Translator, WatchError, Watcher};

@@ -1,11 +1,13 @@
-//! Reading the state of entries under the root, never following symlinks.
+//! Reading the state of entries under the root, never following symlinks,
+//! through directory handles (the openat family): paths of any length.
 
 use crate::exclude::Excludes;
 use ferry_proto::{mode_ok, Entry, EntryKind, Mtime, RelPath, MODE_ALLOWED};
-use std::fs::Metadata;
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::fs::{openat, readlinkat, statat, AtFlags, FileType, Mode, OFlags, Stat, CWD};
+use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// An entry as the primary sees it, with the identity used to detect a file
@@ -18,17 +20,78 @@ pub struct Scanned {
     pub ctime: (i64, i64),
 }
 
-/// Something the scanner saw and will not replicate, with the reason.
+/// Something the scanner saw and will not replicate (as it is), with the
+/// reason. One entry never stops a scan: what cannot be read is skipped and
+/// reported, the walk goes on.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Skip {
+pub struct Skip {
+    /// The path relative to the root, for the log (lossy UTF-8; a path too
+    /// long for the wire is shown in full).
+    pub path: String,
+    pub reason: SkipReason,
+    /// The error met, when one was.
+    pub error: Option<String>,
+}
+
+/// Why an entry is not replicated (as it is). [`SkipReason::label`] is the
+/// `reason` label of `ferry_skipped_entries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipReason {
     /// A device, FIFO or socket: never replicated (G6).
-    Special(RelPath),
+    Special,
     /// setuid/setgid bits were dropped from the replicated mode.
-    SetuidDropped(RelPath),
-    /// A symlink whose target leaves the root: not replicated (G6).
-    LinkEscapes(RelPath),
-    /// ferry may not read it (permissions).
-    Unreadable(RelPath),
+    SetuidDropped,
+    /// A symlink leaving the root, with `--safe-links`.
+    UnsafeLink,
+    /// ferry may not read it (permissions, or an I/O error).
+    Unreadable,
+    /// Its path is longer than ferry replicates (`MAX_PATH_LEN`, or the
+    /// system's `PATH_MAX` counted from `/`): it and everything below it.
+    PathTooLong,
+}
+
+impl SkipReason {
+    pub const ALL: [SkipReason; 5] = [
+        SkipReason::Special,
+        SkipReason::SetuidDropped,
+        SkipReason::UnsafeLink,
+        SkipReason::Unreadable,
+        SkipReason::PathTooLong,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            SkipReason::Special => "special_file",
+            SkipReason::SetuidDropped => "setuid_dropped",
+            SkipReason::UnsafeLink => "unsafe_link",
+            SkipReason::Unreadable => "unreadable",
+            SkipReason::PathTooLong => "path_too_long",
+        }
+    }
+}
+
+impl Skip {
+    pub fn new(rel: &RelPath, reason: SkipReason) -> Skip {
+        Skip {
+            path: rel.display(),
+            reason,
+            error: None,
+        }
+    }
+
+    /// An entry an I/O error kept from being read.
+    pub fn io(path: String, e: &io::Error) -> Skip {
+        let reason = if e.raw_os_error() == Some(libc::ENAMETOOLONG) {
+            SkipReason::PathTooLong
+        } else {
+            SkipReason::Unreadable
+        };
+        Skip {
+            path,
+            reason,
+            error: Some(e.to_string()),
+        }
+    }
 }
 
 /// The path on disk for `rel`.
@@ -36,89 +99,196 @@ pub fn abs(root: &Path, rel: &RelPath) -> PathBuf {
     root.join(std::ffi::OsStr::from_bytes(rel.as_bytes()))
 }
 
-/// Builds an [`Entry`] from `lstat` metadata; `None` for special files.
-pub fn entry_from_meta(
-    root: &Path,
+/// Flags of every directory handle the scanner opens: never through a
+/// symlink, never inherited.
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+fn name_os(b: &[u8]) -> &OsStr {
+    OsStr::from_bytes(b)
+}
+
+/// Opens the root itself (it may be reached through a symlink: the node
+/// was given that path).
+fn open_root(root: &Path) -> io::Result<OwnedFd> {
+    Ok(openat(
+        CWD,
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// The directory `dir` (relative to `root_fd`), walked one component at a
+/// time with `O_NOFOLLOW`: paths of any length, and never through a link.
+fn open_dir_at(root_fd: impl AsFd, dir: Option<&RelPath>) -> io::Result<OwnedFd> {
+    let mut cur = rustix::io::dup(root_fd)?;
+    if let Some(dir) = dir {
+        for c in dir.components() {
+            cur = openat(&cur, name_os(c), DIR_FLAGS, Mode::empty())?;
+        }
+    }
+    Ok(cur)
+}
+
+/// Opens a regular file of the root for reading through directory handles
+/// (any path length), following no symlink on the way or at the end.
+pub fn open_file_at(root_fd: impl AsFd, rel: &RelPath) -> io::Result<std::fs::File> {
+    let parent = open_dir_at(root_fd, rel.parent().as_ref())?;
+    let fd = openat(
+        &parent,
+        name_os(rel.file_name()),
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    Ok(std::fs::File::from(fd))
+}
+
+/// BLAKE3 of the content of `rel` under `root`, read through directory
+/// handles without following a symlink.
+pub fn hash_at(root: &Path, rel: &RelPath) -> io::Result<[u8; 32]> {
+    let f = open_file_at(&open_root(root)?, rel)?;
+    let mut h = blake3::Hasher::new();
+    h.update_reader(f)?;
+    Ok(*h.finalize().as_bytes())
+}
+
+/// Builds a [`Scanned`] from the `lstat` of `name` in `dir` (the entry
+/// `rel`); `None` for what is skipped (special files, links leaving the
+/// root under `--safe-links`, a link that vanished or cannot be read).
+fn entry_at(
+    dir: &OwnedFd,
+    name: &[u8],
     rel: &RelPath,
-    md: &Metadata,
+    st: &Stat,
+    excludes: &Excludes,
     skipped: &mut Vec<Skip>,
-) -> io::Result<Option<Scanned>> {
-    let ft = md.file_type();
-    let mut mode = md.mode() & 0o7777;
-    let kind = if ft.is_file() {
-        EntryKind::File
-    } else if ft.is_dir() {
-        EntryKind::Dir
-    } else if ft.is_symlink() {
-        EntryKind::Symlink
-    } else {
-        debug_assert!(
-            ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device()
-        );
-        skipped.push(Skip::Special(rel.clone()));
-        return Ok(None);
+) -> Option<Scanned> {
+    let ft = FileType::from_raw_mode(st.st_mode as _);
+    let mut mode = st.st_mode & 0o7777;
+    let kind = match ft {
+        FileType::RegularFile => EntryKind::File,
+        FileType::Directory => EntryKind::Dir,
+        FileType::Symlink => EntryKind::Symlink,
+        _ => {
+            skipped.push(Skip::new(rel, SkipReason::Special));
+            return None;
+        }
     };
     if !mode_ok(mode) {
-        skipped.push(Skip::SetuidDropped(rel.clone()));
+        skipped.push(Skip::new(rel, SkipReason::SetuidDropped));
         mode &= MODE_ALLOWED;
     }
     let mut target = Vec::new();
     if kind == EntryKind::Symlink {
-        target = std::fs::read_link(abs(root, rel))?
-            .into_os_string()
-            .into_encoded_bytes();
-        if ferry_proto::check_link_target(rel, &target).is_err() {
-            skipped.push(Skip::LinkEscapes(rel.clone()));
-            return Ok(None);
+        target = match readlinkat(dir, name_os(name), Vec::new()) {
+            Ok(t) => t.into_bytes(),
+            Err(e) => {
+                let e = io::Error::from(e);
+                if !gone(&e) {
+                    skipped.push(Skip::io(rel.display(), &e));
+                }
+                return None;
+            }
+        };
+        // verbatim, whatever it points at (G1); only --safe-links skips
+        // the ones leaving the root
+        if excludes.safe_links() && ferry_proto::link_stays_inside(rel, &target).is_err() {
+            skipped.push(Skip::new(rel, SkipReason::UnsafeLink));
+            return None;
+        }
+        if ferry_proto::check_link_target(&target).is_err() {
+            // empty or over MAX_LINK_LEN: no replica could hold it
+            skipped.push(Skip {
+                path: rel.display(),
+                reason: SkipReason::PathTooLong,
+                error: Some(format!("link target of {} bytes", target.len())),
+            });
+            return None;
         }
         mode = 0;
     }
-    Ok(Some(Scanned {
+    Some(Scanned {
         entry: Entry {
             path: rel.clone(),
             kind,
             mode,
-            size: if kind == EntryKind::File { md.len() } else { 0 },
+            size: if kind == EntryKind::File {
+                st.st_size as u64
+            } else {
+                0
+            },
             mtime: Mtime {
-                secs: md.mtime(),
-                nanos: md.mtime_nsec().clamp(0, 999_999_999) as u32,
+                secs: st.st_mtime,
+                nanos: (st.st_mtime_nsec as i64).clamp(0, 999_999_999) as u32,
             },
             target,
             hash: None,
         },
-        dev: md.dev(),
-        ino: md.ino(),
-        ctime: (md.ctime(), md.ctime_nsec()),
-    }))
+        dev: st.st_dev,
+        ino: st.st_ino,
+        ctime: (st.st_ctime, st.st_ctime_nsec as i64),
+    })
 }
 
-/// The state of one path: `None` when absent (or when a parent is not a
-/// real directory, so nothing is read through a symlink).
-pub fn lstat_entry(
-    root: &Path,
-    rel: &RelPath,
-    skipped: &mut Vec<Skip>,
-) -> io::Result<Option<Scanned>> {
-    if let Some(parent) = rel.parent() {
-        let mut cur = root.to_path_buf();
-        for c in parent.components() {
-            cur.push(std::ffi::OsStr::from_bytes(c));
-            match std::fs::symlink_metadata(&cur) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => return Ok(None),
-                Err(e) if gone(&e) => return Ok(None),
-                Err(e) => return Err(e),
+/// `lstat` of `name` in `dir`: `None` when it is not there (any more).
+fn stat_at(dir: &OwnedFd, name: &[u8]) -> io::Result<Option<Stat>> {
+    match statat(dir, name_os(name), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(e) => {
+            let e = io::Error::from(e);
+            if gone(&e) {
+                Ok(None)
+            } else {
+                Err(e)
             }
         }
     }
-    match std::fs::symlink_metadata(abs(root, rel)) {
-        Ok(md) => entry_from_meta(root, rel, &md, skipped),
-        Err(e) if gone(&e) => Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            skipped.push(Skip::Unreadable(rel.clone()));
-            Ok(None)
+}
+
+/// The state of one path: `None` when absent (or when a parent is not a
+/// real directory, so nothing is read through a symlink), or when it is
+/// skipped (reported in `skipped`). Read through directory handles, so
+/// the path may be of any length.
+pub fn lstat_entry(
+    root: &Path,
+    rel: &RelPath,
+    excludes: &Excludes,
+    skipped: &mut Vec<Skip>,
+) -> Option<Scanned> {
+    let parent = match open_root(root).and_then(|r| open_dir_at(&r, rel.parent().as_ref())) {
+        Ok(d) => d,
+        // a parent missing, a file, or a symlink: nothing there
+        Err(e) if gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => return None,
+        Err(e) => {
+            skipped.push(Skip::io(rel.display(), &e));
+            return None;
         }
-        Err(e) => Err(e),
+    };
+    match stat_at(&parent, rel.file_name()) {
+        Ok(Some(st)) => entry_at(&parent, rel.file_name(), rel, &st, excludes, skipped),
+        Ok(None) => None,
+        Err(e) => {
+            skipped.push(Skip::io(rel.display(), &e));
+            None
+        }
+    }
+}
+
+/// The kind of `rel` (not following a symlink, through directory handles);
+/// `None` when absent, unreadable or special.
+pub fn kind_at(root: &Path, rel: &RelPath) -> Option<EntryKind> {
+    let parent = open_root(root)
+        .and_then(|r| open_dir_at(&r, rel.parent().as_ref()))
+        .ok()?;
+    let st = stat_at(&parent, rel.file_name()).ok()??;
+    match FileType::from_raw_mode(st.st_mode as _) {
+        FileType::RegularFile => Some(EntryKind::File),
+        FileType::Directory => Some(EntryKind::Dir),
+        FileType::Symlink => Some(EntryKind::Symlink),
+        _ => None,
     }
 }
 
@@ -142,8 +312,37 @@ pub fn gone(e: &io::Error) -> bool {
     )
 }
 
+/// The names in a directory, sorted (walk order), without `.` and `..`.
+fn read_names(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
+    let mut names = Vec::new();
+    for e in rustix::fs::Dir::read_from(dir)? {
+        let e = e?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(n.to_vec());
+        }
+    }
+    names.sort_unstable();
+    Ok(names)
+}
+
+/// One directory being walked.
+struct Frame {
+    fd: OwnedFd,
+    prefix: Option<RelPath>,
+    names: Vec<Vec<u8>>,
+    next: usize,
+}
+
 /// Appends every non-excluded entry at and below `start` (the whole root
-/// when `None`, the root itself not included) in walk order.
+/// when `None`, the root itself not included) in walk order (a directory
+/// before its children, children sorted by name).
+///
+/// The walk goes through directory handles (`openat` with `O_NOFOLLOW`,
+/// `fstatat`, `readlinkat`), never joined path strings: paths of any length
+/// and depth, and never through a symlink (including the start). One entry
+/// never stops it: what cannot be read is skipped and reported in
+/// `skipped`; only an unreadable root is an error.
 pub fn scan_tree(
     root: &Path,
     start: Option<&RelPath>,
@@ -151,62 +350,123 @@ pub fn scan_tree(
     out: &mut Vec<Scanned>,
     skipped: &mut Vec<Skip>,
 ) -> io::Result<()> {
-    let base = match start {
-        Some(s) => abs(root, s),
-        None => root.to_path_buf(),
-    };
-    let walker = walkdir::WalkDir::new(&base)
-        .follow_links(false)
-        .follow_root_links(false) // a symlink given as the start is a link, not its target
-        .sort_by_file_name()
-        .min_depth(if start.is_some() { 0 } else { 1 });
-    let mut it = walker.into_iter();
-    while let Some(item) = it.next() {
-        let de = match item {
-            Ok(de) => de,
+    let root_fd = open_root(root)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot read {}: {e}", root.display())))?;
+    let mut stack: Vec<Frame> = Vec::new();
+    let descend = |stack: &mut Vec<Frame>,
+                   fd: io::Result<OwnedFd>,
+                   prefix: Option<RelPath>,
+                   skipped: &mut Vec<Skip>|
+     -> io::Result<()> {
+        let shown = || prefix.as_ref().map(|p| p.display()).unwrap_or_default();
+        let fd = match fd {
+            Ok(fd) => fd,
+            Err(e) if gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => return Ok(()),
+            Err(e) if prefix.is_none() => return Err(e),
             Err(e) => {
-                if let Some(io) = e.io_error() {
-                    if gone(io) {
-                        continue;
-                    }
-                    if io.kind() == io::ErrorKind::PermissionDenied {
-                        if let Some(rel) = e
-                            .path()
-                            .and_then(|p| p.strip_prefix(root).ok())
-                            .and_then(|r| RelPath::new(r.as_os_str().as_bytes().to_vec()).ok())
-                        {
-                            skipped.push(Skip::Unreadable(rel));
-                        }
-                        continue;
-                    }
+                skipped.push(Skip::io(shown(), &e));
+                return Ok(());
+            }
+        };
+        match read_names(&fd) {
+            Ok(names) => stack.push(Frame {
+                fd,
+                prefix,
+                names,
+                next: 0,
+            }),
+            Err(e) if gone(&e) => {}
+            Err(e) if prefix.is_none() => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot read {}: {e}", root.display()),
+                ))
+            }
+            Err(e) => skipped.push(Skip::io(shown(), &e)),
+        }
+        Ok(())
+    };
+    match start {
+        None => descend(&mut stack, Ok(root_fd.try_clone()?), None, skipped)?,
+        Some(s) => {
+            let parent = match open_dir_at(&root_fd, s.parent().as_ref()) {
+                Ok(p) => p,
+                Err(e) if gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => return Ok(()),
+                Err(e) => {
+                    skipped.push(Skip::io(s.display(), &e));
+                    return Ok(());
                 }
-                let path = e
-                    .path()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default();
-                return Err(io::Error::other(format!("cannot read {path}: {e}")));
+            };
+            let st = match stat_at(&parent, s.file_name()) {
+                Ok(Some(st)) => st,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    skipped.push(Skip::io(s.display(), &e));
+                    return Ok(());
+                }
+            };
+            let is_dir = FileType::from_raw_mode(st.st_mode as _) == FileType::Directory;
+            if excludes.is_excluded(s, is_dir) {
+                return Ok(());
             }
-        };
-        let Ok(rel_os) = de.path().strip_prefix(root) else {
-            continue;
-        };
-        let Ok(rel) = RelPath::new(rel_os.as_os_str().as_bytes().to_vec()) else {
-            continue;
-        };
-        let is_dir = de.file_type().is_dir();
-        if excludes.is_excluded(&rel, is_dir) {
+            if let Some(e) = entry_at(&parent, s.file_name(), s, &st, excludes, skipped) {
+                out.push(e);
+            }
             if is_dir {
-                it.skip_current_dir();
+                let fd = openat(&parent, name_os(s.file_name()), DIR_FLAGS, Mode::empty())
+                    .map_err(io::Error::from);
+                descend(&mut stack, fd, Some(s.clone()), skipped)?;
             }
+        }
+    }
+    while let Some(top) = stack.last_mut() {
+        let Some(name) = top.names.get(top.next).cloned() else {
+            stack.pop();
+            continue;
+        };
+        top.next += 1;
+        let rel = match &top.prefix {
+            Some(p) => p.join(&name),
+            None => RelPath::new(name.clone()),
+        };
+        let rel = match rel {
+            Ok(r) => r,
+            Err(e) => {
+                // a path the wire cannot carry (over MAX_PATH_LEN, or a name
+                // the path rule refuses): it and its subtree are skipped,
+                // reported once here
+                let mut shown = top.prefix.as_ref().map(|p| p.display()).unwrap_or_default();
+                if !shown.is_empty() {
+                    shown.push('/');
+                }
+                shown.push_str(&String::from_utf8_lossy(&name));
+                skipped.push(Skip {
+                    path: shown,
+                    reason: SkipReason::PathTooLong,
+                    error: Some(e.to_string()),
+                });
+                continue;
+            }
+        };
+        let st = match stat_at(&top.fd, &name) {
+            Ok(Some(st)) => st,
+            Ok(None) => continue,
+            Err(e) => {
+                skipped.push(Skip::io(rel.display(), &e));
+                continue;
+            }
+        };
+        let is_dir = FileType::from_raw_mode(st.st_mode as _) == FileType::Directory;
+        if excludes.is_excluded(&rel, is_dir) {
             continue;
         }
-        let md = match de.metadata() {
-            Ok(m) => m,
-            Err(e) if e.io_error().is_some_and(gone) => continue,
-            Err(e) => return Err(io::Error::other(e.to_string())),
-        };
-        if let Some(s) = entry_from_meta(root, &rel, &md, skipped)? {
+        if let Some(s) = entry_at(&top.fd, &name, &rel, &st, excludes, skipped) {
             out.push(s);
+        }
+        if is_dir {
+            let fd =
+                openat(&top.fd, name_os(&name), DIR_FLAGS, Mode::empty()).map_err(io::Error::from);
+            descend(&mut stack, fd, Some(rel), skipped)?;
         }
     }
     Ok(())
@@ -328,11 +588,27 @@ mod tests {
         let mut skipped = Vec::new();
         scan_tree(r, None, &ex, &mut out, &mut skipped).unwrap();
         let names: Vec<String> = out.iter().map(|s| s.entry.path.display()).collect();
+        assert_eq!(names, ["a", "a/b", "a/b/f", "a.txt", "bad", "link"]);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let bad = out
+            .iter()
+            .find(|s| s.entry.path.as_bytes() == b"bad")
+            .unwrap();
+        assert_eq!(bad.entry.target, b"../../etc", "verbatim");
+        // --safe-links: the link leaving the root is skipped and reported
+        let safe = ex.clone().with_safe_links(true);
+        let mut out = Vec::new();
+        scan_tree(r, None, &safe, &mut out, &mut skipped).unwrap();
+        let names: Vec<String> = out.iter().map(|s| s.entry.path.display()).collect();
         assert_eq!(names, ["a", "a/b", "a/b/f", "a.txt", "link"]);
         assert_eq!(
             skipped,
-            vec![Skip::LinkEscapes(RelPath::new("bad").unwrap())]
+            vec![Skip::new(
+                &RelPath::new("bad").unwrap(),
+                SkipReason::UnsafeLink
+            )]
         );
+        skipped.clear();
         // a symlink as the start of a scan is the link itself (walkdir follows
         // a root link by default)
         let mut out = Vec::new();
@@ -359,7 +635,7 @@ mod tests {
         assert_eq!(out.len(), 1, "a dangling link is still an entry");
         // a path below a symlink is reported absent, never read through it
         std::os::unix::fs::symlink("a", r.join("dirlink")).unwrap();
-        let got = lstat_entry(r, &RelPath::new("dirlink/b/f").unwrap(), &mut skipped).unwrap();
+        let got = lstat_entry(r, &RelPath::new("dirlink/b/f").unwrap(), &ex, &mut skipped);
         assert_eq!(got, None);
     }
 }

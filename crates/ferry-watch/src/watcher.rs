@@ -65,10 +65,71 @@ impl Watcher {
         };
         let mut w = RecommendedWatcher::new(handler, Config::default().with_follow_symlinks(false))
             .map_err(|e| map_err(root, e))?;
-        w.watch(root, RecursiveMode::Recursive)
-            .map_err(|e| map_err(root, e))?;
+        match w.watch(root, RecursiveMode::Recursive) {
+            Ok(()) => {}
+            // one directory inotify may not watch (unreadable: a watch needs
+            // read permission) never stops the node: notify gives up on the
+            // rest of its walk there, so every other directory is watched
+            // on its own; the scanner reports the unreadable ones
+            Err(e) if one_entry(root, &e) => watch_around(&mut w, root)?,
+            Err(e) => return Err(map_err(root, e)),
+        }
         Ok(Watcher { _inner: w })
     }
+}
+
+/// True when a watch failed because of one entry below the root (not a
+/// limit, not the root itself).
+fn one_entry(root: &Path, e: &notify::Error) -> bool {
+    let entry = e.paths.first().is_some_and(|p| p != root);
+    let io = match &e.kind {
+        notify::ErrorKind::Io(io) => matches!(
+            io.raw_os_error(),
+            Some(libc::EACCES | libc::EPERM | libc::ENAMETOOLONG | libc::ENOENT | libc::ENOTDIR)
+        ),
+        notify::ErrorKind::PathNotFound => true,
+        _ => false,
+    };
+    entry && io
+}
+
+/// Watches every directory below `root` that can be watched, each
+/// recursively (so directories created later are watched by notify), a
+/// subtree whose watch succeeded as a whole covering its descendants.
+fn watch_around(w: &mut RecommendedWatcher, root: &Path) -> Result<(), WatchError> {
+    let excludes = crate::Excludes::new(&[], None).map_err(|e| WatchError::Other {
+        root: root.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let mut all = Vec::new();
+    let mut skipped = Vec::new();
+    crate::scan::scan_tree(root, None, &excludes, &mut all, &mut skipped).map_err(|e| {
+        WatchError::Other {
+            root: root.to_owned(),
+            reason: e.to_string(),
+        }
+    })?;
+    // the root itself is watched (recursively) already: notify's walk
+    // starts with it, and its failure was about an entry below
+    let mut covered: Option<ferry_proto::RelPath> = None;
+    for s in all {
+        if s.entry.kind != ferry_proto::EntryKind::Dir {
+            continue;
+        }
+        if covered
+            .as_ref()
+            .is_some_and(|c| s.entry.path.starts_with(c))
+        {
+            continue;
+        }
+        let dir = crate::scan::abs(root, &s.entry.path);
+        match w.watch(&dir, RecursiveMode::Recursive) {
+            Ok(()) => covered = Some(s.entry.path.clone()),
+            Err(e) if one_entry(root, &e) => {}
+            Err(e) => return Err(map_err(root, e)),
+        }
+    }
+    Ok(())
 }
 
 fn map_err(root: &Path, e: notify::Error) -> WatchError {

@@ -123,6 +123,11 @@ pub struct RunArgs {
     /// gitignore-style glob of paths not to replicate (repeat, or comma-separate in FERRY_EXCLUDE).
     #[arg(long = "exclude", env = "FERRY_EXCLUDE", value_delimiter = ',')]
     pub excludes: Vec<String>,
+    /// Do not replicate symlinks that leave the root (absolute targets, or
+    /// relative ones climbing above it); each is reported once. By default
+    /// every link is replicated verbatim, whatever it points at.
+    #[arg(long, env = "FERRY_SAFE_LINKS")]
+    pub safe_links: bool,
     /// Seal a batch after the root has been quiet this long (ms).
     #[arg(long, env = "FERRY_BATCH_IDLE_MS", default_value_t = DEFAULT_BATCH_IDLE.as_millis() as u64)]
     pub batch_idle_ms: u64,
@@ -405,6 +410,7 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
         state_rel,
         metrics_addr,
         excludes: a.excludes.clone(),
+        safe_links: a.safe_links,
         batch_idle: Duration::from_millis(a.batch_idle_ms),
         batch_max_delay: Duration::from_millis(a.batch_max_delay_ms),
         shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),

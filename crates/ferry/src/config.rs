@@ -58,6 +58,8 @@ pub struct NodeConfig {
     pub state_rel: Option<RelPath>,
     pub metrics_addr: Option<SocketAddr>,
     pub excludes: Vec<String>,
+    /// `--safe-links`: links leaving the root are not replicated.
+    pub safe_links: bool,
     pub batch_idle: Duration,
     pub batch_max_delay: Duration,
     pub shutdown_grace: Duration,

@@ -23,6 +23,7 @@ fn node_cfg(root: &Path, name: &str, tls: &Path, role: Role, peers: Vec<PeerSpec
         state_rel: ferry_proto::RelPath::new(".ferry").ok(),
         metrics_addr: Some("127.0.0.1:0".parse().expect("literal")),
         excludes: Vec::new(),
+        safe_links: false,
         batch_idle: DEFAULT_BATCH_IDLE,
         batch_max_delay: DEFAULT_BATCH_MAX_DELAY,
         shutdown_grace: Duration::from_secs(5),

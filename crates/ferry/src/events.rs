@@ -80,13 +80,21 @@ impl Event for NewDirRecheck {
 
 /// An entry is not replicated as it is (G6, or unreadable).
 pub struct EntrySkipped<'a> {
-    pub path: &'a RelPath,
+    pub path: &'a str,
     pub reason: &'static str,
+    pub error: Option<&'a str>,
 }
 impl Event for EntrySkipped<'_> {
     fn emit(self, m: &Metrics) {
         m.skipped.with_label_values(&[self.reason]).inc();
-        tracing::warn!(path = %self.path, reason = self.reason, "An entry is not replicated as it is.");
+        match self.error {
+            Some(error) => {
+                tracing::warn!(path = %self.path, reason = self.reason, error = %error, "An entry is not replicated as it is; the rest goes on.")
+            }
+            None => {
+                tracing::warn!(path = %self.path, reason = self.reason, "An entry is not replicated as it is; the rest goes on.")
+            }
+        }
     }
 }
 

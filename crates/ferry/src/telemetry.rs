@@ -9,6 +9,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// `ferry_skipped_entries_total{reason}` on a replica: a step its filesystem
+/// refused (a name or path it cannot hold); the rest of the batch applied.
+pub const SKIP_REFUSED_BY_REPLICA: &str = "refused_by_replica";
+
 /// The `kind` values of `ferry_errors_total` (see docs/OPERATIONS.md).
 pub const ERROR_KINDS: [&str; 22] = [
     "peer_session",
@@ -154,14 +158,11 @@ impl Metrics {
         for kind in ERROR_KINDS {
             m.errors.with_label_values(&[kind]);
         }
-        for reason in [
-            "special_file",
-            "setuid_dropped",
-            "link_escapes_root",
-            "unreadable",
-        ] {
-            m.skipped.with_label_values(&[reason]);
+        for reason in ferry_watch::SkipReason::ALL {
+            m.skipped.with_label_values(&[reason.label()]);
         }
+        // a step the replica's filesystem refused (see `replica.rs`)
+        m.skipped.with_label_values(&[SKIP_REFUSED_BY_REPLICA]);
         let info = IntGaugeVec::new(
             Opts::new("ferry_build_info", "Build information."),
             &["version"],

@@ -45,9 +45,10 @@ pub fn preserve(
         }
         let rel = String::from_utf8_lossy(s.entry.path.as_bytes()).into_owned();
         let dst = dir.join(&rel);
-        std::fs::create_dir_all(dst.parent().unwrap_or(&dir))?;
         let src = scan::abs(root, &s.entry.path);
-        match std::fs::copy(&src, &dst) {
+        let copied = std::fs::create_dir_all(dst.parent().unwrap_or(&dir))
+            .and_then(|_| std::fs::copy(&src, &dst));
+        match copied {
             Ok(_) => {
                 let f = std::fs::File::options().write(true).open(&dst)?;
                 let m = s.entry.mtime;
@@ -58,6 +59,11 @@ pub fn preserve(
                 n += 1;
             }
             Err(e) if scan::gone(&e) => {}
+            // the copy goes by path string: a path over PATH_MAX cannot be
+            // preserved; one such file never stops the demotion
+            Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => {
+                tracing::warn!(path = %rel, error = %e, "A conflicting file is not preserved: its path is too long.");
+            }
             Err(e) => return Err(e),
         }
     }

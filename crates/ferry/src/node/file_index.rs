@@ -194,7 +194,7 @@ pub fn reconcile(
             Some(r) if r.same_stat(&cur) && !suspect(&r) => {}
             Some(r) if r.kind == KIND_FILE && r.same_meta(&cur) && r.hash.is_some() => {
                 out.hashed += 1;
-                match scan::hash_file(&scan::abs(root, &s.entry.path)) {
+                match scan::hash_at(root, &s.entry.path) {
                     Ok(h) if Some(h) == r.hash => {
                         let mut fresh = cur;
                         fresh.hash = r.hash;
@@ -271,7 +271,7 @@ mod tests {
             .map(|s| {
                 let mut rec = record(s, 3);
                 if s.entry.kind == EntryKind::File {
-                    rec.hash = scan::hash_file(&scan::abs(r, &s.entry.path)).ok();
+                    rec.hash = scan::hash_at(r, &s.entry.path).ok();
                 }
                 (s.entry.path.as_bytes().to_vec(), rec)
             })

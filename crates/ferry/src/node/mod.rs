@@ -62,6 +62,24 @@ pub struct Status {
     /// Files preserved from a demotion (the old primary's writes the new
     /// primary never got), and where.
     pub conflicts: Option<(u64, String)>,
+    /// Entries not replicated (as they are), each counted once.
+    pub skipped_count: u64,
+    /// The latest of them (at most [`SKIPPED_SHOWN`]).
+    pub skipped: std::collections::VecDeque<SkippedEntry>,
+}
+
+/// How many skipped entries `ferry status` lists (the count covers all).
+pub const SKIPPED_SHOWN: usize = 20;
+/// Distinct skipped entries remembered so each is reported once; past it,
+/// further ones are counted in the metric only (bounded memory).
+pub const SKIPPED_REMEMBERED: usize = 65_536;
+
+/// One entry that is not replicated, and why.
+#[derive(Debug, Clone, Default)]
+pub struct SkippedEntry {
+    pub path: String,
+    pub reason: &'static str,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -132,6 +150,23 @@ impl Status {
                 o += &format!("resync:    with {}: comparing manifests\n", r.peer);
             }
         }
+        if self.skipped_count > 0 {
+            o += &format!(
+                "skipped:   {} entries not replicated (see ferry_skipped_entries_total), latest:\n",
+                self.skipped_count
+            );
+            for s in &self.skipped {
+                o += &format!(
+                    "  {} ({}{})\n",
+                    s.path,
+                    s.reason,
+                    s.error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
         if let Some((n, dir)) = &self.conflicts {
             o += &format!(
                 "conflicts: {n} files this node wrote as primary that the new primary never got, preserved in {dir} (see MANIFEST.tsv there)\n"
@@ -175,8 +210,20 @@ impl Status {
                 )
             })
             .collect();
+        let skipped: Vec<String> = self
+            .skipped
+            .iter()
+            .map(|s| {
+                format!(
+                    "{{\"path\":{},\"reason\":{},\"error\":{}}}",
+                    esc(&s.path),
+                    esc(s.reason),
+                    s.error.as_deref().map(esc).unwrap_or_else(|| "null".into())
+                )
+            })
+            .collect();
         format!(
-            "{{\"name\":{},\"role\":{},\"epoch\":{},\"sealed_seq\":{},\"applied_seq\":{},\"consistent_as_of_ns\":{},\"resync\":{},\"conflicts\":{},\"peers\":[{}]}}",
+            "{{\"name\":{},\"role\":{},\"epoch\":{},\"sealed_seq\":{},\"applied_seq\":{},\"consistent_as_of_ns\":{},\"resync\":{},\"conflicts\":{},\"skipped\":{{\"count\":{},\"latest\":[{}]}},\"peers\":[{}]}}",
             esc(&self.name),
             esc(&self.role),
             self.epoch,
@@ -191,6 +238,8 @@ impl Status {
                 .as_ref()
                 .map(|(n, d)| format!("{{\"files\":{n},\"dir\":{}}}", esc(d)))
                 .unwrap_or_else(|| "null".into()),
+            self.skipped_count,
+            skipped.join(","),
             peers.join(",")
         )
     }
@@ -204,6 +253,9 @@ pub struct Shared {
     pub status: Mutex<Status>,
     pub state: Mutex<(StateDir, NodeState)>,
     pub requests: mpsc::Sender<NodeRequest>,
+    /// (path, reason) of every entry reported as skipped (bounded by
+    /// [`SKIPPED_REMEMBERED`]).
+    pub skips: Mutex<std::collections::HashSet<(String, &'static str)>>,
 }
 
 impl Shared {
@@ -219,6 +271,40 @@ impl Shared {
     }
     pub fn set_status(&self, f: impl FnOnce(&mut Status)) {
         f(&mut self.status.lock().expect("status lock"));
+    }
+
+    /// An entry is not replicated (as it is): reported once per (path,
+    /// reason) — a log line, `ferry_skipped_entries_total{reason}` and
+    /// `ferry status` — however often scans meet it again.
+    pub fn skipped(&self, path: &str, reason: &'static str, error: Option<&str>) {
+        {
+            let mut seen = self.skips.lock().expect("skips lock");
+            if seen.len() >= SKIPPED_REMEMBERED {
+                self.metrics.skipped.with_label_values(&[reason]).inc();
+                return;
+            }
+            if !seen.insert((path.to_owned(), reason)) {
+                return;
+            }
+        }
+        use crate::events::Event;
+        crate::events::EntrySkipped {
+            path,
+            reason,
+            error,
+        }
+        .emit(&self.metrics);
+        self.set_status(|s| {
+            s.skipped_count += 1;
+            if s.skipped.len() >= SKIPPED_SHOWN {
+                s.skipped.pop_front();
+            }
+            s.skipped.push_back(SkippedEntry {
+                path: path.to_owned(),
+                reason,
+                error: error.map(str::to_owned),
+            });
+        });
     }
 
     /// A primary learned of a newer epoch (G7): it becomes a replica of the
@@ -403,6 +489,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         status: Mutex::new(status),
         state: Mutex::new((state_dir, st)),
         requests: req_tx,
+        skips: Mutex::new(std::collections::HashSet::new()),
     });
     conflicts::report(&shared);
     shared.save_state(st)?;

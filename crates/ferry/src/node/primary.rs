@@ -245,7 +245,8 @@ pub async fn start(
     services: &mut tokio::task::JoinSet<()>,
 ) -> anyhow::Result<()> {
     let cfg = &shared.cfg;
-    let excludes = Excludes::new(&cfg.excludes, cfg.state_rel.clone())?;
+    let excludes =
+        Excludes::new(&cfg.excludes, cfg.state_rel.clone())?.with_safe_links(cfg.safe_links);
     let st = shared.node_state();
     // The file index: what the root held as of the batches sealed, so a
     // restart ships only what changed and a peer behind catches up without
@@ -757,15 +758,11 @@ async fn sleep_until(d: Option<Instant>) {
     }
 }
 
+/// Reports what a scan skipped: each (path, reason) once per process (the
+/// log line, the metric and `ferry status`), however often rescans meet it.
 fn note_skips(shared: &Shared, skipped: &[Skip]) {
     for s in skipped {
-        let (reason, path) = match s {
-            Skip::Special(p) => ("special_file", p),
-            Skip::SetuidDropped(p) => ("setuid_dropped", p),
-            Skip::LinkEscapes(p) => ("link_escapes_root", p),
-            Skip::Unreadable(p) => ("unreadable", p),
-        };
-        EntrySkipped { path, reason }.emit(&shared.metrics);
+        shared.skipped(&s.path, s.reason.label(), s.error.as_deref());
     }
 }
 
@@ -774,9 +771,52 @@ fn moved_dirs(root: &Path, pending: &ferry_core::Pending) -> Vec<RelPath> {
     pending
         .renames
         .iter()
-        .filter(|(_, to)| std::fs::symlink_metadata(scan::abs(root, to)).is_ok_and(|m| m.is_dir()))
+        .filter(|(_, to)| scan::kind_at(root, to) == Some(EntryKind::Dir))
         .map(|(_, to)| to.clone())
         .collect()
+}
+
+/// `--safe-links`: a link's rename can change whether it leaves the root
+/// (its target is relative to where it sits), and the replica may lack the
+/// source (skipped) or must not get the destination. So each rename of what
+/// is a symlink at seal time becomes a delete of its old name and the
+/// state of its new one, read like any dirty path: the old name goes, the
+/// new one arrives only when it stays inside. A directory move stays a move;
+/// the links inside it are put right by the manifest verify every moved
+/// directory gets (`moved_dirs`), which lists with the same rule.
+fn unrename_links(
+    root: &Path,
+    excludes: &Excludes,
+    pending: &mut ferry_core::Pending,
+    items: &mut Vec<Item>,
+    skipped: &mut Vec<Skip>,
+) {
+    let mut kept = Vec::with_capacity(pending.renames.len());
+    for (from, to) in std::mem::take(&mut pending.renames) {
+        let is_link = scan::kind_at(root, &to) == Some(EntryKind::Symlink);
+        if !is_link {
+            kept.push((from, to));
+            continue;
+        }
+        // a path the batch already carries is read at seal: its state wins
+        if !items.iter().any(|i| i.path == from) {
+            items.push(Item {
+                path: from,
+                state: None,
+                replace: false,
+            });
+        }
+        // an excluded destination is neither sent nor deleted
+        if !items.iter().any(|i| i.path == to) && !excludes.is_excluded(&to, false) {
+            let state = scan::lstat_entry(root, &to, excludes, skipped);
+            items.push(Item {
+                path: to,
+                state,
+                replace: false,
+            });
+        }
+    }
+    pending.renames = kept;
 }
 
 /// Reads the state of everything the batch must carry.
@@ -817,8 +857,7 @@ fn read_items(
             if !seen.insert(path.clone()) {
                 continue;
             }
-            let st = scan::lstat_entry(root, path, skipped)
-                .with_context(|| format!("reading {path}"))?;
+            let st = scan::lstat_entry(root, path, excludes, skipped);
             if let Some(s) = &st {
                 if excludes.is_excluded(path, s.entry.kind == EntryKind::Dir) {
                     continue;
@@ -844,18 +883,23 @@ async fn seal(
     if co.is_empty() && verify.is_empty() {
         return Ok(None);
     }
-    let pending = co.take();
+    let mut pending = co.take();
     let root = ctx.shared.cfg.root.clone();
     let excludes = ctx.excludes.clone();
-    let (items, skipped, mut moved) = {
-        let pending = pending.clone();
+    let (items, skipped, mut moved, renames) = {
+        let mut pending = pending.clone();
         tokio::task::spawn_blocking(move || {
             let mut skipped = Vec::new();
             let moved = moved_dirs(&root, &pending);
-            read_items(&root, &excludes, &pending, &mut skipped).map(|i| (i, skipped, moved))
+            let mut items = read_items(&root, &excludes, &pending, &mut skipped)?;
+            if excludes.safe_links() {
+                unrename_links(&root, &excludes, &mut pending, &mut items, &mut skipped);
+            }
+            Ok::<_, anyhow::Error>((items, skipped, moved, pending.renames))
         })
         .await??
     };
+    pending.renames = renames;
     note_skips(&ctx.shared, &skipped);
     // subtrees a watcher error named: every peer verifies them by manifest
     moved.append(verify);
@@ -1432,8 +1476,9 @@ enum FileOutcome {
     Sent(u64),
     Vanished,
     Unstable,
-    /// ferry may not read it (permissions): skipped, named in the log.
-    Unreadable(String),
+    /// ferry cannot open or read it (permissions, a path too long, an I/O
+    /// error): skipped and reported with the error.
+    Unreadable(std::io::Error),
 }
 
 impl Sender<'_> {
@@ -1612,8 +1657,9 @@ impl Sender<'_> {
         let root = self.ctx.shared.cfg.root.clone();
         for (i, p) in changed.into_iter().enumerate() {
             let mut skipped = Vec::new();
-            let now = tokio::task::block_in_place(|| scan::lstat_entry(&root, &p, &mut skipped))
-                .with_context(|| format!("reading {p}"))?;
+            let now = tokio::task::block_in_place(|| {
+                scan::lstat_entry(&root, &p, &self.ctx.excludes, &mut skipped)
+            });
             note_skips(&self.ctx.shared, &skipped);
             match now {
                 Some(s)
@@ -1674,7 +1720,7 @@ impl Sender<'_> {
                 continue;
             }
             let root = self.ctx.shared.cfg.root.clone();
-            let is_dir = std::fs::symlink_metadata(scan::abs(&root, &p)).is_ok_and(|m| m.is_dir());
+            let is_dir = scan::kind_at(&root, &p) == Some(EntryKind::Dir);
             if is_dir {
                 self.resync(target, Some(p.clone()), man_rx).await?;
             }
@@ -1894,14 +1940,14 @@ impl Sender<'_> {
             return Ok(local);
         }
         let root = self.ctx.shared.cfg.root.clone();
-        let paths: Vec<(usize, std::path::PathBuf)> = todo
+        let paths: Vec<(usize, RelPath)> = todo
             .iter()
-            .map(|&i| (i, scan::abs(&root, &local[i].entry.path)))
+            .map(|&i| (i, local[i].entry.path.clone()))
             .collect();
         let hashes = tokio::task::spawn_blocking(move || {
             paths
                 .into_iter()
-                .map(|(i, p)| (i, scan::hash_file(&p).ok()))
+                .map(|(i, p)| (i, scan::hash_at(&root, &p).ok()))
                 .collect::<Vec<_>>()
         })
         .await?;
@@ -2207,13 +2253,17 @@ impl Sender<'_> {
                     self.st.missing.insert(e.path.clone());
                 }
                 FileOutcome::Unreadable(err) => {
-                    self.ctx
-                        .shared
-                        .metrics
-                        .skipped
-                        .with_label_values(&["unreadable"])
-                        .inc();
-                    tracing::warn!(path = %e.path, error = %err, "file not replicated: ferry cannot read it; give the ferry user read access");
+                    // reported once, whichever peer meets it first
+                    let hint = if err.kind() == std::io::ErrorKind::PermissionDenied {
+                        "; give the ferry user read access"
+                    } else {
+                        ""
+                    };
+                    self.ctx.shared.skipped(
+                        &e.path.display(),
+                        ferry_watch::SkipReason::Unreadable.label(),
+                        Some(&format!("{err}{hint}")),
+                    );
                     self.st.missing.insert(e.path.clone());
                 }
                 FileOutcome::Unstable => {
@@ -2396,10 +2446,9 @@ impl Sender<'_> {
                 Err(e) if scan::gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => {
                     return Ok(FileOutcome::Vanished)
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                    return Ok(FileOutcome::Unreadable(e.to_string()))
-                }
-                Err(e) => return Err(anyhow!("cannot open {}: {e}", path.display())),
+                // one file ferry cannot open (permissions, a path too long,
+                // an I/O error) never stops the session: skipped, reported
+                Err(e) => return Ok(FileOutcome::Unreadable(e)),
             };
             let before = before?;
             if !before.is_file() || (!any_inode && (before.dev(), before.ino()) != (s.dev, s.ino)) {
@@ -2440,19 +2489,36 @@ impl Sender<'_> {
                 }
             }
             let mut sent = None;
+            let mut read_error = None;
             if let (Some(prev), true) = (&prev, may_skip && attempt < 2) {
                 if prev.chunks.is_some() && size >= APPEND_MIN {
-                    sent = self
-                        .send_patch(&s.entry.path, &f, &before, prev, meta)
-                        .await?;
+                    match read_failed(
+                        self.send_patch(&s.entry.path, &f, &before, prev, meta)
+                            .await,
+                    )? {
+                        Ok(x) => sent = x,
+                        Err(e) => read_error = Some(e),
+                    }
                 }
             }
-            let sent = match sent {
-                Some(x) => x,
-                None if size < APPEND_MIN => {
-                    self.send_small(&s.entry.path, f, &before, meta).await?
+            let sent = match (read_error, sent) {
+                (Some(e), _) => Err(e),
+                (None, Some(x)) => Ok(x),
+                (None, None) if size < APPEND_MIN => {
+                    read_failed(self.send_small(&s.entry.path, f, &before, meta).await)?
                 }
-                None => self.send_chunked(&s.entry.path, f, &before, meta).await?,
+                (None, None) => {
+                    read_failed(self.send_chunked(&s.entry.path, f, &before, meta).await)?
+                }
+            };
+            let sent = match sent {
+                Ok(x) => x,
+                // reading the file failed (an I/O error): one file never
+                // stops the session; a file begun on the replica is dropped
+                Err(e) => {
+                    self.send.send(&Message::FileAbort).await?;
+                    return Ok(FileOutcome::Unreadable(e.source));
+                }
             };
             let Some(sent) = sent else {
                 continue; // changed while read: FileAbort went, read again
@@ -2540,7 +2606,8 @@ impl Sender<'_> {
             let full = *blake3::hash(&buf).as_bytes();
             let msg = (!buf.is_empty()).then(|| transfer::squeeze(z, buf.into()).0);
             Ok(Some((full, msg, unchanged_since(&f, before)?)))
-        })?;
+        })
+        .map_err(|e| ReadError::new(p, e))?;
         let saved = self.st.squeeze.saved - saved0;
         self.send
             .send(&Message::FileBegin(FileHeader {
@@ -2638,7 +2705,7 @@ impl Sender<'_> {
                 transfer::Feed::Failed(e) => {
                     drop(rx);
                     let _ = worker.await;
-                    return Err(anyhow!("reading {p}: {e}"));
+                    return Err(ReadError::new(p, e).into());
                 }
                 transfer::Feed::Done {
                     full,
@@ -2688,7 +2755,7 @@ impl Sender<'_> {
             Ok(d) => d,
             // shrank while read: whole, next attempt
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(anyhow!("reading {p}: {e}")),
+            Err(e) => return Err(ReadError::new(p, e).into()),
         };
         let in_place: u64 = d
             .pieces
@@ -2757,7 +2824,7 @@ impl Sender<'_> {
                         self.send.send(&Message::FileAbort).await?;
                         return Ok(Some(None));
                     }
-                    return Err(anyhow!("reading {p}: {e}"));
+                    return Err(ReadError::new(p, e).into());
                 }
                 hasher.update(&buf);
                 match piece.and_then(|x| self.chunk_source(&x.chunk)) {
@@ -2796,6 +2863,36 @@ impl Sender<'_> {
             appended_from: if d.append { unsent } else { 0 },
             compressed: z.saved,
         })))
+    }
+}
+
+/// Reading a file's content failed (an I/O error): the stream itself is
+/// intact, at a message boundary.
+#[derive(Debug, thiserror::Error)]
+#[error("reading {path}: {source}")]
+struct ReadError {
+    path: String,
+    source: std::io::Error,
+}
+
+impl ReadError {
+    fn new(p: &RelPath, source: std::io::Error) -> ReadError {
+        ReadError {
+            path: p.display(),
+            source,
+        }
+    }
+}
+
+/// Splits a sender step's failure: `Ok(Err(_))` when reading the file
+/// failed ([`ReadError`]), `Err` for anything else (the session's).
+fn read_failed<T>(r: anyhow::Result<T>) -> anyhow::Result<Result<T, ReadError>> {
+    match r {
+        Ok(x) => Ok(Ok(x)),
+        Err(e) => match e.downcast::<ReadError>() {
+            Ok(re) => Ok(Err(re)),
+            Err(e) => Err(e),
+        },
     }
 }
 
@@ -2839,6 +2936,11 @@ struct Shipped {
 fn open_beneath(root: &std::fs::File, rel: &RelPath, abs: &Path) -> std::io::Result<std::fs::File> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
     use std::os::unix::ffi::OsStrExt;
+    // a path openat2 cannot take in one piece (PATH_MAX): component by
+    // component through directory handles, never following a link either
+    if rel.as_bytes().len() >= LONG_PATH {
+        return scan::open_file_at(root, rel);
+    }
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
     match rustix::fs::openat2(
         root,
@@ -2855,6 +2957,11 @@ fn open_beneath(root: &std::fs::File, rel: &RelPath, abs: &Path) -> std::io::Res
         Err(e) => Err(e.into()),
     }
 }
+
+/// From this length on, a path is opened component by component
+/// ([`scan::open_file_at`]) rather than in one `openat2` call, which takes
+/// at most `PATH_MAX` (4096) bytes including its NUL.
+const LONG_PATH: usize = 4000;
 
 /// Waits for a buffered write already in progress on `f` to finish.
 ///

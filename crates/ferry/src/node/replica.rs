@@ -82,6 +82,7 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
     let (tx, mut rx) = mpsc::channel::<(Cmd, tokio::sync::OwnedSemaphorePermit)>(QUEUE_CMDS);
     let failed = Arc::new(AtomicBool::new(false));
     let f2 = failed.clone();
+    let shared2 = shared.clone();
     std::thread::Builder::new()
         .name("ferry-apply".into())
         .spawn(move || {
@@ -98,6 +99,15 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
                             }
                             None => applier.commit(),
                         };
+                        // steps this filesystem cannot hold: skipped, the rest
+                        // of the batch applied; reported with their paths
+                        for s in applier.take_skipped() {
+                            shared2.skipped(
+                                &s.path,
+                                crate::telemetry::SKIP_REFUSED_BY_REPLICA,
+                                Some(&s.error),
+                            );
+                        }
                         f2.store(false, Ordering::Relaxed);
                         let _ = reply.send(res);
                         continue;
@@ -143,7 +153,7 @@ fn spawn_worker(shared: &Arc<Shared>) -> anyhow::Result<Worker> {
                                 .map(|s| {
                                     let mut e = s.entry;
                                     if verify && e.kind == ferry_proto::EntryKind::File {
-                                        e.hash = scan::hash_file(&scan::abs(&root, &e.path)).ok();
+                                        e.hash = scan::hash_at(&root, &e.path).ok();
                                     }
                                     e
                                 })
