@@ -21,6 +21,8 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 { [[ -x /bin/busybox ]] && /bin/busybox --list 2>/dev/null | grep -x depmod >/dev/null; } || need+=(busybox-static)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v flock >/dev/null || need+=(util-linux)
+# tests/fidelity.rs: read errors injected with strace
+command -v strace >/dev/null || need+=(strace)
 if ((${#need[@]})); then
     say "installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
