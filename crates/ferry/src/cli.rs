@@ -43,6 +43,34 @@ pub enum Command {
     Promote(PromoteArgs),
     /// Serve the Kubernetes mutating admission webhook that injects the sidecar.
     Inject(InjectArgs),
+    /// Preflight with the flags of `run`: certificates, peers (a full mutual
+    /// TLS handshake each), root and state dir permissions, inotify limits;
+    /// or, with --manifests DIR, the rendered webhook manifests. Exit 1 when
+    /// any check fails.
+    Check(Box<CheckArgs>),
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Print the findings as JSON (see docs/OPERATIONS.md).
+    #[arg(long)]
+    pub json: bool,
+    /// Check the rendered webhook manifests (YAML files below DIR, e.g. from
+    /// `kubectl kustomize manifests/base`) instead of a node; needs no cluster.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// Time allowed for each peer's handshake (s).
+    #[arg(long, env = "FERRY_CHECK_PEER_TIMEOUT_SECS", default_value_t = 5)]
+    pub peer_timeout_secs: u64,
+    /// Check the tree against this inotify watch limit instead of this
+    /// machine's (e.g. the limit of the node the pod will run on).
+    #[arg(long, value_name = "N")]
+    pub max_user_watches: Option<u64>,
+    /// Warn when the certificate expires within this many days.
+    #[arg(long, default_value_t = 30)]
+    pub warn_days: u64,
 }
 
 #[derive(Args, Debug)]
@@ -601,6 +629,7 @@ pub fn main() -> i32 {
             }
         }
         Command::Demo(a) => runtime().block_on(crate::demo::run(a)),
+        Command::Check(a) => runtime().block_on(crate::check::run(&a)),
         Command::Inject(a) => {
             let listen: SocketAddr = match a.listen.parse() {
                 Ok(l) => l,

@@ -7,6 +7,7 @@
 //! (`telemetry.rs`) and the control socket (`control.rs`), and runs the
 //! one-command demo (`demo.rs`). Start reading at [`node`].
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;
