@@ -120,6 +120,17 @@ pub enum CertCommand {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Write OUT/ca.crt, a trust bundle of the CA certificates given (each
+    /// cluster's own ca.crt): nodes trust every CA in it, so each cluster
+    /// keeps its own CA and no CA key leaves the cluster that made it.
+    Bundle {
+        /// Directory to write ca.crt into (e.g. a node's TLS dir).
+        #[arg(long, env = "FERRY_OUT")]
+        out: PathBuf,
+        /// PEM files with CA certificates (never a ca.key).
+        #[arg(required = true, value_name = "CA_CRT")]
+        cas: Vec<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug, Default)]
@@ -553,6 +564,19 @@ pub fn main() -> i32 {
                         out.display()
                     )
                 }),
+                CertCommand::Bundle { out, cas } => {
+                    ferry_net::certs::bundle(&out, &cas).map(|subjects| {
+                        println!(
+                            "trust bundle written: {}/ca.crt with {} CA certificate{}:",
+                            out.display(),
+                            subjects.len(),
+                            if subjects.len() == 1 { "" } else { "s" }
+                        );
+                        for s in subjects {
+                            println!("  {s}");
+                        }
+                    })
+                }
             };
             match r {
                 Ok(()) => 0,
