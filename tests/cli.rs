@@ -332,8 +332,12 @@ fn unreachable_peer_is_reported_and_retried() {
     p.start().wait_ready(Duration::from_secs(20));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let st = run_ok(&["status", "--root", p.root.to_str().unwrap()]);
-        if st.contains("peer far: disconnected") && st.contains("last error: connecting to far") {
+        // degraded: exit 1
+        let (code, st) = status(&p.root, &[]);
+        if code == Some(1)
+            && st.contains("peer far: disconnected")
+            && st.contains("last error: connecting to far")
+        {
             break;
         }
         assert!(
@@ -1022,4 +1026,219 @@ fn check_manifests_names_webhook_mistakes() {
         with(&GOOD_MANIFESTS.replacen(from, to, 1));
         expect_check(&["--manifests", d], 1, needles);
     }
+}
+
+/// `ferry status` of the node whose root is `root`: (exit code, stdout).
+fn status(root: &std::path::Path, extra: &[&str]) -> (Option<i32>, String) {
+    let o = Command::new(ferry())
+        .args(["status", "--root"])
+        .arg(root)
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+/// Polls `ferry status` until it exits `code` and `ok` holds of its output.
+fn wait_status(
+    root: &std::path::Path,
+    extra: &[&str],
+    code: i32,
+    ok: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (c, out) = status(root, extra);
+        if c == Some(code) && ok(&out) {
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never exited {code} as expected; last ({c:?}):\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 18, item 6: `ferry status` prints RFC 3339 times and ages, JSON
+/// in seconds with a schema version, exits 0 healthy / 1 degraded / 2 down,
+/// refreshes with --watch; the primary exports each peer's RPO, the
+/// certificate's not-after and process metrics.
+#[test]
+fn status_health_exit_codes_times_and_rpo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    // down: no daemon
+    let nothing = base.join("nothing");
+    std::fs::create_dir_all(&nothing).unwrap();
+    let (c, out) = status(&nothing, &[]);
+    assert_eq!(c, Some(2), "{out}");
+    assert!(out.contains("cannot reach a ferry daemon"), "{out}");
+
+    let pki = Pki::new(base, "ca");
+    let mut replica = Node::new(base, "r", &pki.issue("r"), "replica", &[], &[]);
+    replica.peer("p", 1);
+    replica.start();
+    wait_serving(&mut replica);
+    let mut primary = Node::new(
+        base,
+        "p",
+        &pki.issue("p"),
+        "primary",
+        &[("r", replica.port)],
+        &[],
+    );
+    std::fs::write(primary.root.join("a.txt"), b"one").unwrap();
+    primary.start().wait_ready(Duration::from_secs(20));
+    wait_converged(&primary.root, &replica.root, Duration::from_secs(30));
+
+    // healthy, in text and JSON
+    let text = wait_status(&primary.root, &[], 0, |o| o.contains("RPO 0"));
+    assert!(text.contains("health:    healthy"), "{text}");
+    assert!(
+        text.contains("at:        20") && text.contains("Z\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("lag ") && text.contains("(last batch)"),
+        "{text}"
+    );
+    let rtext = wait_status(&replica.root, &[], 0, |o| o.contains("health:    healthy"));
+    assert!(
+        rtext.contains("sealed at source time 20") && rtext.contains(" ago)"),
+        "{rtext}"
+    );
+    let (c, json) = status(&replica.root, &["--json"]);
+    assert_eq!(c, Some(0), "{json}");
+    let j: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(j["schema_version"], 1, "{j}");
+    let cut = &j["consistent_as_of"];
+    assert!(cut["source_time"].as_str().unwrap().ends_with('Z'), "{j}");
+    assert!(cut["source_time_unix_s"].as_f64().unwrap() > 1.7e9, "{j}");
+    assert!(cut["age_s"].as_f64().unwrap() >= 0.0, "{j}");
+    assert!(!json.contains("_ns\"") && !json.contains("_ms\""), "{json}");
+    let (_, pjson) = status(&primary.root, &["--json"]);
+    let pj: serde_json::Value = serde_json::from_str(pjson.trim()).unwrap();
+    assert_eq!(pj["peers"][0]["rpo_s"], 0.0, "{pj}");
+    assert!(pj["peers"][0]["lag_s"].as_f64().unwrap() > 0.0, "{pj}");
+
+    // metrics: certificate not-after (a year from now), process metrics, RPO 0
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let expiry = primary.metric("ferry_certificate_expiry_timestamp_seconds");
+    assert!(
+        expiry > now + 360.0 * 86400.0 && expiry < now + 370.0 * 86400.0,
+        "{expiry}"
+    );
+    assert!(primary.metric("process_resident_memory_bytes") > 1e6);
+    assert!(primary.metric("process_open_fds") > 0.0);
+    let (_, body) = http_get(primary.metrics, "/metrics").unwrap();
+    assert!(body.contains("process_cpu_seconds_total "), "{body}");
+    assert!(
+        body.contains("ferry_peer_rpo_seconds{peer=\"r\"} 0"),
+        "{body}"
+    );
+
+    // --watch prints again and again until Ctrl-C
+    let mut watch = Command::new(ferry())
+        .args(["status", "--watch", "--interval", "0.2", "--root"])
+        .arg(&primary.root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.matches("health:").count() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "--watch did not refresh:\n{seen}"
+        );
+        if let Ok(b) = rx.recv_timeout(Duration::from_millis(100)) {
+            seen += &String::from_utf8_lossy(&b);
+        }
+    }
+    let _ = Command::new("kill")
+        .args(["-INT", &watch.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while watch.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "--watch did not stop on Ctrl-C");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // the replica goes away: the primary is degraded, and the peer's RPO
+    // grows with the age of the batch it lacks
+    replica.kill9();
+    std::fs::write(primary.root.join("b.txt"), b"two").unwrap();
+    let text = wait_status(&primary.root, &[], 1, |o| {
+        o.contains("degraded: peer r disconnected") && o.contains("oldest unacknowledged batch")
+    });
+    assert!(text.contains("peer r: disconnected"), "{text}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric_labeled(primary.metrics, "ferry_peer_rpo_seconds", "peer=\"r\"") < 1.5 {
+        assert!(
+            Instant::now() < deadline,
+            "the RPO does not grow:\n{}",
+            http_get(primary.metrics, "/metrics").unwrap().1
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (c, pjson) = status(&primary.root, &["--json"]);
+    assert_eq!(c, Some(1), "{pjson}");
+    let pj: serde_json::Value = serde_json::from_str(pjson.trim()).unwrap();
+    assert!(pj["peers"][0]["rpo_s"].as_f64().unwrap() >= 1.0, "{pj}");
+    assert!(pj["peers"][0]["unacked"].as_u64().unwrap() >= 1, "{pj}");
+    // back: RPO 0 again once it has acknowledged everything
+    replica.start();
+    wait_converged(&primary.root, &replica.root, Duration::from_secs(30));
+    wait_status(&primary.root, &[], 0, |o| o.contains("RPO 0"));
+}
+
+/// Issue 18, item 6: flags with fixed values are enums (a bad value is a
+/// usage error naming the valid ones); shell completions and a man page.
+#[test]
+fn log_level_is_an_enum_and_completions_and_man_page_print() {
+    check(
+        &["--log-level", "verbose", "status", "--root", "/"],
+        64,
+        &["invalid value 'verbose'", "error, warn, info, debug, trace"],
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run_ok(&["completions", shell]);
+        assert!(
+            out.contains("ferry") && out.contains("check"),
+            "{shell}: {out}"
+        );
+    }
+    assert!(run_ok(&["completions", "bash"]).contains("_ferry()"));
+    let man = run_ok(&["man"]);
+    assert!(
+        man.contains(".TH ferry 1") && man.contains("completions"),
+        "{man}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    run_ok(&["man", "--out", tmp.path().to_str().unwrap()]);
+    let page = std::fs::read_to_string(tmp.path().join("ferry-check.1")).unwrap();
+    assert!(page.contains("manifests"), "{page}");
 }

@@ -14,4 +14,5 @@ pub mod control;
 pub mod demo;
 pub mod events;
 pub mod node;
+pub mod status;
 pub mod telemetry;
