@@ -105,6 +105,9 @@ pub struct CheckArgs {
     /// machine's (e.g. the limit of the node the pod will run on).
     #[arg(long, value_name = "N")]
     pub max_user_watches: Option<u64>,
+    /// Skip the peer handshakes (e.g. before the peers run).
+    #[arg(long)]
+    pub offline: bool,
     /// Warn when the certificate expires within this many days.
     #[arg(long, default_value_t = 30)]
     pub warn_days: u64,

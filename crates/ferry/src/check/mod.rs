@@ -157,7 +157,9 @@ async fn check_node(a: &CheckArgs) -> Vec<Finding> {
         Some(cfg) => {
             check_dirs(cfg, &mut out);
             check_inotify(cfg, a.max_user_watches, &mut out);
-            if tls_ok {
+            if a.offline {
+                out.push(f("peers", Level::Skip, "not checked (--offline)"));
+            } else if tls_ok {
                 check_peers(
                     cfg,
                     Duration::from_secs(a.peer_timeout_secs.max(1)),
@@ -570,7 +572,10 @@ fn check_inotify(cfg: &NodeConfig, override_limit: Option<u64>, out: &mut Vec<Fi
         out.push(f(
             "inotify",
             Level::Ok,
-            format!("{dirs} directories to watch, {source} is {limit}"),
+            format!(
+                "{dirs} director{} to watch, {source} is {limit}",
+                if dirs == 1 { "y" } else { "ies" }
+            ),
         ));
     }
 }
