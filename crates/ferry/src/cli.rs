@@ -855,6 +855,16 @@ async fn status(state_dir: &Path, a: &StatusArgs) -> i32 {
     }
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let every = Duration::from_secs_f64(a.interval.clamp(0.1, 3600.0));
+    // one SIGINT stream for the whole watch, installed first: a ctrl_c()
+    // future made anew each round would miss a Ctrl-C between two rounds
+    let mut sigint = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ferry: cannot handle Ctrl-C: {e}");
+            return crate::status::EXIT_DOWN;
+        }
+    };
     loop {
         if tty && !a.json {
             // clear the screen, cursor home
@@ -866,7 +876,7 @@ async fn status(state_dir: &Path, a: &StatusArgs) -> i32 {
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = tokio::signal::ctrl_c() => return code,
+            _ = sigint.recv() => return code,
         }
     }
 }
