@@ -39,6 +39,9 @@ trap 'rm -rf "$ctx"' EXIT
 r=$ctx/ferry
 mkdir -p "$r/rootfs/usr/local/bin" "$r/rootfs/etc/ssl/certs" "$r/rootfs/tmp" \
     "$r/owned/data" "$r/owned/certs"
+# the image gets a stripped binary; its debug info stays apart on this host
+# ($bin.debug and $bin.dwp, see scripts/release-binary.sh)
+objcopy --only-keep-debug "$bin" "$bin.debug" 2>/dev/null || true
 install -m 0755 "$bin" "$r/rootfs/usr/local/bin/ferry"
 strip --strip-all "$r/rootfs/usr/local/bin/ferry" 2>/dev/null || true
 if [[ -f /etc/ssl/certs/ca-certificates.crt ]]; then

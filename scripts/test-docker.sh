@@ -319,5 +319,7 @@ wait_converged "restarting the primary" "$t_heal" "$t_stop"
 say "ferry status on each node"
 for s in ferry-a ferry-b ferry-c; do
     echo "--- $s"
-    docker exec "$(cid "$s")" ferry status --root /data 2>&1 | sed 's/^/    /'
+    # informational: exit 1 (degraded) or 2 (down) is shown, not fatal here
+    docker exec "$(cid "$s")" ferry status --root /data 2>&1 | sed 's/^/    /' ||
+        echo "    (ferry status exited $?: 1 degraded, 2 down)"
 done

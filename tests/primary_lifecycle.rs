@@ -255,7 +255,7 @@ fn g5_peer_too_far_behind_catches_up_without_the_log() {
     let t0 = std::time::Instant::now();
     let mut seen = None;
     while t0.elapsed() < CONVERGE {
-        let json = run_ok(&["status", "--root", &proot, "--json"]);
+        let json = status_ok(&["--root", &proot, "--json"]);
         if let Some(i) = json.find("\"resync\":{") {
             seen = Some(json[i..].split('}').next().unwrap_or_default().to_string());
             break;

@@ -251,10 +251,10 @@ fn existing_replica_content_converges_and_status_reports_consistency() {
         std::thread::sleep(Duration::from_millis(50));
     }
     s.replicas[0].wait_ready(Duration::from_secs(10));
-    let text = run_ok(&["status", "--root", r.to_str().unwrap()]);
+    let text = status_ok(&["--root", r.to_str().unwrap()]);
     assert!(text.contains("role:      replica"), "{text}");
     assert!(text.contains("consistent as of seq"), "{text}");
-    let json = run_ok(&["status", "--root", r.to_str().unwrap(), "--json"]);
+    let json = status_ok(&["--root", r.to_str().unwrap(), "--json"]);
     assert!(
         json.contains("\"applied_seq\":") && json.contains("\"role\":\"replica\""),
         "{json}"
@@ -262,7 +262,7 @@ fn existing_replica_content_converges_and_status_reports_consistency() {
     let applied = s.replicas[0].metric("ferry_applied_seq");
     assert!(applied >= 1.0);
     assert!(s.replicas[0].metric("ferry_consistent_as_of_timestamp_seconds") > 1.7e9);
-    let ptext = run_ok(&["status", "--root", p.to_str().unwrap()]);
+    let ptext = status_ok(&["--root", p.to_str().unwrap()]);
     assert!(ptext.contains("peer replica-0: connected"), "{ptext}");
     // SIGTERM: exits 0
     assert_eq!(s.primary.stop(), Some(0));

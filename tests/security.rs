@@ -520,3 +520,152 @@ fn g8_certificates_rotate_without_restart_and_a_bad_pair_keeps_the_last_good_one
         primary.log_tail()
     );
 }
+
+/// Issue 18, item 5: trust per cluster. Each cluster has its own CA (no CA
+/// key is copied anywhere); `ferry cert bundle` puts both CA certificates
+/// into each node's ca.crt, and the nodes replicate. A node whose CA is in
+/// no bundle is refused, even with a listed name. The bundle refuses a
+/// private key and a node certificate.
+#[test]
+fn g8_trust_bundle_of_two_cluster_cas_replicates_and_a_third_ca_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let eu = Pki::new(base, "eu-ca");
+    let us = Pki::new(base, "us-ca");
+    let other = Pki::new(base, "other-ca");
+    let eu_ca = eu.dir.join("ca/ca.crt");
+    let us_ca = us.dir.join("ca/ca.crt");
+    let tls_p = eu.issue("eu-west");
+    let tls_r = us.issue("us-east");
+
+    // the bundle takes certificates only
+    let out = std::process::Command::new(ferry())
+        .args(["cert", "bundle", "--out"])
+        .arg(base.join("x"))
+        .arg(&eu_ca)
+        .arg(eu.dir.join("ca/ca.key"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("holds a private key") && text.contains("never its ca.key"),
+        "{text}"
+    );
+    let out = std::process::Command::new(ferry())
+        .args(["cert", "bundle", "--out"])
+        .arg(base.join("x"))
+        .arg(tls_p.join("tls.crt"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("is not a CA certificate"), "{text}");
+    assert!(!base.join("x/ca.crt").exists());
+
+    // each node trusts both clusters' CAs
+    for tls in [&tls_p, &tls_r] {
+        let said = run_ok(&[
+            "cert",
+            "bundle",
+            "--out",
+            tls.to_str().unwrap(),
+            eu_ca.to_str().unwrap(),
+            us_ca.to_str().unwrap(),
+            // twice: written once
+            eu_ca.to_str().unwrap(),
+        ]);
+        assert!(said.contains("with 2 CA certificates"), "{said}");
+    }
+    let mut replica = Node::new(base, "us-east", &tls_r, "replica", &[], &[]);
+    replica.peer("eu-west", 1);
+    replica.start();
+    wait_metrics_up(&replica);
+    let mut primary = Node::new(
+        base,
+        "eu-west",
+        &tls_p,
+        "primary",
+        &[("us-east", replica.port)],
+        &[],
+    );
+    std::fs::create_dir_all(primary.root.join("d")).unwrap();
+    std::fs::write(primary.root.join("d/f.txt"), b"across two CAs").unwrap();
+    primary.start().wait_ready(Duration::from_secs(20));
+    wait_converged(&primary.root, &replica.root, Duration::from_secs(30));
+    assert_eq!(
+        std::fs::read(replica.root.join("d/f.txt")).unwrap(),
+        b"across two CAs"
+    );
+    // the preflight agrees
+    std::fs::create_dir_all(base.join("check-root")).unwrap();
+    let check = std::process::Command::new(ferry())
+        .args(["check", "--root"])
+        .arg(base.join("check-root"))
+        .args(["--name", "eu-west", "--tls-dir", tls_p.to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--peer"])
+        .arg(format!("us-east=127.0.0.1:{}", replica.port))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("2 CA certificates") && text.contains("[ok  ] peer us-east"),
+        "{text}"
+    );
+    primary.stop();
+
+    // a listed name from a CA in no bundle: it trusts the replica, the
+    // replica does not trust it
+    let rogue_tls = other.issue("eu-west");
+    run_ok(&[
+        "cert",
+        "bundle",
+        "--out",
+        rogue_tls.to_str().unwrap(),
+        other.dir.join("ca/ca.crt").to_str().unwrap(),
+        us_ca.to_str().unwrap(),
+    ]);
+    let base2 = base.join("rogue");
+    std::fs::create_dir_all(&base2).unwrap();
+    let check = std::process::Command::new(ferry())
+        .args(["check", "--root"])
+        .arg(base.join("check-root"))
+        .args([
+            "--name",
+            "eu-west",
+            "--tls-dir",
+            rogue_tls.to_str().unwrap(),
+        ])
+        .args(["--listen", "127.0.0.1:0", "--peer"])
+        .arg(format!("us-east=127.0.0.1:{}", replica.port))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("[FAIL] peer us-east")
+            && text.contains("the peer refused this node's certificate"),
+        "{text}"
+    );
+    let mut rogue = Node::new(
+        &base2,
+        "eu-west",
+        &rogue_tls,
+        "primary",
+        &[("us-east", replica.port)],
+        &[],
+    );
+    std::fs::write(rogue.root.join("payload.txt"), b"from a CA in no bundle").unwrap();
+    rogue.start().wait_ready(Duration::from_secs(20));
+    assert!(
+        wait_for_log(&replica, "UnknownIssuer", Duration::from_secs(20)),
+        "the replica did not refuse the third CA:\n{}",
+        replica.log_tail()
+    );
+    assert!(!replica.root.join("payload.txt").exists());
+    assert_eq!(
+        std::fs::read(replica.root.join("d/f.txt")).unwrap(),
+        b"across two CAs"
+    );
+}

@@ -71,6 +71,24 @@ pub fn run_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `ferry status ARGS`: its stdout; it must have reached a daemon (exit 0,
+/// healthy, or 1, degraded; 2 is "down").
+pub fn status_ok(args: &[&str]) -> String {
+    let out = Command::new(ferry())
+        .arg("status")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(1)),
+        "ferry status {args:?} exited {:?}: {}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// One `ferry run` process.
 pub struct Node {
     pub name: String,

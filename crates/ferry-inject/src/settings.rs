@@ -88,8 +88,9 @@ pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEFAULT_TLS_SECRET: &str = "ferry-tls";
 /// Default QUIC port (UDP), as in the design brief.
 pub const DEFAULT_QUIC_PORT: u16 = 7443;
-/// Default metrics/health port (TCP), as in the design brief.
-pub const DEFAULT_METRICS_PORT: u16 = 9090;
+/// Default metrics/health port (TCP): not 9090, Prometheus's own port (and
+/// a common app port); 9743 sits beside ferry's QUIC port 7443.
+pub const DEFAULT_METRICS_PORT: u16 = 9743;
 
 /// Most peers one node may list: a replication set spans a handful of clusters,
 /// and the sidecar's argument list must stay readable.
@@ -680,7 +681,7 @@ mod tests {
         assert!(s.native_sidecar);
         assert_eq!(s.name, None);
         assert_eq!(s.tls_secret, DEFAULT_TLS_SECRET);
-        assert_eq!((s.quic_port, s.metrics_port), (7443, 9090));
+        assert_eq!((s.quic_port, s.metrics_port), (7443, 9743));
         assert_eq!(s.resources.cpu_request.as_str(), DEFAULT_CPU_REQUEST);
         assert_eq!(s.resources.memory_limit.as_str(), DEFAULT_MEMORY_LIMIT);
         assert_eq!(s.log_level, "info");

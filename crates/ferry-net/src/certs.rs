@@ -106,3 +106,66 @@ mod time_shim {
         (start.into(), end.into())
     }
 }
+
+/// `ferry cert bundle`: writes `out/ca.crt`, a trust bundle of the CA
+/// certificates in `inputs` (each a PEM file with one or more), in order,
+/// each once. Refuses a file that holds a private key (a bundle carries
+/// certificates only: no CA key leaves the cluster that issued it), and a
+/// certificate that is not a CA. Returns the subjects written.
+pub fn bundle(out: &Path, inputs: &[std::path::PathBuf]) -> Result<Vec<String>, NetError> {
+    use rustls_pki_types::pem::{PemObject, SectionKind};
+    if inputs.is_empty() {
+        return Err(NetError::Cert(
+            "no CA certificate given: `ferry cert bundle --out DIR CA1.crt CA2.crt ...`".into(),
+        ));
+    }
+    let mut pem = String::new();
+    let mut seen: Vec<Vec<u8>> = Vec::new();
+    let mut subjects = Vec::new();
+    for p in inputs {
+        let data = std::fs::read(p)
+            .map_err(|x| NetError::Cert(format!("cannot read {}: {x}", p.display())))?;
+        let mut found = 0;
+        for item in <(SectionKind, Vec<u8>)>::pem_slice_iter(&data) {
+            let (kind, der) =
+                item.map_err(|x| NetError::Cert(format!("{}: not a PEM file ({x})", p.display())))?;
+            match kind {
+                SectionKind::Certificate => {}
+                SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey => {
+                    return Err(NetError::Cert(format!(
+                        "{} holds a private key: a trust bundle carries CA certificates only (pass each cluster's ca.crt, never its ca.key; the key stays in the cluster that issued it)",
+                        p.display()
+                    )))
+                }
+                _ => continue,
+            }
+            found += 1;
+            let info = crate::cert_info(&der).ok_or_else(|| {
+                NetError::Cert(format!("{}: a certificate that is not X.509", p.display()))
+            })?;
+            if !info.is_ca {
+                return Err(NetError::Cert(format!(
+                    "{}: {} is not a CA certificate (a node's tls.crt?); pass the CA's ca.crt",
+                    p.display(),
+                    info.subject
+                )));
+            }
+            if seen.contains(&der) {
+                continue;
+            }
+            pem += &::pem::encode(&::pem::Pem::new("CERTIFICATE", der.clone()));
+            seen.push(der);
+            subjects.push(info.subject);
+        }
+        if found == 0 {
+            return Err(NetError::Cert(format!(
+                "{} holds no PEM certificate",
+                p.display()
+            )));
+        }
+    }
+    std::fs::create_dir_all(out)
+        .map_err(|x| NetError::Cert(format!("cannot create {}: {x}", out.display())))?;
+    write(&out.join("ca.crt"), &pem, false)?;
+    Ok(subjects)
+}

@@ -10,7 +10,7 @@ pub mod certs;
 pub mod testing;
 mod tls;
 
-pub use tls::{load_tls, TlsMaterial, TlsWatch};
+pub use tls::{cert_info, inspect_tls, load_tls, CertInfo, TlsMaterial, TlsReport, TlsWatch};
 
 use bytes::BytesMut;
 use ferry_proto::{FrameDecoder, Message, ProtoError, ALPN};
@@ -52,6 +52,27 @@ pub const CLOSE_AGE_CAP: u32 = 3;
 pub const MAX_CONNS_PER_PEER: usize = 4;
 /// Application close code of a connection over [`MAX_CONNS_PER_PEER`].
 pub const CLOSE_TOO_MANY: u32 = 4;
+/// Application close code of a `ferry check` probe: a handshake only, not a
+/// node (re)starting; a primary does not redial because of it.
+pub const CLOSE_PROBE: u32 = 5;
+
+/// Why a [`Transport::probe`] failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeError {
+    /// No answer within the time allowed.
+    NoAnswer,
+    /// This node refused the peer's certificate (rustls' reason).
+    PeerCertificate(String),
+    /// The peer refused this node's certificate (its TLS alert).
+    RefusedByPeer(String),
+    /// Anything else, as quinn says it.
+    Other(String),
+}
+
+/// A QUIC close code in the range of TLS alerts.
+fn is_tls_alert(code: u64) -> bool {
+    (0x100..0x200).contains(&code)
+}
 
 /// Errors of the transport, each naming its cause.
 #[derive(Debug, thiserror::Error)]
@@ -455,6 +476,65 @@ impl Transport {
             _cap: Some(cap),
             _slot: None,
         })
+    }
+
+    /// `ferry check`: a full mutual-TLS handshake with `name` at `addr`,
+    /// then a clean close ([`CLOSE_PROBE`]). Succeeds only once the peer has
+    /// confirmed the handshake (QUIC's HANDSHAKE_DONE, sent after it
+    /// accepted this node's certificate); returns the round-trip time.
+    pub async fn probe(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+        limit: Duration,
+    ) -> Result<Duration, ProbeError> {
+        let client = self
+            .client
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let deadline = tokio::time::Instant::now() + limit;
+        let classify = |e: quinn::ConnectionError| match e {
+            quinn::ConnectionError::TransportError(t) if is_tls_alert(u64::from(t.code)) => {
+                ProbeError::PeerCertificate(t.reason)
+            }
+            quinn::ConnectionError::ConnectionClosed(c)
+                if is_tls_alert(u64::from(c.error_code)) =>
+            {
+                ProbeError::RefusedByPeer(c.to_string())
+            }
+            quinn::ConnectionError::TimedOut => ProbeError::NoAnswer,
+            other => ProbeError::Other(other.to_string()),
+        };
+        let connecting = self
+            .ep
+            .connect_with(client, addr, name)
+            .map_err(|e| ProbeError::Other(e.to_string()))?;
+        let conn = match tokio::time::timeout_at(deadline, connecting).await {
+            Err(_) => return Err(ProbeError::NoAnswer),
+            Ok(Err(e)) => return Err(classify(e)),
+            Ok(Ok(c)) => c,
+        };
+        // The client side counts as connected before the peer has checked
+        // its certificate: wait for the peer's HANDSHAKE_DONE or its refusal.
+        loop {
+            if let Some(e) = conn.close_reason() {
+                return Err(classify(e));
+            }
+            if conn.stats().frame_rx.handshake_done > 0 {
+                let rtt = conn.rtt();
+                conn.close(CLOSE_PROBE.into(), b"ferry check");
+                return Ok(rtt);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                conn.close(CLOSE_PROBE.into(), b"ferry check");
+                return Err(ProbeError::NoAnswer);
+            }
+            tokio::select! {
+                _ = conn.closed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
     }
 
     /// Waits for the next authenticated peer. Returns `None` once the

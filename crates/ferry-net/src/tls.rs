@@ -294,3 +294,154 @@ pub(crate) fn anonymous_client_config(
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     Ok(cfg)
 }
+
+/// The facts of one X.509 certificate that `ferry check` and the metrics
+/// show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The subject, e.g. `CN=eu-west`.
+    pub subject: String,
+    /// The issuer's subject.
+    pub issuer: String,
+    /// DNS subject alternative names.
+    pub dns_names: Vec<String>,
+    /// Validity, Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+    /// A CA certificate (basic constraints).
+    pub is_ca: bool,
+}
+
+/// Parses one DER certificate; `None` when it is not X.509.
+pub fn cert_info(der: &[u8]) -> Option<CertInfo> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+    let dns_names = c
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|g| match g {
+                    x509_parser::extensions::GeneralName::DNSName(n) => Some((*n).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(CertInfo {
+        subject: c.subject().to_string(),
+        issuer: c.issuer().to_string(),
+        dns_names,
+        not_before: c.validity().not_before.timestamp(),
+        not_after: c.validity().not_after.timestamp(),
+        is_ca: c.is_ca(),
+    })
+}
+
+impl TlsMaterial {
+    /// Not-after of the node certificate (Unix seconds).
+    pub fn not_after(&self) -> Option<i64> {
+        cert_info(self.chain.first()?).map(|c| c.not_after)
+    }
+}
+
+/// What `ferry check` learns about a TLS directory, each finding on its
+/// own, so that one problem does not hide the next (`load_tls` stops at
+/// the first).
+#[derive(Debug, Clone)]
+pub struct TlsReport {
+    /// The node certificate (first of `tls.crt`).
+    pub cert: CertInfo,
+    /// Each certificate of `ca.crt` (a trust bundle may hold several).
+    pub cas: Vec<CertInfo>,
+    /// `Err(why)` when `tls.key` is not the key of the certificate.
+    pub key_matches: Result<(), String>,
+    /// `Err(why)` when the certificate does not chain to `ca.crt`. Judged at
+    /// a time inside the certificate's validity, so an expired certificate
+    /// shows as expired, not as unchained.
+    pub chain: Result<(), String>,
+    /// The certificate is valid for the node name.
+    pub names_node: bool,
+}
+
+/// Reads `tls.crt`, `tls.key` and `ca.crt` from `dir` and reports on each
+/// property apart. `Err` only when a file is missing or holds no
+/// certificate or key at all.
+pub fn inspect_tls(dir: &Path, name: &str) -> Result<TlsReport, NetError> {
+    let crt = dir.join("tls.crt");
+    let key = dir.join("tls.key");
+    let ca = dir.join("ca.crt");
+    for p in [&crt, &key, &ca] {
+        if !p.exists() {
+            return Err(file_err(
+                p,
+                "missing; create it with `ferry cert issue --ca CA_DIR --name NAME --out DIR` or mount the cert-manager Secret there",
+            ));
+        }
+    }
+    let read_certs = |p: &Path| -> Result<Vec<CertificateDer<'static>>, NetError> {
+        let v: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(p)
+            .map_err(|e| file_err(p, e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| file_err(p, format!("not a PEM certificate: {e}")))?;
+        if v.is_empty() {
+            return Err(file_err(p, "holds no PEM certificate"));
+        }
+        Ok(v)
+    };
+    let chain = read_certs(&crt)?;
+    let cas = read_certs(&ca)?;
+    let cert = cert_info(&chain[0]).ok_or_else(|| file_err(&crt, "not an X.509 certificate"))?;
+    let ca_infos = cas
+        .iter()
+        .map(|c| cert_info(c).ok_or_else(|| file_err(&ca, "holds a certificate that is not X.509")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let key_matches = match PrivateKeyDer::from_pem_file(&key) {
+        Err(e) => Err(format!("no PKCS#1, PKCS#8 or SEC1 private key: {e}")),
+        Ok(k) => match rustls::crypto::ring::sign::any_supported_type(&k) {
+            Err(e) => Err(format!("unsupported key: {e}")),
+            Ok(signer) => rustls::sign::CertifiedKey::new(chain.clone(), signer)
+                .keys_match()
+                .map_err(|_| "it is the key of another certificate".to_string()),
+        },
+    };
+    let mut roots = RootCertStore::empty();
+    let mut chain_res = Ok(());
+    for c in &cas {
+        if let Err(e) = roots.add(c.clone()) {
+            chain_res = Err(format!("ca.crt holds an unusable CA certificate: {e}"));
+        }
+    }
+    if chain_res.is_ok() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let at = now.clamp(
+            cert.not_before + 1,
+            (cert.not_after - 1).max(cert.not_before + 1),
+        );
+        let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(at.max(0) as u64));
+        chain_res = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|v| {
+                v.verify_client_cert(&chain[0], &chain[1..], at)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+    }
+    let names_node = ServerName::try_from(name.to_owned()).is_ok_and(|sn| {
+        webpki::EndEntityCert::try_from(&chain[0])
+            .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(&sn).is_ok())
+    });
+    Ok(TlsReport {
+        cert,
+        cas: ca_infos,
+        key_matches,
+        chain: chain_res,
+        names_node,
+    })
+}

@@ -19,12 +19,37 @@ pub const EXIT_USAGE: i32 = 64;
     about = "Makes a pod's data follow the pod: replicates a directory to other clusters over QUIC."
 )]
 pub struct Cli {
-    /// Log level (error, warn, info, debug, trace).
-    #[arg(long, env = "FERRY_LOG_LEVEL", default_value = "info", global = true)]
-    pub log_level: String,
+    /// Log level (FERRY_LOG, an EnvFilter directive, overrides it).
+    #[arg(long, env = "FERRY_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info, global = true)]
+    pub log_level: LogLevel,
     #[command(subcommand)]
     pub cmd: Command,
 }
+
+/// `--log-level` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// Shells `ferry completions` writes for.
+pub use clap_complete::Shell;
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -43,6 +68,49 @@ pub enum Command {
     Promote(PromoteArgs),
     /// Serve the Kubernetes mutating admission webhook that injects the sidecar.
     Inject(InjectArgs),
+    /// Preflight with the flags of `run`: certificates, peers (a full mutual
+    /// TLS handshake each), root and state dir permissions, inotify limits;
+    /// or, with --manifests DIR, the rendered webhook manifests. Exit 1 when
+    /// any check fails.
+    Check(Box<CheckArgs>),
+    /// Print a shell completion script: e.g. `ferry completions bash >
+    /// /etc/bash_completion.d/ferry`, or `source <(ferry completions zsh)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Print the man page (roff) to stdout, e.g. `ferry man | man -l -`; with
+    /// --out DIR, write ferry.1 and one page per subcommand there.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Print the findings as JSON (see docs/OPERATIONS.md).
+    #[arg(long)]
+    pub json: bool,
+    /// Check the rendered webhook manifests (YAML files below DIR, e.g. from
+    /// `kubectl kustomize manifests/base`) instead of a node; needs no cluster.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// Time allowed for each peer's handshake (s).
+    #[arg(long, env = "FERRY_CHECK_PEER_TIMEOUT_SECS", default_value_t = 5)]
+    pub peer_timeout_secs: u64,
+    /// Check the tree against this inotify watch limit instead of this
+    /// machine's (e.g. the limit of the node the pod will run on).
+    #[arg(long, value_name = "N")]
+    pub max_user_watches: Option<u64>,
+    /// Skip the peer handshakes (e.g. before the peers run).
+    #[arg(long)]
+    pub offline: bool,
+    /// Warn when the certificate expires within this many days.
+    #[arg(long, default_value_t = 30)]
+    pub warn_days: u64,
 }
 
 #[derive(Args, Debug)]
@@ -92,6 +160,17 @@ pub enum CertCommand {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Write OUT/ca.crt, a trust bundle of the CA certificates given (each
+    /// cluster's own ca.crt): nodes trust every CA in it, so each cluster
+    /// keeps its own CA and no CA key leaves the cluster that made it.
+    Bundle {
+        /// Directory to write ca.crt into (e.g. a node's TLS dir).
+        #[arg(long, env = "FERRY_OUT")]
+        out: PathBuf,
+        /// PEM files with CA certificates (never a ca.key).
+        #[arg(required = true, value_name = "CA_CRT")]
+        cas: Vec<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug, Default)]
@@ -117,7 +196,8 @@ pub struct RunArgs {
     /// State dir (default ROOT/.ferry, never replicated).
     #[arg(long, env = "FERRY_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Address for /metrics, /healthz and /readyz.
+    /// Address for /metrics, /healthz and /readyz (none by default; the
+    /// conventional port is 9743, e.g. 0.0.0.0:9743).
     #[arg(long, env = "FERRY_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
     /// gitignore-style glob of paths not to replicate (repeat, or comma-separate in FERRY_EXCLUDE).
@@ -199,15 +279,32 @@ pub struct PromoteArgs {
     pub root: Option<PathBuf>,
 }
 
+/// `ferry status` exits 0 when the node is healthy, 1 when it is degraded
+/// (not ready, a peer disconnected, a resync running, conflicts to look at)
+/// and 2 when no daemon answers (see docs/OPERATIONS.md).
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Exit status: 0 healthy, 1 degraded, 2 down (no daemon answers), 64 usage error."
+)]
 pub struct StatusArgs {
     #[arg(long, env = "FERRY_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     #[arg(long, env = "FERRY_ROOT")]
     pub root: Option<PathBuf>,
-    /// Print JSON for scripts.
+    /// Print JSON for scripts (one line; durations in seconds as floats,
+    /// times as RFC 3339 and Unix seconds; a schema_version field).
     #[arg(long)]
     pub json: bool,
+    /// Print the status again every --interval until Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between two prints of --watch.
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    pub interval: f64,
+    /// First wait for a running resync to end (with a progress bar on a
+    /// terminal); without it, status never waits.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 /// Parses `NAME=HOST:PORT`.
@@ -312,7 +409,7 @@ pub fn resolve(a: &RunArgs) -> Result<NodeConfig, Vec<String>> {
             .parse::<SocketAddr>()
             .map_err(|_| {
                 errs.push(format!(
-                    "--metrics-addr {s:?}: expected IP:PORT, e.g. 0.0.0.0:9090"
+                    "--metrics-addr {s:?}: expected IP:PORT, e.g. 0.0.0.0:{DEFAULT_METRICS_PORT}"
                 ))
             })
             .ok(),
@@ -529,9 +626,11 @@ pub fn main() -> i32 {
         }
     };
     // The demo draws its own live view: keep its logs to warnings unless asked.
-    let level = match (&cli.cmd, cli.log_level.as_str()) {
-        (Command::Demo(_), "info") if std::env::var_os("FERRY_LOG_LEVEL").is_none() => "warn",
-        (_, l) => l,
+    let level = match (&cli.cmd, cli.log_level) {
+        (Command::Demo(_), LogLevel::Info) if std::env::var_os("FERRY_LOG_LEVEL").is_none() => {
+            "warn"
+        }
+        (_, l) => l.as_str(),
     };
     crate::telemetry::init_logging(level);
     match cli.cmd {
@@ -557,6 +656,19 @@ pub fn main() -> i32 {
                         out.display()
                     )
                 }),
+                CertCommand::Bundle { out, cas } => {
+                    ferry_net::certs::bundle(&out, &cas).map(|subjects| {
+                        println!(
+                            "trust bundle written: {}/ca.crt with {} CA certificate{}:",
+                            out.display(),
+                            subjects.len(),
+                            if subjects.len() == 1 { "" } else { "s" }
+                        );
+                        for s in subjects {
+                            println!("  {s}");
+                        }
+                    })
+                }
             };
             match r {
                 Ok(()) => 0,
@@ -581,20 +693,7 @@ pub fn main() -> i32 {
                     return usage_exit(&["ferry status needs --state-dir DIR or --root DIR".into()])
                 }
             };
-            let cmd = if a.json { "status" } else { "status-text" };
-            if !a.json && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-                runtime().block_on(resync_progress_bar(&sd));
-            }
-            match runtime().block_on(crate::control::query(&sd, cmd)) {
-                Ok(out) => {
-                    print!("{}", out.replace("\\n", "\n"));
-                    0
-                }
-                Err(e) => {
-                    eprintln!("ferry: {e:#}");
-                    1
-                }
-            }
+            runtime().block_on(status(&sd, &a))
         }
         Command::Promote(a) => {
             let sd = match (&a.state_dir, &a.root) {
@@ -633,6 +732,20 @@ pub fn main() -> i32 {
             }
         }
         Command::Demo(a) => runtime().block_on(crate::demo::run(a)),
+        Command::Check(a) => runtime().block_on(crate::check::run(&a)),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "ferry", &mut std::io::stdout());
+            0
+        }
+        Command::Man { out } => match man(out.as_deref()) {
+            Ok(()) => 0,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+            Err(e) => {
+                eprintln!("ferry man: {e}");
+                1
+            }
+        },
         Command::Inject(a) => {
             let listen: SocketAddr = match a.listen.parse() {
                 Ok(l) => l,
@@ -673,51 +786,131 @@ pub fn main() -> i32 {
     }
 }
 
-/// The `"resync":{"peer":..,"done":N,"total":M}` part of a status reply.
-pub fn parse_resync(json: &str) -> Option<(String, u64, u64)> {
-    let r = &json[json.find("\"resync\":{")? + 10..];
-    let peer = r.split("\"peer\":\"").nth(1)?.split('"').next()?.to_owned();
-    let num = |key: &str| -> Option<u64> {
-        r.split(&format!("\"{key}\":"))
-            .nth(1)?
-            .split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
-    };
-    Some((peer, num("done")?, num("total")?))
+/// Writes the man pages: `ferry.1` to stdout, or every page into `out`.
+fn man(out: Option<&Path>) -> std::io::Result<()> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match out {
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()),
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            clap_mangen::generate_to(cmd, dir)?;
+            println!("man pages written to {}", dir.display());
+            Ok(())
+        }
+    }
 }
 
-/// While a resync runs on the node, shows its progress (terminal only).
-async fn resync_progress_bar(state_dir: &Path) {
-    let Ok(first) = crate::control::query(state_dir, "status").await else {
-        return;
-    };
-    let Some((_, _, total)) = parse_resync(&first) else {
-        return;
-    };
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "resync with {msg}: {bar:30} {pos}/{len} entries ({eta} left)",
+/// Asks the daemon for its status report.
+async fn query_status(state_dir: &Path) -> anyhow::Result<crate::status::StatusReport> {
+    let limit = Duration::from_secs(10);
+    let line = tokio::time::timeout(limit, crate::control::query(state_dir, "status"))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the daemon at {} did not answer within {limit:?}",
+                state_dir.display()
+            )
+        })??;
+    serde_json::from_str(&line).map_err(|e| {
+        anyhow::anyhow!(
+            "the daemon's answer is not a status this ferry can read ({e}); are the daemon and this command the same version? The answer was: {}",
+            line.trim_end().chars().take(200).collect::<String>()
         )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    })
+}
+
+/// `--wait`: while a resync runs on the node, waits for its end, showing
+/// its progress on a terminal.
+async fn wait_for_resync(state_dir: &Path) {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut bar: Option<indicatif::ProgressBar> = None;
     loop {
-        let Ok(st) = crate::control::query(state_dir, "status").await else {
+        let Ok(st) = query_status(state_dir).await else {
             break;
         };
-        match parse_resync(&st) {
-            None => break,
-            Some((peer, done, total)) => {
-                bar.set_message(peer);
-                bar.set_length(total.max(done));
-                bar.set_position(done);
-            }
+        let Some(r) = st.resync else { break };
+        if tty {
+            let b = bar.get_or_insert_with(|| {
+                let b = indicatif::ProgressBar::new(r.total);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "resync with {msg}: {bar:30} {pos}/{len} entries ({eta} left)",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                b
+            });
+            b.set_message(r.peer);
+            b.set_length(r.total.max(r.done));
+            b.set_position(r.done);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    bar.finish_and_clear();
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+}
+
+/// One status print; returns the exit code (0 healthy, 1 degraded, 2 down).
+async fn status_once(state_dir: &Path, json: bool) -> i32 {
+    use crate::status::{Health, EXIT_DEGRADED, EXIT_DOWN, EXIT_HEALTHY};
+    match query_status(state_dir).await {
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            EXIT_DOWN
+        }
+        Ok(r) => {
+            if json {
+                match serde_json::to_string(&r) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => eprintln!("ferry: cannot encode the status: {e}"),
+                }
+            } else {
+                print!("{}", r.to_text());
+            }
+            match r.health() {
+                Health::Healthy => EXIT_HEALTHY,
+                Health::Degraded => EXIT_DEGRADED,
+            }
+        }
+    }
+}
+
+/// `ferry status`: never waits for anything but the daemon's answer,
+/// unless asked (`--wait`, `--watch`).
+async fn status(state_dir: &Path, a: &StatusArgs) -> i32 {
+    if a.wait {
+        wait_for_resync(state_dir).await;
+    }
+    if !a.watch {
+        return status_once(state_dir, a.json).await;
+    }
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let every = Duration::from_secs_f64(a.interval.clamp(0.1, 3600.0));
+    // one SIGINT stream for the whole watch, installed first: a ctrl_c()
+    // future made anew each round would miss a Ctrl-C between two rounds
+    let mut sigint = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ferry: cannot handle Ctrl-C: {e}");
+            return crate::status::EXIT_DOWN;
+        }
+    };
+    loop {
+        if tty && !a.json {
+            // clear the screen, cursor home
+            print!("\x1b[2J\x1b[H");
+        }
+        let code = status_once(state_dir, a.json).await;
+        if !tty && !a.json {
+            println!();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = sigint.recv() => return code,
+        }
+    }
 }
 
 async fn run(cfg: NodeConfig) -> i32 {
@@ -831,26 +1024,6 @@ mod tests {
         assert_eq!(parse_interval("5d"), None);
         assert_eq!(parse_interval(""), None);
         assert_eq!(parse_interval("99999999999999999999h"), None);
-    }
-
-    #[test]
-    fn resync_progress_is_read_from_status_json() {
-        let n = crate::node::Status {
-            resync: Some(crate::node::ResyncProgress {
-                peer: "us-east".into(),
-                done: 40,
-                total: 2000,
-            }),
-            ..Default::default()
-        };
-        assert_eq!(
-            parse_resync(&n.to_json()),
-            Some(("us-east".into(), 40, 2000))
-        );
-        assert_eq!(
-            parse_resync(&crate::node::Status::default().to_json()),
-            None
-        );
     }
 
     #[test]

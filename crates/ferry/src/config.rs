@@ -34,6 +34,9 @@ pub const DEFAULT_MAX_CONN_AGE: Duration = ferry_net::DEFAULT_MAX_CONN_AGE;
 pub const TLS_POLL: Duration = Duration::from_secs(2);
 /// Default QUIC port.
 pub const DEFAULT_PORT: u16 = 7443;
+/// The conventional metrics port (`--metrics-addr 0.0.0.0:9743`, and the
+/// injected sidecar's): not 9090, Prometheus's own port.
+pub const DEFAULT_METRICS_PORT: u16 = ferry_inject::settings::DEFAULT_METRICS_PORT;
 
 /// One entry of `--peer NAME=HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -45,15 +45,16 @@ pub fn spawn(shared: &Arc<Shared>, tasks: &mut tokio::task::JoinSet<()>) -> anyh
                     let _ = w.write_all(b"\n").await;
                     return;
                 }
+                let report = || {
+                    let ready = shared.ready.load(std::sync::atomic::Ordering::Relaxed);
+                    shared.status.lock().expect("status").report(ready)
+                };
                 let reply = match cmd {
-                    "status" => shared.status.lock().expect("status").to_json(),
+                    "status" => serde_json::to_string(&report()).unwrap_or_else(|e| {
+                        format!("{{\"error\":\"cannot encode the status: {e}\"}}")
+                    }),
                     // one line on the wire: newlines escaped, the client restores them
-                    "status-text" => shared
-                        .status
-                        .lock()
-                        .expect("status")
-                        .to_text()
-                        .replace('\n', "\\n"),
+                    "status-text" => report().to_text().replace('\n', "\\n"),
                     other => format!(
                         "{{\"error\":\"unknown command {:?}\"}}",
                         other.chars().take(40).collect::<String>()

@@ -191,19 +191,37 @@ async fn run_inner(a: DemoArgs) -> anyhow::Result<()> {
         let (rf, rb) = tree_size(&root_r);
         let rm = &replica.shared.metrics;
         let pm = &primary.shared.metrics;
-        let lag = pm.lag.with_label_values(&["replica"]);
-        let (n, sum) = (lag.get_sample_count(), lag.get_sample_sum());
-        let avg_ms = if n > 0 { sum / n as f64 * 1e3 } else { 0.0 };
-        let in_sync = pf == rf && pb == rb;
+        // "in sync" only when it is: the replica acknowledged every batch the
+        // primary sealed, and both trees hold the same files and bytes
+        let sealed = pm.sealed_seq.get();
+        let acked = pm.acked_seq.with_label_values(&["replica"]).get();
+        let unacked = pm.unacked.with_label_values(&["replica"]).get();
+        let in_sync = pf == rf && pb == rb && unacked == 0 && acked >= sealed;
         if in_sync && first_sync.is_none() {
             first_sync = Some(t0.elapsed());
         }
+        // recent lag: the last acknowledged batch's, not an average since start
+        let (lag, rpo) = {
+            let st = primary.shared.status.lock().expect("status");
+            st.peers
+                .iter()
+                .find(|p| p.name == "replica")
+                .map(|p| (p.lag_s, p.rpo_s))
+                .unwrap_or((None, 0.0))
+        };
+        let lag = lag
+            .map(|l| format!("{:.1} ms", l * 1e3))
+            .unwrap_or_else(|| "-".into());
         let msg = format!(
-            "replica {rf}/{pf} files, {:.1}/{:.1} MiB | batches applied {} | lag avg {avg_ms:.1} ms over {n} batches | {}",
+            "replica {rf}/{pf} files, {:.1}/{:.1} MiB | batches applied {} | lag {lag} (last batch) | {}",
             rb as f64 / 1048576.0,
             pb as f64 / 1048576.0,
             rm.batches_applied.get(),
-            if in_sync { "in sync" } else { "catching up" }
+            if in_sync {
+                "in sync".to_string()
+            } else {
+                format!("catching up: {unacked} batches behind, oldest {rpo:.1} s")
+            }
         );
         bar.set_message(msg.clone());
         if !tty && last_print.elapsed() >= Duration::from_secs(2) {

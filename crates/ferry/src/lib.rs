@@ -7,10 +7,12 @@
 //! (`telemetry.rs`) and the control socket (`control.rs`), and runs the
 //! one-command demo (`demo.rs`). Start reading at [`node`].
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
 pub mod events;
 pub mod node;
+pub mod status;
 pub mod telemetry;

@@ -49,6 +49,7 @@ pub fn init_peer(m: &Metrics, peer: &str) {
     m.unacked.with_label_values(&[peer]);
     m.acked_seq.with_label_values(&[peer]);
     m.resyncs.with_label_values(&[peer]);
+    m.peer_rpo.with_label_values(&[peer]).set(0.0);
 }
 
 /// Every metric a node exports. Names are fixed by DESIGN.md.
@@ -83,6 +84,10 @@ pub struct Metrics {
     pub role: IntGaugeVec,
     pub apply_seconds: Histogram,
     pub tls_reloads: IntCounter,
+    /// Primary: age of the oldest batch each peer has not acknowledged.
+    pub peer_rpo: prometheus::GaugeVec,
+    /// Not-after of the node certificate in use.
+    pub cert_expiry: prometheus::Gauge,
 }
 
 impl Metrics {
@@ -148,6 +153,8 @@ impl Metrics {
             role: reg(&r, IntGaugeVec::new(Opts::new("ferry_role", "1 for the node's current role."), &["role"]).unwrap()),
             apply_seconds: reg(&r, Histogram::with_opts(HistogramOpts::new("ferry_apply_seconds", "Seconds to apply and fsync one batch on the replica.")).unwrap()),
             tls_reloads: reg(&r, IntCounter::new("ferry_tls_reloads_total", "Rotated TLS certificates loaded without a restart.").unwrap()),
+            peer_rpo: reg(&r, prometheus::GaugeVec::new(Opts::new("ferry_peer_rpo_seconds", "Primary: age in seconds of the oldest sealed batch the peer has not acknowledged (0 when it has every batch): what a failover to it now would lose."), &["peer"]).unwrap()),
+            cert_expiry: reg(&r, prometheus::Gauge::new("ferry_certificate_expiry_timestamp_seconds", "Not-after of the node certificate in use (Unix seconds); follows rotations.").unwrap()),
             registry: r,
         };
         // Known label values exist from the start at 0, so a healthy node still
@@ -170,6 +177,15 @@ impl Metrics {
         .unwrap();
         info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         m.registry.register(Box::new(info)).expect("unique");
+        // process_cpu_seconds_total, process_resident_memory_bytes,
+        // process_open_fds, ... (of the whole process: in `ferry demo` both
+        // nodes show the same numbers)
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique");
         m
     }
 

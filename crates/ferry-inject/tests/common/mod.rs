@@ -122,7 +122,7 @@ pub fn check_injected(original: &Value, patched: &Value, default_image: &str) {
     let volume = a("volume").expect("fixture names a volume");
     let image = a("image").unwrap_or(default_image);
     let quic_port = a("quic-port").map_or(7443, |p| p.parse::<i64>().expect("port"));
-    let metrics_port = a("metrics-port").map_or(9090, |p| p.parse::<i64>().expect("port"));
+    let metrics_port = a("metrics-port").map_or(9743, |p| p.parse::<i64>().expect("port"));
     let tls_secret = a("tls-secret").unwrap_or("ferry-tls");
 
     // Where the sidecar is.

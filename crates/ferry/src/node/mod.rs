@@ -88,8 +88,11 @@ pub struct PeerStatus {
     pub connected: bool,
     pub acked_seq: u64,
     pub unacked: u64,
-    /// Seal-to-ack time of the last acknowledged batch (primary side).
-    pub lag_ms: f64,
+    /// Seal-to-ack seconds of the last acknowledged batch (primary side).
+    pub lag_s: Option<f64>,
+    /// Age of the oldest batch the peer has not acknowledged, seconds
+    /// (primary side; 0 when it has every batch).
+    pub rpo_s: f64,
     pub last_error: Option<String>,
     /// Wire version of the last session with the peer (0: none yet).
     pub wire_version: u16,
@@ -103,145 +106,10 @@ pub struct ResyncProgress {
     pub total: u64,
 }
 
-/// JSON string escaping for `ferry status --json` (no serde dependency).
-fn esc(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
 impl Status {
-    /// Human-readable form for `ferry status`.
-    pub fn to_text(&self) -> String {
-        let mut o = format!(
-            "node:      {}\nrole:      {}\nepoch:     {}\n",
-            self.name, self.role, self.epoch
-        );
-        if self.role == "primary" {
-            o += &format!("sealed:    batch {}\n", self.sealed_seq);
-        } else {
-            let when = if self.consistent_as_of_ns == 0 {
-                "never (no batch applied yet)".to_string()
-            } else {
-                let age = now_ns().saturating_sub(self.consistent_as_of_ns) as f64 / 1e9;
-                format!(
-                    "sealed at source time {:.3} ({age:.1} s ago)",
-                    self.consistent_as_of_ns as f64 / 1e9
-                )
-            };
-            o += &format!("consistent as of seq {}, {when}\n", self.applied_seq);
-        }
-        if let Some(r) = &self.resync {
-            if r.total > 0 {
-                o += &format!(
-                    "resync:    with {}: {}/{} entries\n",
-                    r.peer, r.done, r.total
-                );
-            } else {
-                o += &format!("resync:    with {}: comparing manifests\n", r.peer);
-            }
-        }
-        if self.skipped_count > 0 {
-            o += &format!(
-                "skipped:   {} entries not replicated (see ferry_skipped_entries_total), latest:\n",
-                self.skipped_count
-            );
-            for s in &self.skipped {
-                o += &format!(
-                    "  {} ({}{})\n",
-                    s.path,
-                    s.reason,
-                    s.error
-                        .as_deref()
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
-                );
-            }
-        }
-        if let Some((n, dir)) = &self.conflicts {
-            o += &format!(
-                "conflicts: {n} files this node wrote as primary that the new primary never got, preserved in {dir} (see MANIFEST.tsv there)\n"
-            );
-        }
-        for p in &self.peers {
-            o += &format!(
-                "peer {}: {}, acked seq {}, backlog {} batches, lag {:.1} ms{}\n",
-                p.name,
-                match (p.connected, p.wire_version) {
-                    (true, 0) => "connected".to_owned(),
-                    (true, v) => format!("connected (wire version {v})"),
-                    (false, _) => "disconnected".to_owned(),
-                },
-                p.acked_seq,
-                p.unacked,
-                p.lag_ms,
-                p.last_error
-                    .as_deref()
-                    .map(|e| format!(", last error: {e}"))
-                    .unwrap_or_default()
-            );
-        }
-        o
-    }
-
-    pub fn to_json(&self) -> String {
-        let peers: Vec<String> = self
-            .peers
-            .iter()
-            .map(|p| {
-                format!(
-                    "{{\"name\":{},\"connected\":{},\"wire_version\":{},\"acked_seq\":{},\"unacked\":{},\"lag_ms\":{:.3},\"last_error\":{}}}",
-                    esc(&p.name),
-                    p.connected,
-                    p.wire_version,
-                    p.acked_seq,
-                    p.unacked,
-                    p.lag_ms,
-                    p.last_error.as_deref().map(esc).unwrap_or_else(|| "null".into())
-                )
-            })
-            .collect();
-        let skipped: Vec<String> = self
-            .skipped
-            .iter()
-            .map(|s| {
-                format!(
-                    "{{\"path\":{},\"reason\":{},\"error\":{}}}",
-                    esc(&s.path),
-                    esc(s.reason),
-                    s.error.as_deref().map(esc).unwrap_or_else(|| "null".into())
-                )
-            })
-            .collect();
-        format!(
-            "{{\"name\":{},\"role\":{},\"epoch\":{},\"sealed_seq\":{},\"applied_seq\":{},\"consistent_as_of_ns\":{},\"resync\":{},\"conflicts\":{},\"skipped\":{{\"count\":{},\"latest\":[{}]}},\"peers\":[{}]}}",
-            esc(&self.name),
-            esc(&self.role),
-            self.epoch,
-            self.sealed_seq,
-            self.applied_seq,
-            self.consistent_as_of_ns,
-            self.resync
-                .as_ref()
-                .map(|r| format!("{{\"peer\":{},\"done\":{},\"total\":{}}}", esc(&r.peer), r.done, r.total))
-                .unwrap_or_else(|| "null".into()),
-            self.conflicts
-                .as_ref()
-                .map(|(n, d)| format!("{{\"files\":{n},\"dir\":{}}}", esc(d)))
-                .unwrap_or_else(|| "null".into()),
-            self.skipped_count,
-            skipped.join(","),
-            peers.join(",")
-        )
+    /// The report `ferry status` shows (see [`crate::status`]).
+    pub fn report(&self, ready: bool) -> crate::status::StatusReport {
+        crate::status::StatusReport::new(self, ready, now_ns())
     }
 }
 
@@ -450,6 +318,9 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         .context("reading the bound address")?;
     let metrics = Metrics::new();
     metrics.epoch.set(st.epoch as i64);
+    if let Some(t) = tls.not_after() {
+        metrics.cert_expiry.set(t as f64);
+    }
     for p in &cfg.peers {
         crate::telemetry::init_peer(&metrics, &p.name);
     }
@@ -531,10 +402,16 @@ async fn watch_tls(shared: Arc<Shared>, transport: Arc<ferry_net::Transport>) {
     let mut watch = ferry_net::TlsWatch::new(&dir, &shared.cfg.name);
     loop {
         tokio::time::sleep(crate::config::TLS_POLL).await;
-        match watch
-            .poll()
-            .and_then(|t| t.map(|t| transport.reload_tls(&t)).transpose())
-        {
+        match watch.poll().and_then(|t| {
+            t.map(|t| {
+                transport.reload_tls(&t)?;
+                if let Some(na) = t.not_after() {
+                    shared.metrics.cert_expiry.set(na as f64);
+                }
+                Ok(())
+            })
+            .transpose()
+        }) {
             Ok(None) => {}
             Ok(Some(())) => TlsReloaded { dir: &dir }.emit(&shared.metrics),
             Err(e) => TlsReloadFailed {
@@ -579,13 +456,14 @@ mod status_tests {
             ],
             ..Default::default()
         };
-        let text = s.to_text();
+        let r = s.report(true);
+        let text = r.to_text();
         assert!(
             text.contains("peer us-east: connected (wire version 1),"),
             "{text}"
         );
         assert!(text.contains("peer ap-south: disconnected,"), "{text}");
-        let json = s.to_json();
+        let json = serde_json::to_string(&r).unwrap();
         assert!(
             json.contains("{\"name\":\"us-east\",\"connected\":true,\"wire_version\":1,"),
             "{json}"

@@ -185,6 +185,60 @@ struct Ctx {
     suspect_from: std::sync::OnceLock<(i64, i64)>,
 }
 
+/// How often each peer's RPO (`ferry_peer_rpo_seconds`) is brought up to date.
+const RPO_EVERY: Duration = Duration::from_millis(500);
+
+/// Keeps each peer's RPO current: the age of the oldest sealed batch it has
+/// not acknowledged (seal time from the log; when the log no longer holds
+/// that batch, the oldest one it holds, a lower bound).
+async fn track_rpo(ctx: Arc<Ctx>) {
+    loop {
+        update_rpo(&ctx, now_ns());
+        tokio::time::sleep(RPO_EVERY).await;
+    }
+}
+
+fn update_rpo(ctx: &Ctx, now: u64) {
+    let acked = ctx.acked.lock().expect("acked").clone();
+    let fallback = ctx.shared.node_state().sealed_at_ns;
+    let rpos: Vec<(String, f64)> = {
+        let log = ctx.log.lock().expect("log");
+        ctx.shared
+            .cfg
+            .peers
+            .iter()
+            .map(|p| {
+                let a = acked.get(&p.name).copied().unwrap_or(0);
+                let rpo = if a >= log.last_seq {
+                    0.0
+                } else {
+                    let sealed = log
+                        .get(a + 1)
+                        .or_else(|| log.batches.front().cloned())
+                        .map(|b| b.sealed_at_ns)
+                        .unwrap_or(fallback);
+                    now.saturating_sub(sealed) as f64 / 1e9
+                };
+                (p.name.clone(), rpo)
+            })
+            .collect()
+    };
+    for (name, rpo) in &rpos {
+        ctx.shared
+            .metrics
+            .peer_rpo
+            .with_label_values(&[name])
+            .set(*rpo);
+    }
+    ctx.shared.set_status(|s| {
+        for p in s.peers.iter_mut() {
+            if let Some((_, r)) = rpos.iter().find(|(n, _)| *n == p.name) {
+                p.rpo_s = *r;
+            }
+        }
+    });
+}
+
 /// Hashes queued for the index at most (the rest are simply not recorded).
 const HASHES_CAP: usize = 65_536;
 
@@ -340,6 +394,7 @@ pub async fn start(
             .map(|p| (p.name.clone(), Arc::new(super::Wake::default())))
             .collect(),
     );
+    services.spawn(track_rpo(ctx.clone()));
     {
         let transport = transport.clone();
         let shared = shared.clone();
@@ -1439,10 +1494,12 @@ async fn read_acks(
                         p.acked_seq = seq;
                         p.unacked = last.saturating_sub(seq);
                         if let Some(l) = last_lag {
-                            p.lag_ms = l * 1e3;
+                            p.lag_s = Some(l);
                         }
                     }
                 });
+                // the RPO falls with the ack, not at the next tick
+                update_rpo(ctx, now_ns());
             }
             Some(Message::ManifestEntry(_) | Message::ManifestEnd { .. })
                 if !progress.expect_manifest.load(Ordering::Relaxed) =>

@@ -885,9 +885,11 @@ fn refused_or_gone(shared: &Shared, e: &ferry_net::NetError) {
 /// Whether a primary redials a peer after a connection from it closed with
 /// `closed` (code and reason), while its session is with the peer's process
 /// `current` (0: none): always, unless it was the start greeting of that
-/// very process.
+/// very process, or a `ferry check` probe ([`ferry_net::CLOSE_PROBE`]).
 pub(crate) fn redial_after(closed: Option<(u64, Vec<u8>)>, current: u64) -> bool {
     let greeted = match closed {
+        // `ferry check` probing: nothing restarted
+        Some((code, _)) if code == u64::from(ferry_net::CLOSE_PROBE) => return false,
         Some((2, reason)) => std::str::from_utf8(&reason)
             .ok()
             .and_then(|r| r.strip_prefix(super::GREETING))
